@@ -13,9 +13,9 @@ def main() -> None:
     """Train a 3D-parallel GPT locally or on a SLURM cluster.
 
     \b
-    hpcmega plan   --nodes 4 --gpus-per-node 8 --tp 8 --pp 2   # check a layout
-    hpcmega run    --nproc 4 --tp 2 --pp 2                     # the job on this machine
-    hpcmega submit --nodes 4 --tp 8 --pp 2                     # the job on SLURM
+    hpcmega plan   --nodes 4 --gpus-per-node 8 --tp 8 --pp 2 --model gpt-7b   # check a layout
+    hpcmega run    --nproc 4 --tp 2 --pp 2                                    # the job on this machine
+    hpcmega submit --nodes 4 --tp 8 --pp 2 --model gpt-7b --partition gpu     # the job on SLURM
     """
 
 

@@ -1,0 +1,317 @@
+"""Every check that can be made before a job is queued, in pure Python (no torch).
+
+``validate(cfg)`` raises ConfigError with a one-line message that names the fix, or returns warnings: things
+that will run but probably not the way the user wants. `plan`, `run` and `submit` call it before writing anything,
+so a bad layout costs a second on the login node instead of a queue wait and a crash on 32 GPUs.
+"""
+from __future__ import annotations
+
+import math
+import re
+
+from hpcmega.config import (
+    MODEL_PRESETS,
+    MULTI_STAGE_SCHEDULES,
+    PRECISIONS,
+    RANK_ORDERS,
+    RECOMPUTE_MODES,
+    SCHEDULES,
+    V_SCHEDULES,
+    WANDB_MODES,
+    Config,
+    ConfigError,
+)
+
+# The CLI flag of a config key, so messages can say what to type.
+_FLAG = {
+    "model.preset": "--model",
+    "parallel.schedule": "--schedule",
+    "parallel.order": "--order",
+    "parallel.recompute": "--recompute",
+    "train.precision": "--precision",
+    "model.vocab_size": "--vocab-size",
+    "model.d_model": "--d-model",
+    "model.n_layers": "--layers",
+    "model.n_heads": "--heads",
+    "parallel.tp": "--tp",
+    "parallel.pp": "--pp",
+    "parallel.dp": "--dp",
+    "parallel.virtual_stages": "--virtual-stages",
+    "parallel.microbatches": "--microbatches",
+    "train.steps": "--steps",
+    "train.global_batch": "--global-batch",
+    "train.micro_batch": "--micro-batch",
+    "train.seq_len": "--seq-len",
+    "train.lr": "--lr",
+    "train.warmup_steps": "--warmup-steps",
+    "train.seed": "--seed",
+    "cluster.nodes": "--nodes",
+    "cluster.gpus_per_node": "--gpus-per-node",
+    "cluster.nvlink_domain_nodes": "--nvlink-domain-nodes",
+    "logging.wandb": "--wandb",
+    "checkpoint.save_every": "--save-every",
+    "checkpoint.keep": "--keep",
+}
+
+# (dotted key, smallest allowed value)
+_AT_LEAST: list[tuple[str, int]] = [
+    ("model.vocab_size", 1), ("model.d_model", 1), ("model.n_layers", 1), ("model.n_heads", 1),
+    ("model.max_seq_len", 1),
+    ("parallel.tp", 1), ("parallel.pp", 1), ("parallel.dp", 0), ("parallel.virtual_stages", 1),
+    ("parallel.microbatches", 0),
+    ("train.steps", 1), ("train.global_batch", 1), ("train.micro_batch", 1), ("train.seq_len", 1),
+    ("train.warmup_steps", 0), ("train.seed", 0),
+    ("cluster.nodes", 1), ("cluster.gpus_per_node", 1), ("cluster.nvlink_domain_nodes", 1),
+    ("cluster.cpus_per_task", 0), ("cluster.signal_grace_s", 0), ("cluster.max_requeues", 0),
+    ("cluster.master_port", 0),
+    ("logging.log_every", 1),
+    ("checkpoint.save_every", 0), ("checkpoint.keep", 1),
+]
+
+_CHOICES: list[tuple[str, tuple[str, ...]]] = [
+    ("model.preset", tuple(MODEL_PRESETS)),
+    ("parallel.schedule", SCHEDULES),
+    ("parallel.order", RANK_ORDERS),
+    ("parallel.recompute", RECOMPUTE_MODES),
+    ("train.precision", PRECISIONS),
+    ("logging.wandb", WANDB_MODES),
+]
+
+
+def _get(cfg: Config, key: str):
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def _named(key: str) -> str:
+    flag = _FLAG.get(key)
+    return f"{key} ({flag})" if flag else key
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _alternatives(values: list[int]) -> str:
+    """'4 (or 2, 1)' from [4, 2, 1]."""
+    values = list(values)
+    if not values:
+        return "?"
+    return str(values[0]) + (f" (or {', '.join(map(str, values[1:]))})" if len(values) > 1 else "")
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+# -- SLURM time ---------------------------------------------------------------------------------------------------------
+_TIME = re.compile(r"^(?:(?P<days>\d+)-)?(?P<parts>\d+(?::\d+){0,2})$")
+
+
+def parse_slurm_time(text: str) -> int:
+    """Minutes in a SLURM ``--time`` value, rounded up like SLURM does.
+
+    Accepts ``minutes``, ``minutes:seconds``, ``hours:minutes:seconds``, ``days-hours``, ``days-hours:minutes`` and
+    ``days-hours:minutes:seconds``. Zero / UNLIMITED are refused: preemption handling needs a finite limit.
+    """
+    raw = str(text).strip()
+    bad = (f"cluster.time={raw!r} is not a SLURM time limit; write minutes, MM:SS, HH:MM:SS or D-HH:MM:SS, "
+           "e.g. 01:00:00")
+    if raw.lower() in ("unlimited", "infinite"):
+        raise ConfigError(f"cluster.time={raw!r}: give a finite time limit such as 24:00:00 "
+                          "(the job saves and requeues before it)")
+    m = _TIME.match(raw)
+    if not m:
+        raise ConfigError(bad)
+    nums = [int(x) for x in m.group("parts").split(":")]
+    if m.group("days") is not None:
+        hours, minutes, seconds = (nums + [0, 0])[:3]
+        days = int(m.group("days"))
+        if hours >= 24 or (len(nums) > 1 and minutes >= 60) or (len(nums) > 2 and seconds >= 60):
+            raise ConfigError(bad)
+    else:
+        days = 0
+        if len(nums) == 1:
+            hours, minutes, seconds = 0, nums[0], 0
+        elif len(nums) == 2:
+            hours, (minutes, seconds) = 0, nums
+            if seconds >= 60:
+                raise ConfigError(bad)
+        else:
+            hours, minutes, seconds = nums
+            if minutes >= 60 or seconds >= 60:
+                raise ConfigError(bad)
+    total_s = ((days * 24 + hours) * 60 + minutes) * 60 + seconds
+    if total_s == 0:
+        raise ConfigError(f"cluster.time={raw!r} means no limit to SLURM; give a finite time limit such as 01:00:00")
+    return math.ceil(total_s / 60)
+
+
+# -- checks -------------------------------------------------------------------------------------------------------------
+def _check_values(cfg: Config) -> None:
+    for key, low in _AT_LEAST:
+        value = _get(cfg, key)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{_named(key)}={value!r} must be an integer; fix the value")
+        if value < low:
+            what = "positive" if low == 1 else "0 or more"
+            extra = " (0 = derived)" if key in ("parallel.dp", "parallel.microbatches") else ""
+            raise ConfigError(f"{_named(key)}={value} must be {what}{extra}; fix the value")
+    if cfg.cluster.master_port > 65535:
+        raise ConfigError(f"cluster.master_port={cfg.cluster.master_port} is not a TCP port; use 1024-65535 or 0")
+    t = cfg.train
+    for key, value in (("train.lr", t.lr), ("train.eps", t.eps)):
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"{_named(key)}={value} must be a positive number; e.g. --lr 3e-4")
+    for key, value in (("train.min_lr", t.min_lr), ("train.weight_decay", t.weight_decay),
+                       ("train.grad_clip", t.grad_clip)):
+        if not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"{key}={value} must be 0 or more; fix the value")
+    if t.min_lr > t.lr:
+        raise ConfigError(f"train.min_lr={t.min_lr} is above train.lr={t.lr}; the schedule decays to min_lr, "
+                          "so set min_lr <= lr")
+    for key, value in (("train.beta1", t.beta1), ("train.beta2", t.beta2)):
+        if not (0 <= value < 1):
+            raise ConfigError(f"{key}={value} must be in [0, 1); AdamW uses e.g. 0.9 and 0.95")
+    for key, choices in _CHOICES:
+        value = _get(cfg, key)
+        if value not in choices:
+            raise ConfigError(f"unknown {_named(key)} {value!r}; choose one of: {', '.join(choices)}")
+    c = cfg.cluster
+    if c.mem and not re.fullmatch(r"\d+[KMGT]?", c.mem.strip(), re.IGNORECASE):
+        raise ConfigError(f"cluster.mem={c.mem!r} is not a SLURM memory size; write e.g. 64G, 64000M or 0 (all)")
+    for arg in c.sbatch_extra:
+        if not arg.startswith("-"):
+            raise ConfigError(f"cluster.sbatch_extra entry {arg!r} is not an sbatch option; write it as --{arg}")
+    if not c.job_name.strip() or any(ch.isspace() for ch in c.job_name):
+        raise ConfigError(f"cluster.job_name={c.job_name!r} must be a non-empty word without spaces")
+    minutes = parse_slurm_time(c.time)
+    if minutes * 60 <= c.signal_grace_s:
+        raise ConfigError(f"cluster.time={c.time} ({minutes} min) is not longer than signal_grace_s="
+                          f"{c.signal_grace_s}s: the job would be told to stop at once; raise cluster.time "
+                          "or lower cluster.signal_grace_s")
+
+
+def _check_model(cfg: Config) -> None:
+    m, t = cfg.model, cfg.train
+    if m.d_model % m.n_heads:
+        raise ConfigError(f"d_model={m.d_model} is not divisible by n_heads={m.n_heads} (heads share d_model "
+                          f"equally); use --d-model {_round_up(m.d_model, m.n_heads)} or a --heads dividing "
+                          f"{m.d_model}")
+    if t.seq_len > m.max_seq_len:
+        raise ConfigError(f"seq_len={t.seq_len} exceeds the model's max_seq_len={m.max_seq_len} (size of the "
+                          f"position table); use --seq-len {m.max_seq_len} or less")
+
+
+def _check_parallel(cfg: Config) -> None:
+    m, p, c = cfg.model, cfg.parallel, cfg.cluster
+    world, tp, pp = cfg.world_size, p.tp, p.pp
+    if world % (tp * pp):
+        step = (tp * pp) // math.gcd(tp * pp, c.gpus_per_node)
+        raise ConfigError(
+            f"tp={tp} x pp={pp} = {tp * pp} does not divide the world size {world} (nodes={c.nodes} x "
+            f"gpus_per_node={c.gpus_per_node}); pick tp x pp among {', '.join(map(str, _divisors(world)))} "
+            f"or use a multiple of {step} nodes"
+        )
+    dp = world // (tp * pp)
+    if p.dp and p.dp != dp:
+        raise ConfigError(f"parallel.dp={p.dp} but world {world} / (tp={tp} x pp={pp}) = {dp}; drop --dp "
+                          f"(it is derived) or use --dp {dp}")
+    domain = c.gpus_per_node * c.nvlink_domain_nodes
+    if domain % tp:
+        fits = _alternatives(sorted(_divisors(domain), reverse=True))
+        if c.nvlink_domain_nodes == 1:
+            raise ConfigError(f"tp={tp} does not divide gpus_per_node={c.gpus_per_node}: a TP group would cross "
+                              f"a node; use --tp {fits}")
+        raise ConfigError(f"tp={tp} does not divide the NVLink domain of {c.nvlink_domain_nodes} nodes x "
+                          f"{c.gpus_per_node} GPUs = {domain}: a TP group would cross the domain; use --tp {fits}")
+    if m.n_heads % tp:
+        fits = _alternatives([d for d in sorted(_divisors(m.n_heads), reverse=True) if domain % d == 0])
+        models = [f"{name} ({shape['n_heads']} heads)" for name, shape in MODEL_PRESETS.items()
+                  if shape["n_heads"] % tp == 0 and shape["vocab_size"] % tp == 0]
+        alt = f", or a model whose head count divides by {tp}: --model {', '.join(models)}" if models else \
+            f", or --heads {_round_up(m.n_heads, tp)}"
+        raise ConfigError(f"tp={tp} does not divide n_heads={m.n_heads} of model '{m.preset}' (each TP rank needs "
+                          f"whole attention heads); use --tp {fits}{alt}")
+    if m.vocab_size % tp:
+        raise ConfigError(f"vocab_size={m.vocab_size} is not divisible by tp={tp} (the vocab-parallel embedding "
+                          f"splits its rows evenly); use --vocab-size {_round_up(m.vocab_size, tp)}")
+    if cfg.sequence_parallel and cfg.train.seq_len % tp:
+        raise ConfigError(f"seq_len={cfg.train.seq_len} is not divisible by tp={tp} with sequence parallel (each "
+                          f"TP rank keeps seq_len/tp positions); use --seq-len "
+                          f"{_round_up(cfg.train.seq_len, tp)} or --no-sequence-parallel")
+
+
+def _check_pipeline(cfg: Config) -> None:
+    m, p = cfg.model, cfg.parallel
+    if p.schedule in V_SCHEDULES and p.virtual_stages not in (1, 2):
+        raise ConfigError(f"schedule {p.schedule} runs exactly 2 stages per pipeline rank (V shape); "
+                          f"set --virtual-stages 2 (or leave it at 1), not {p.virtual_stages}")
+    if p.schedule not in MULTI_STAGE_SCHEDULES and p.virtual_stages > 1:
+        raise ConfigError(f"virtual_stages={p.virtual_stages} needs a schedule with several stages per rank; "
+                          f"use --schedule interleaved-1f1b (or zero-bubble), or --virtual-stages 1")
+    spr = cfg.stages_per_rank
+    stages = p.pp * spr
+    if m.n_layers % stages:
+        pps = [d for d in _divisors(m.n_layers // spr) if d != p.pp] if m.n_layers % spr == 0 else []
+        alt = f" or --pp {_alternatives(sorted(pps, reverse=True))}" if pps else ""
+        raise ConfigError(f"n_layers={m.n_layers} cannot be split into pp={p.pp} x {spr} stage(s) per rank = "
+                          f"{stages} equal pipeline stages; use --layers {_round_up(m.n_layers, stages)}{alt}")
+
+
+def _check_batch(cfg: Config) -> None:
+    p, t = cfg.parallel, cfg.train
+    dp = cfg.world_size // (p.tp * p.pp)
+    per_mb = dp * t.micro_batch
+    if t.global_batch % per_mb:
+        raise ConfigError(f"global_batch={t.global_batch} is not divisible by dp={dp} x micro_batch="
+                          f"{t.micro_batch} = {per_mb}; use --global-batch {_round_up(t.global_batch, per_mb)} "
+                          f"(a multiple of {per_mb})")
+    derived = t.global_batch // per_mb
+    if p.microbatches and p.microbatches != derived:
+        raise ConfigError(f"parallel.microbatches={p.microbatches} but global_batch={t.global_batch} / (dp={dp} x "
+                          f"micro_batch={t.micro_batch}) = {derived}; drop --microbatches (it is derived) or use "
+                          f"--global-batch {p.microbatches * per_mb}")
+    if p.pp == 1:
+        return
+    mb = derived
+    need = p.pp
+    if p.schedule == "dualpipev":
+        need = 2 * p.pp  # one microbatch per stage, two stages per rank
+    if mb < need:
+        why = "dualpipev needs one microbatch per stage (2 x pp)" if p.schedule == "dualpipev" else \
+            "every pipeline stage needs a microbatch in flight"
+        raise ConfigError(f"microbatches={mb} < {need} with pp={p.pp}: {why}; use --global-batch {need * per_mb} "
+                          f"(microbatches = global_batch / (dp x micro_batch))")
+    if p.schedule in MULTI_STAGE_SCHEDULES and mb % p.pp:
+        raise ConfigError(f"schedule {p.schedule} needs microbatches ({mb}) to be a multiple of pp={p.pp}; use "
+                          f"--global-batch {_round_up(mb, p.pp) * per_mb} (microbatches = global_batch / "
+                          f"(dp x micro_batch))")
+
+
+def _warnings(cfg: Config) -> list[str]:
+    p, t = cfg.parallel, cfg.train
+    out: list[str] = []
+    if p.pp > 1 and p.schedule in ("gpipe", "1f1b", "interleaved-1f1b"):
+        v = cfg.stages_per_rank
+        bubble = (p.pp - 1) / (v * cfg.microbatches + p.pp - 1)
+        if bubble > 0.25:
+            out.append(f"pipeline bubble ~{bubble:.0%} of each step (pp={p.pp}, {cfg.microbatches} microbatches); "
+                       "more microbatches (larger --global-batch or smaller --micro-batch) shrink it")
+    if p.schedule == "interleaved-1f1b" and p.virtual_stages == 1 and p.pp > 1:
+        out.append("interleaved-1f1b with virtual_stages=1 is plain 1F1B; --virtual-stages 2 shrinks the bubble")
+    if t.warmup_steps >= t.steps:
+        out.append(f"warmup_steps={t.warmup_steps} >= steps={t.steps}: the learning rate never reaches lr")
+    if cfg.cluster.cpu and t.precision == "bf16":
+        out.append("bf16 on CPU is slower than fp32; bf16 is meant for GPUs")
+    return out
+
+
+def validate(cfg: Config) -> list[str]:
+    """Raise ConfigError (one line, names the fix) for a config that cannot run; return warnings otherwise."""
+    _check_values(cfg)
+    _check_model(cfg)
+    _check_parallel(cfg)
+    _check_pipeline(cfg)
+    _check_batch(cfg)
+    return _warnings(cfg)
