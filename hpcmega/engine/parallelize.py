@@ -1,0 +1,132 @@
+"""Build the model parts this rank owns, parallelized in the one order that is correct:
+
+stage split -> tensor/sequence parallel -> activation recompute -> torch.compile per block -> FSDP2.
+
+(The ``PipelineStage`` wrappers and the schedule come after, in :mod:`hpcmega.engine.pipeline`.) FSDP2 must come
+after TP (it shards the TP-sharded DTensors again over "dp"); DDP or the DDP-based composable ``replicate`` must
+never be used with TP or PP here: they silently drop or desynchronise DTensor parameters.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from hpcmega.config import Config, ConfigError
+from hpcmega.engine.recompute import apply_recompute
+from hpcmega.engine.stages import layers_for_stage, stage_ids_for_rank
+from hpcmega.engine.tensor_parallel import apply_tensor_parallel
+from hpcmega.model.gpt import GPT
+
+# Schedules that split backward into an input part and a deferred weight part (zero-bubble family).
+SPLIT_BACKWARD_SCHEDULES = ("zero-bubble", "zbv", "dualpipev")
+
+
+@dataclass
+class ModelParts:
+    """What one rank holds: one module per owned pipeline stage (a single part when pp = 1)."""
+
+    parts: list[nn.Module]
+    stage_ids: list[int]
+    num_stages: int
+    fsdp: bool
+    device: torch.device
+    layers: list[range] = field(default_factory=list)
+
+    @property
+    def has_first_stage(self) -> bool:
+        return 0 in self.stage_ids
+
+    @property
+    def has_last_stage(self) -> bool:
+        return self.num_stages - 1 in self.stage_ids
+
+    def parameters(self):
+        for part in self.parts:
+            yield from part.parameters()
+
+    def named_parameters(self):
+        """Full-model names: the same parameter has the same name in every layout."""
+        for part in self.parts:
+            yield from part.named_parameters()
+
+
+def mesh_sizes(mesh: DeviceMesh) -> tuple[int, int, int]:
+    return mesh["pp"].size(), mesh["dp"].size(), mesh["tp"].size()
+
+
+def check_shapes(cfg: Config, tp: int, num_stages: int) -> None:
+    """Shapes that tensor/sequence/pipeline parallelism cannot split; named here so a bad run fails in one line."""
+    m = cfg.model
+    for what, value in (
+        ("model.n_heads", m.n_heads),
+        ("model.vocab_size", m.vocab_size),
+        ("model.max_seq_len", m.max_seq_len),
+    ):
+        if value % tp:
+            raise ConfigError(f"{what}={value} is not divisible by parallel.tp={tp}; change one of them")
+    if cfg.parallel.sequence_parallel and tp > 1 and cfg.train.seq_len % tp:
+        raise ConfigError(
+            f"train.seq_len={cfg.train.seq_len} is not divisible by parallel.tp={tp} (sequence parallel); "
+            "change one of them or pass --no-sequence-parallel"
+        )
+    if cfg.train.seq_len > m.max_seq_len:
+        raise ConfigError(
+            f"train.seq_len={cfg.train.seq_len} exceeds model.max_seq_len={m.max_seq_len} (position embeddings); "
+            "lower --seq-len or raise model.max_seq_len"
+        )
+    if m.n_layers < num_stages:
+        raise ConfigError(
+            f"model.n_layers={m.n_layers} is fewer than the {num_stages} pipeline stages; "
+            "lower parallel.pp / parallel.virtual_stages or add layers"
+        )
+
+
+def build_model_parts(cfg: Config, mesh: DeviceMesh, device: torch.device) -> ModelParts:
+    pp, dp, tp = mesh_sizes(mesh)
+    stages_per_rank = cfg.stages_per_rank if pp > 1 else 1
+    num_stages = pp * stages_per_rank
+    check_shapes(cfg, tp, num_stages)
+    stage_ids = stage_ids_for_rank(mesh["pp"].get_local_rank(), pp, stages_per_rank, cfg.parallel.schedule)
+    use_fsdp = dp > 1 or cfg.train.precision == "bf16"  # FSDP2 also carries the bf16 mixed-precision policy
+    reshard = cfg.parallel.reshard_after_forward
+    if pp > 1 and cfg.parallel.schedule in SPLIT_BACKWARD_SCHEDULES:
+        # The input/weight backward split looks parameters up by their autograd nodes right after the forward; if
+        # FSDP2 has resharded them by then, the weight gradients of the last stage are silently lost (measured:
+        # None grads, wrong losses). Keeping the gathered parameters until backward (ZeRO-2 style) is exact.
+        reshard = False
+
+    parts, layers = [], []
+    for stage in stage_ids:
+        stage_layers = layers_for_stage(stage, num_stages, cfg.model.n_layers)
+        with torch.device("meta"):
+            model = GPT(cfg.model)
+        model.keep_only(stage_layers, first=stage == 0, last=stage == num_stages - 1)
+        model.to_empty(device=device)
+        model.init_weights(cfg.train.seed)  # identical values for a parameter in every layout
+        if tp > 1:
+            apply_tensor_parallel(model, mesh["tp"], cfg.parallel.sequence_parallel)
+        apply_recompute(model, cfg.parallel.recompute)
+        if cfg.parallel.compile:
+            for block in model.blocks.values():
+                block.compile()
+        if use_fsdp:
+            apply_fsdp(model, mesh["dp"], cfg.train.precision, reshard)
+        parts.append(model)
+        layers.append(stage_layers)
+    return ModelParts(parts, stage_ids, num_stages, use_fsdp, device, layers)
+
+
+def apply_fsdp(model: GPT, dp_mesh: DeviceMesh, precision: str, reshard_after_forward: bool) -> None:
+    """FSDP2 over "dp": one unit per block plus the root (embeddings, final norm, head). With bf16, parameters are
+    cast for compute while master weights, optimizer state and gradient reduction stay fp32."""
+    if precision == "bf16":
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    else:
+        mp = MixedPrecisionPolicy()
+    for block in model.blocks.values():
+        fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)

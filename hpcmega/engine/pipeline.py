@@ -1,0 +1,120 @@
+"""Run one step's forward and backward over a rank's microbatches: a ``torch.distributed.pipelining`` schedule
+when pp > 1, plain gradient accumulation when pp = 1.
+
+Loss scaling: each microbatch's loss is its mean token cross entropy divided by the number of microbatches, and
+the schedules are told not to rescale (``scale_grads=False``). Every microbatch has the same number of tokens, so
+the sum over microbatches is exactly the mean over this DP rank's rows, and FSDP2's gradient average over "dp" then
+makes the gradient that of the mean over the whole global batch.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.pipelining import (
+    PipelineStage,
+    Schedule1F1B,
+    ScheduleDualPipeV,
+    ScheduleGPipe,
+    ScheduleInterleaved1F1B,
+    ScheduleInterleavedZeroBubble,
+    ScheduleZBVZeroBubble,
+)
+from torch.distributed.tensor import DTensor
+
+from hpcmega.config import ConfigError
+from hpcmega.engine.parallelize import SPLIT_BACKWARD_SCHEDULES, ModelParts
+from hpcmega.engine.tensor_parallel import loss_context
+from hpcmega.model.gpt import cross_entropy
+
+SCHEDULE_CLASSES = {
+    "gpipe": ScheduleGPipe,
+    "1f1b": Schedule1F1B,
+    "interleaved-1f1b": ScheduleInterleaved1F1B,
+    "zero-bubble": ScheduleInterleavedZeroBubble,
+    "zbv": ScheduleZBVZeroBubble,
+    "dualpipev": ScheduleDualPipeV,
+}
+SINGLE_STAGE = ("gpipe", "1f1b")
+
+
+def scaled_loss_fn(n_microbatches: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return cross_entropy(logits, targets) / n_microbatches
+
+    return loss_fn
+
+
+def _plain(loss: torch.Tensor) -> torch.Tensor:
+    """A detached local scalar (the vocab-parallel loss is a replicated DTensor)."""
+    loss = loss.detach()
+    return loss.full_tensor() if isinstance(loss, DTensor) else loss
+
+
+class GradAccumulation:
+    """pp = 1: forward/backward microbatch after microbatch; FSDP2 reduces gradients only after the last one."""
+
+    def __init__(self, parts: ModelParts, n_microbatches: int, tp: int) -> None:
+        (self.model,) = parts.parts
+        self.fsdp = parts.fsdp
+        self.n_microbatches = n_microbatches
+        self.tp = tp
+        self.loss_fn = scaled_loss_fn(n_microbatches)
+
+    def run(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        total = torch.zeros((), device=inputs.device)
+        for i, (x, y) in enumerate(zip(inputs.chunk(self.n_microbatches), targets.chunk(self.n_microbatches))):
+            if self.fsdp:
+                self.model.set_requires_gradient_sync(i == self.n_microbatches - 1)
+            with loss_context(self.tp):
+                loss = self.loss_fn(self.model(x), y)
+                loss.backward()
+            total += _plain(loss)
+        return total
+
+
+class PipelineRunner:
+    """pp > 1: one ``PipelineStage`` per owned stage, driven by the configured schedule."""
+
+    def __init__(
+        self,
+        parts: ModelParts,
+        pp_mesh: DeviceMesh,
+        schedule: str,
+        n_microbatches: int,
+        tp: int,
+        compiled: bool = False,
+    ) -> None:
+        if schedule not in SCHEDULE_CLASSES:
+            raise ConfigError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULE_CLASSES)}")
+        if compiled and schedule in SPLIT_BACKWARD_SCHEDULES:  # torch.compile cannot split backward
+            raise ConfigError(f"--compile does not work with the {schedule} schedule; use 1f1b/gpipe/interleaved-1f1b")
+        self.parts = parts
+        self.tp = tp
+        group = pp_mesh.get_group()
+        self.stages = [
+            PipelineStage(part, stage, parts.num_stages, parts.device, group=group)
+            for part, stage in zip(parts.parts, parts.stage_ids)
+        ]
+        cls = SCHEDULE_CLASSES[schedule]
+        try:
+            self.schedule = cls(
+                self.stages[0] if schedule in SINGLE_STAGE else self.stages,
+                n_microbatches=n_microbatches,
+                loss_fn=scaled_loss_fn(n_microbatches),
+                scale_grads=False,
+            )
+        except ValueError as e:  # e.g. too few microbatches for the number of stages
+            raise ConfigError(f"{schedule} schedule: {e} Adjust parallel.microbatches or train.global_batch.") from None
+
+    def run(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
+        """Returns the sum of the scaled microbatch losses on the rank holding the last stage, else None."""
+        args = (inputs,) if self.parts.has_first_stage else ()
+        losses: list[torch.Tensor] = []
+        kwargs = dict(target=targets, losses=losses) if self.parts.has_last_stage else {}
+        with loss_context(self.tp):
+            self.schedule.step(*args, return_outputs=False, **kwargs)
+        if not self.parts.has_last_stage:
+            return None
+        return torch.stack([_plain(loss) for loss in losses]).sum()

@@ -1,0 +1,130 @@
+"""Throughput and utilisation numbers, the per-step ``metrics.jsonl`` record, and the console line.
+
+Pure Python (no torch) so the formulas are cheap to test and to use from the CLI.
+
+Model FLOPs follow Megatron (Korthikanti et al. 2022, appendix A): per optimizer step, forward + backward of a GPT
+with L layers, hidden h, sequence s, vocabulary V on B sequences costs 72 B L s h^2 (1 + s/(6h) + V/(12 h L)).
+Recompute is not counted (that would be *hardware* FLOPs), so MFU compares layouts and recompute modes fairly.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, TextIO
+
+# Dense bf16 peak TFLOP/s per device, matched by name fragment against the CUDA device name (first hit wins).
+# fp32 runs report no MFU: their peak depends on whether matmuls run as TF32, FP32 or emulated.
+PEAK_BF16_TFLOPS: list[tuple[str, float]] = [
+    ("GB200", 2500.0),
+    ("B200", 2250.0),
+    ("H200", 989.0),
+    ("H100 NVL", 835.0),
+    ("H100 PCIe", 756.0),
+    ("H100", 989.0),  # SXM (e.g. "NVIDIA H100 80GB HBM3")
+    ("A100", 312.0),
+    ("L40S", 362.0),
+]
+
+
+def model_flops_per_step(
+    global_batch: int, seq_len: int, n_layers: int, d_model: int, vocab_size: int
+) -> float:
+    """Model FLOPs of one optimizer step (forward + backward, no recompute), Megatron's formula."""
+    b, s, layers, h, v = global_batch, seq_len, n_layers, d_model, vocab_size
+    return 72.0 * b * layers * s * h * h * (1.0 + s / (6.0 * h) + v / (12.0 * h * layers))
+
+
+def peak_tflops(device_name: str | None, precision: str) -> float | None:
+    """Dense peak of one device, or None when unknown (CPU, unlisted GPU): then MFU is not reported."""
+    if not device_name or precision != "bf16":
+        return None
+    for fragment, peak in PEAK_BF16_TFLOPS:
+        if fragment.lower() in device_name.lower():
+            return peak
+    return None
+
+
+def step_record(
+    *,
+    step: int,
+    loss: float,
+    lr: float,
+    grad_norm: float,
+    tokens_per_step: int,
+    step_time_s: float,
+    flops_per_step: float,
+    world_size: int,
+    peak: float | None,
+) -> dict[str, Any]:
+    """One metrics.jsonl line. ``step`` counts completed optimizer steps (1 = after the first). ``tokens`` is the
+    running total; ``model_tflops`` is achieved model TFLOP/s *per device*; ``mfu`` only when the peak is known."""
+    tflops = flops_per_step / step_time_s / world_size / 1e12
+    record: dict[str, Any] = {
+        "step": step,
+        "loss": loss,
+        "lr": lr,
+        "grad_norm": grad_norm,
+        "tokens": step * tokens_per_step,
+        "step_time_s": step_time_s,
+        "tokens_per_s": tokens_per_step / step_time_s,
+        "model_tflops": tflops,
+    }
+    if peak:
+        record["mfu"] = tflops / peak
+    return record
+
+
+class MetricsWriter:
+    """Appends one JSON object per line and flushes, so a killed job leaves a readable file (resume appends)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file: TextIO = open(self.path, "a", encoding="utf-8")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def format_line(record: dict[str, Any], total_steps: int) -> str:
+    """A compact one-line summary with rich markup; plain and readable when stdout is not a terminal."""
+    parts = [
+        f"[bold]step {record['step']}/{total_steps}[/bold]",
+        f"loss [cyan]{record['loss']:.4f}[/cyan]",
+        f"lr {record['lr']:.2e}",
+        f"gnorm {record['grad_norm']:.3f}",
+        f"{_si(record['tokens_per_s'])} tok/s",
+        f"{record['model_tflops']:.3g} TFLOP/s/dev",
+    ]
+    if "mfu" in record:
+        parts.append(f"MFU [green]{100 * record['mfu']:.1f}%[/green]")
+    parts.append(f"{record['step_time_s'] * 1000:.0f} ms")
+    return " | ".join(parts)
+
+
+def _si(x: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.1f}{unit}"
+    return f"{x:.0f}"
+
+
+class ConsoleLogger:
+    """Rank 0's console output through rich; no escape codes, wrapping or progress bars when not on a TTY."""
+
+    def __init__(self, total_steps: int) -> None:
+        from rich.console import Console
+
+        self.console = Console(highlight=False, soft_wrap=True)
+        self.total_steps = total_steps
+
+    def step(self, record: dict[str, Any]) -> None:
+        self.console.print(format_line(record, self.total_steps))
+
+    def info(self, message: str) -> None:
+        self.console.print(message)

@@ -1,0 +1,209 @@
+"""The training loop on every rank: build the parallel model, then step optimizer, LR schedule, clipping, metrics.
+
+``train(cfg, mesh, run_dir)`` is the entry point (called by ``hpcmega.job`` once torch.distributed is up and the
+("pp", "dp", "tp") mesh is built). The work lives in :class:`Trainer`, whose pieces are public attributes so the
+checkpoint/resume and preemption code can plug in at step boundaries without touching the step itself:
+
+- ``model_parts`` (one module per owned pipeline stage, full-model parameter names), ``optimizers`` (one AdamW per
+  part), ``lr_scheduler``, ``loader``, ``step`` (optimizer steps completed so far);
+- ``state_for_checkpoint()`` -- the objects a checkpoint must capture;
+- ``after_backward_hooks`` -- called as ``hook(trainer)`` once gradients are final (reduced, clipped), before the
+  optimizer step; ``step_end_hooks`` -- called as ``hook(trainer, record)`` on every rank after each step;
+- ``request_stop()`` -- finish after the current step (every rank must call it at the same step).
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
+
+from hpcmega.config import Config, ConfigError
+from hpcmega.engine.parallelize import build_model_parts, mesh_sizes
+from hpcmega.engine.pipeline import GradAccumulation, PipelineRunner
+from hpcmega.metrics import ConsoleLogger, MetricsWriter, model_flops_per_step, peak_tflops, step_record
+from hpcmega.optim import CosineWithWarmup, build_optimizer, clip_grad_norm_, make_grads_replicate
+
+
+def build_data_loader(cfg: Config):
+    """The data package's dispatcher when it exists (synthetic or prepared shards), else the synthetic stream."""
+    try:
+        from hpcmega.data import build_loader
+    except ImportError:
+        if cfg.train.data != "synthetic":
+            raise ConfigError(
+                f"train.data={cfg.train.data!r}: this build has only the synthetic loader; use --data synthetic"
+            ) from None
+        from hpcmega.data.synthetic import SyntheticLoader
+
+        return SyntheticLoader(cfg)
+    return build_loader(cfg)
+
+
+def microbatches_per_rank(cfg: Config, dp: int) -> int:
+    """Microbatches per step on one DP rank, checked against the global batch."""
+    rows = cfg.train.global_batch // dp
+    if cfg.train.global_batch % dp:
+        raise ConfigError(
+            f"train.global_batch={cfg.train.global_batch} is not divisible by the data-parallel size {dp}; change it"
+        )
+    m = cfg.parallel.microbatches or max(1, rows // max(1, cfg.train.micro_batch))
+    if rows % m:
+        raise ConfigError(
+            f"each DP rank gets {rows} sequences, which do not split into {m} microbatches; "
+            "change parallel.microbatches, train.micro_batch or train.global_batch"
+        )
+    return m
+
+
+def _device(mesh: DeviceMesh) -> torch.device:
+    if mesh.device_type == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(mesh.device_type)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, mesh: DeviceMesh, run_dir: str) -> None:
+        if tuple(mesh.mesh_dim_names or ()) != ("pp", "dp", "tp"):
+            raise ValueError(f"the mesh must have dims ('pp', 'dp', 'tp'), got {mesh.mesh_dim_names}")
+        self.cfg, self.mesh, self.run_dir = cfg, mesh, run_dir
+        self.pp, self.dp, self.tp = mesh_sizes(mesh)
+        for name, want, got in (("tp", cfg.parallel.tp, self.tp), ("pp", cfg.parallel.pp, self.pp)):
+            if want != got:
+                raise ValueError(f"parallel.{name}={want} but the mesh has {name}={got}")
+        self.device = _device(mesh)
+        self.n_microbatches = microbatches_per_rank(cfg, self.dp)
+        self.dp_rank = mesh["dp"].get_local_rank()
+        self.pp_group = mesh["pp"].get_group() if self.pp > 1 else None
+        self.dp_group = mesh["dp"].get_group() if self.dp > 1 else None
+
+        self.model = build_model_parts(cfg, mesh, self.device)
+        self.model_parts = self.model.parts
+        self.optimizers = [build_optimizer(part, cfg.train) for part in self.model_parts]
+        self.lr_scheduler = CosineWithWarmup(cfg.train.lr, cfg.train.min_lr, cfg.train.warmup_steps, cfg.train.steps)
+        self.loader = build_data_loader(cfg)
+        if self.pp > 1:
+            self.runner: GradAccumulation | PipelineRunner = PipelineRunner(
+                self.model, mesh["pp"], cfg.parallel.schedule, self.n_microbatches, self.tp, cfg.parallel.compile
+            )
+        else:
+            self.runner = GradAccumulation(self.model, self.n_microbatches, self.tp)
+        self.step = 0
+        self.after_backward_hooks: list[Callable[[Trainer], None]] = []
+        self.step_end_hooks: list[Callable[[Trainer, dict[str, Any]], None]] = []
+        self._stop = False
+
+        self.tokens_per_step = cfg.train.global_batch * cfg.train.seq_len
+        m = cfg.model
+        self.flops_per_step = model_flops_per_step(
+            cfg.train.global_batch, cfg.train.seq_len, m.n_layers, m.d_model, m.vocab_size
+        )
+        device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None
+        self.peak_tflops = peak_tflops(device_name, cfg.train.precision)
+        self.is_logging_rank = dist.get_rank() == 0
+        self.metrics = MetricsWriter(os.path.join(run_dir, "metrics.jsonl")) if self.is_logging_rank else None
+        self.console = ConsoleLogger(cfg.train.steps) if self.is_logging_rank else None
+
+    # -- pieces for checkpointing and other step-boundary plug-ins -----------------------------------------------
+    def state_for_checkpoint(self) -> dict[str, Any]:
+        """Everything a resume needs, as live objects (modules and optimizers keep full-model parameter names)."""
+        return {
+            "model_parts": self.model_parts,
+            "optimizers": self.optimizers,
+            "lr_scheduler": self.lr_scheduler,
+            "loader": self.loader,
+            "step": self.step,
+        }
+
+    def request_stop(self) -> None:
+        self._stop = True
+
+    def parameters(self) -> list[torch.Tensor]:
+        return list(self.model.parameters())
+
+    # -- one optimizer step -------------------------------------------------------------------------------------
+    def _local_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = self.loader.global_batch(self.step)
+        rows = batch.shape[0] // self.dp
+        local = batch[self.dp_rank * rows : (self.dp_rank + 1) * rows].to(self.device)
+        return local[:, :-1].contiguous(), local[:, 1:].contiguous()
+
+    def _global_loss(self, local: torch.Tensor | None) -> float:
+        """Mean loss over the whole global batch, the same on every rank: summed from the rank(s) holding the last
+        stage over "pp", averaged over "dp" (TP ranks already agree)."""
+        loss = local.detach().clone().float() if local is not None else torch.zeros((), device=self.device)
+        if self.pp_group is not None:
+            dist.all_reduce(loss, group=self.pp_group)
+        if self.dp_group is not None:
+            dist.all_reduce(loss, group=self.dp_group)
+            loss /= self.dp
+        return loss.item()
+
+    def train_step(self) -> dict[str, Any]:
+        start = time.perf_counter()
+        inputs, targets = self._local_batch()
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        local_loss = self.runner.run(inputs, targets)
+        params = self.parameters()
+        make_grads_replicate(params)
+        grad_norm = clip_grad_norm_(params, self.cfg.train.grad_clip, stage_replicas=self.dp * self.tp)
+        for hook in self.after_backward_hooks:
+            hook(self)
+        lr = self.lr_scheduler.apply(self.optimizers, self.step)
+        for opt in self.optimizers:
+            opt.step()
+        loss = self._global_loss(local_loss)
+        grad_norm_value = grad_norm.item()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.step += 1
+        return step_record(
+            step=self.step,
+            loss=loss,
+            lr=lr,
+            grad_norm=grad_norm_value,
+            tokens_per_step=self.tokens_per_step,
+            step_time_s=time.perf_counter() - start,
+            flops_per_step=self.flops_per_step,
+            world_size=self.mesh.size(),
+            peak=self.peak_tflops,
+        )
+
+    # -- the loop -----------------------------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        cfg = self.cfg
+        if self.console:
+            self.console.info(
+                f"hpcmega: {cfg.model.n_layers} layers d={cfg.model.d_model} | pp={self.pp} dp={self.dp} "
+                f"tp={self.tp} | schedule={cfg.parallel.schedule if self.pp > 1 else 'none'} "
+                f"microbatches={self.n_microbatches} recompute={cfg.parallel.recompute} {cfg.train.precision}"
+            )
+        history: dict[str, list] = {"steps": [], "losses": [], "grad_norms": [], "lrs": [], "step_times": []}
+        while self.step < cfg.train.steps and not self._stop:
+            record = self.train_step()
+            for key, field in (
+                ("steps", "step"),
+                ("losses", "loss"),
+                ("grad_norms", "grad_norm"),
+                ("lrs", "lr"),
+                ("step_times", "step_time_s"),
+            ):
+                history[key].append(record[field])
+            if self.metrics:
+                self.metrics.write(record)
+            if self.console and (record["step"] % max(1, cfg.logging.log_every) == 0 or self.step == cfg.train.steps):
+                self.console.step(record)
+            for hook in self.step_end_hooks:
+                hook(self, record)
+        if self.metrics:
+            self.metrics.close()
+        return {**history, "final_step": self.step, "stopped_early": self.step < cfg.train.steps}
+
+
+def train(cfg: Config, mesh: DeviceMesh, run_dir: str) -> dict[str, Any]:
+    """Run the configured training on this rank; returns per-step history (``losses``, ``grad_norms``, ...)."""
+    return Trainer(cfg, mesh, run_dir).fit()
