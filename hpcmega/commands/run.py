@@ -1,0 +1,54 @@
+"""`hpcmega run --nproc N`: the same job as `hpcmega submit`, as N local processes (GPUs, or CPU ranks with gloo)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from hpcmega.commands.options import pass_config
+
+
+def _cuda_devices() -> int:
+    import torch  # only here: `hpcmega --help` must stay light
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+@click.command("run")
+@click.option("--nproc", type=click.IntRange(min=1), required=True, help="Ranks to start on this machine.")
+@click.option("--cpu", "force_cpu", is_flag=True, help="Use CPU ranks with gloo even if GPUs are present.")
+@click.option("--run-dir", type=click.Path(file_okay=False), help="Run folder (default: runs/<time>-<name>).")
+@pass_config
+def run(cfg, nproc: int, force_cpu: bool, run_dir: str | None) -> None:
+    """Run the job on this machine with NPROC ranks (one per GPU; CPU ranks without GPUs).
+
+    \b
+    hpcmega run --nproc 4 --tp 2 --pp 2 --steps 20
+    hpcmega run --nproc 2 --config launch/shakespeare-tiny.toml
+    """
+    from hpcmega.commands.plan import build_plan
+    from hpcmega.launcher import default_run_dir, launch_local, local_config
+
+    gpus = 0 if (force_cpu or cfg.cluster.cpu) else _cuda_devices()
+    if gpus and nproc > gpus:
+        raise click.UsageError(f"--nproc {nproc} but this machine has {gpus} GPU(s); use --nproc {gpus} or --cpu")
+    cfg = local_config(cfg, nproc, cpu=gpus == 0)
+    _, warnings = build_plan(cfg)  # validation + layout: exit 2 before anything is written
+    for w in warnings:
+        click.echo(f"warning: {w}", err=True)
+
+    path = Path(run_dir) if run_dir else default_run_dir(cfg)
+    device = f"{nproc} GPU(s) (nccl)" if gpus else f"{nproc} CPU rank(s) (gloo)"
+    click.echo(f"run folder: {path}\nstarting {device}; rank 0 output follows, other ranks in {path / 'logs'}")
+    sys.stdout.flush()
+    status = launch_local(cfg, nproc, path)
+    if status == 0:
+        click.echo(f"done. run folder: {path}")
+    else:
+        click.echo(f"failed. run folder: {path} (logs in {path / 'logs'})", err=True)
+    sys.exit(status)
+
+
+def register(main: click.Group) -> None:
+    main.add_command(run)

@@ -1,0 +1,139 @@
+"""`hpcmega submit`: validate, then queue the job on SLURM through submitit (or show the sbatch script)."""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from hpcmega.commands.options import CLUSTER_FLAGS, add_options, collect_overrides, config_options, resolve
+
+# Scheduler flags -> cluster.* config keys (a site profile given with --config sets the same keys).
+SCHEDULER_FLAGS: list[tuple[tuple[str, ...], str, dict[str, Any]]] = [
+    (("--partition",), "cluster.partition", dict(help="SLURM partition.")),
+    (("--account",), "cluster.account", dict(help="SLURM account to charge.")),
+    (("--qos",), "cluster.qos", dict(help="SLURM quality of service.")),
+    (("--time",), "cluster.time", dict(help="Time limit, [D-]HH:MM:SS or minutes.")),
+    (("--constraint",), "cluster.constraint", dict(help="Node features, e.g. 'h100&ib'.")),
+    (("--exclusive/--no-exclusive",), "cluster.exclusive", dict(default=None, help="Whole nodes only.")),
+    (("--job-name",), "cluster.job_name", dict()),
+    (("--mem",), "cluster.mem", dict(help="Memory per node, e.g. 64G, or 0 for all.")),
+    (("--cpus-per-task",), "cluster.cpus_per_task", dict(type=int, help="CPUs per task (per GPU).")),
+]
+_TAIL_LINES = 30
+
+
+def _scheduler_overrides(kwargs: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for decls, key, _ in SCHEDULER_FLAGS:
+        name = decls[0].split("/")[0].lstrip("-").replace("-", "_")
+        value = kwargs.pop(name, None)
+        if value is not None:
+            out[key] = value
+    return out
+
+
+def _tail(path: Path, lines: int = _TAIL_LINES) -> str:
+    try:
+        return "".join(path.read_text(errors="replace").splitlines(keepends=True)[-lines:])
+    except OSError:
+        return ""
+
+
+@click.command("submit")
+@add_options(CLUSTER_FLAGS)
+@add_options(SCHEDULER_FLAGS)
+@click.option("--sbatch", "sbatch_args", multiple=True, metavar="OPT",
+              help="Extra sbatch option, passed through (repeatable): --sbatch=--reservation=foo")
+@click.option("--run-dir", type=click.Path(file_okay=False),
+              help="Run folder on a filesystem all nodes share (default: runs/<time>-<name>).")
+@click.option("--dry-run", is_flag=True, help="Print the plan and the sbatch script; submit and write nothing.")
+@click.option("--wait", "wait_", is_flag=True, help="Block until the job ends; exit non-zero unless it completed.")
+@config_options
+def submit(config_path: str | None, sbatch_args: tuple[str, ...], run_dir: str | None, dry_run: bool,
+           wait_: bool, **kwargs: Any) -> None:
+    """Queue the job on SLURM: NODES x GPUS_PER_NODE tasks, one per GPU, each running hpcmega.job.run_rank.
+
+    \b
+    hpcmega submit --nodes 4 --gpus-per-node 8 --tp 8 --pp 2 --model gpt-7b --partition gpu --dry-run
+    hpcmega submit --config slurm/sites/example.toml --nodes 2 --tp 4 --wait
+    """
+    from hpcmega import slurm
+    from hpcmega.commands.plan import _print_table, build_plan, config_summary
+    from hpcmega.config import ConfigError
+    from hpcmega.launcher import default_run_dir
+
+    overrides = {**collect_overrides(kwargs), **_scheduler_overrides(kwargs)}
+    cfg = resolve(config_path, overrides)
+    cfg.cluster.sbatch_extra = list(cfg.cluster.sbatch_extra) + list(sbatch_args)
+    layout, warnings = build_plan(cfg)  # validation + layout: exit 2 before anything is written
+    try:
+        slurm.executor_parameters(cfg)  # --sbatch options hpcmega manages itself are refused here
+    except ConfigError as e:
+        raise click.UsageError(str(e)) from None
+    path = Path(run_dir).absolute() if run_dir else default_run_dir(cfg).absolute()
+
+    if dry_run:
+        _print_table(layout, config_summary(cfg, "block"), warnings)
+        click.echo(f"\nrun folder (not created): {path}")
+        click.echo("sbatch script (dry run, nothing submitted):\n")
+        click.echo(slurm.sbatch_script(cfg, slurm.submission_folder(path)))
+        return
+
+    for w in warnings:
+        click.echo(f"warning: {w}", err=True)
+    try:
+        job = slurm.submit(cfg, path)
+    except (ConfigError, slurm.SubmitError) as e:  # no sbatch/srun here, or sbatch refused the job (exit 1)
+        raise click.ClickException(str(e)) from None
+    c = cfg.cluster
+    kind = "CPU task(s)" if c.cpu else "GPU task(s)"
+    click.echo(f"submitted job {job.job_id}: {c.nodes} node(s) x {c.gpus_per_node} {kind}"
+               + (f", partition {c.partition}" if c.partition else ""))
+    click.echo(f"run folder: {path}")
+    click.echo(f"follow:     squeue -j {job.job_id}\n"
+               f"            tail -f {job.log(0, 'out')}\n"
+               f"            sacct -j {job.job_id}")
+    if not wait_:
+        return
+    sys.exit(_wait(job))
+
+
+def _wait(job) -> int:
+    from hpcmega import slurm
+
+    started = time.monotonic()
+    follow = slurm.LogFollower(job.log(0, "out"), lambda text: (click.echo(text, nl=False), sys.stdout.flush()))
+    try:
+        state = slurm.wait_for_job(
+            job.job_id,
+            on_change=lambda s: click.echo(f"job {job.job_id}: {s} ({time.monotonic() - started:.0f}s)"),
+            on_poll=follow,
+        )
+    except KeyboardInterrupt:
+        click.echo(f"\nstopped waiting; job {job.job_id} keeps running (scancel {job.job_id} to stop it)", err=True)
+        return 130
+    follow()
+    result = job.result(0)
+    if state == "UNKNOWN" and result is not None:  # no accounting: the tasks' own result files decide
+        state = "COMPLETED" if result[0] == "success" else "FAILED"
+    exit_code = slurm.job_exit_code(job.job_id)
+    click.echo(f"job {job.job_id} finished: {state}" + (f" (exit code {exit_code})" if exit_code else ""))
+    if state == "COMPLETED":
+        train = result[1].get("train") if result and result[0] == "success" and isinstance(result[1], dict) else None
+        if isinstance(train, dict) and train.get("losses"):
+            click.echo(f"trained to step {train.get('final_step')}, final loss {train['losses'][-1]:.4f}")
+        return 0
+    err = _tail(job.log(0, "err"))
+    if err:
+        click.echo(f"--- last lines of rank 0's log ({job.log(0, 'err')}) ---", err=True)
+        click.echo(err, nl=False, err=True)
+    else:
+        click.echo(f"rank 0 wrote no error log ({job.log(0, 'err')}); see sacct -j {job.job_id}", err=True)
+    return 1
+
+
+def register(main: click.Group) -> None:
+    main.add_command(submit)

@@ -1,0 +1,245 @@
+"""The per-rank entry point, the same for a SLURM task (submitit calls ``run_rank``; one task per GPU, no torchrun)
+and a local rank (``hpcmega run`` starts ``python -m hpcmega.job``).
+
+Steps on every rank: read the rank environment -> init torch.distributed -> gather where every rank really runs
+-> compute the layout from that placement -> build the ("pp", "dp", "tp") DeviceMesh -> rank 0 writes the run
+folder's ``config.toml`` and ``layout.json`` -> a collectives self-test on every group -> training.
+
+The layout comes from the real placement, not from rank arithmetic: SLURM may place tasks cyclically or unevenly,
+and the groups must follow where ranks are (TP inside a node / NVLink domain). Any refusal is raised on every rank
+from the same gathered data, so all ranks fail together with the same message instead of some of them hanging.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import re
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from hpcmega.config import Config, ConfigError, load_config
+from hpcmega.distenv import DistEnv, from_environment
+
+# How long a rank waits for its peers at the rendezvous and in any collective before giving up. Long enough for a
+# slow first NCCL collective on a big job; a dead peer is normally noticed much sooner (the launcher and
+# `srun --kill-on-bad-exit` end the other ranks, and gloo sees closed connections).
+DIST_TIMEOUT = datetime.timedelta(minutes=10)
+
+
+def _say(env: DistEnv, msg: str, all_ranks: bool = False) -> None:
+    if all_ranks or env.rank == 0:
+        print(f"[rank {env.rank} {env.node}] {msg}", flush=True)
+
+
+def natural_key(name: str) -> list[Any]:
+    """Sort 'node2' before 'node10' (the order SLURM lists hosts in)."""
+    return [int(tok) if tok.isdigit() else tok for tok in re.split(r"(\d+)", name)]
+
+
+def _as_config(cfg: Config | dict[str, Any]) -> Config:
+    if isinstance(cfg, Config):
+        return cfg
+    if isinstance(cfg, dict):
+        return Config.from_dict(cfg)
+    raise TypeError(f"run_rank needs a Config or a dict, got {type(cfg).__name__}")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _select_device(cfg: Config, env: DistEnv):
+    """-> (device_type, backend, torch.device). One task per GPU: the local rank picks the GPU."""
+    import torch
+
+    if cfg.cluster.cpu or not torch.cuda.is_available():
+        if not cfg.cluster.cpu:
+            _say(env, "notice: no CUDA device visible; running on CPU with gloo", all_ranks=env.local_rank == 0)
+        return "cpu", "gloo", torch.device("cpu")
+    count = torch.cuda.device_count()
+    if count >= env.local_world_size:
+        index = env.local_rank  # every task sees all of the node's GPUs
+    elif count == 1:
+        index = 0  # the site binds one GPU per task (--gpus-per-task=1 / --gpu-bind)
+    else:
+        raise ConfigError(
+            f"{env.node}: {env.local_world_size} tasks on this node but {count} visible GPUs; "
+            "use --gpus-per-node equal to the node's GPU count (one task per GPU)"
+        )
+    torch.cuda.set_device(index)
+    return "cuda", "nccl", torch.device("cuda", index)
+
+
+def gather_placement(env: DistEnv) -> list[Any]:
+    """Every rank's (node, local rank), indexed by global rank."""
+    import torch.distributed as dist
+
+    from hpcmega.layout import RankPlacement
+
+    gathered: list[Any] = [None] * env.world_size
+    dist.all_gather_object(gathered, (env.node, env.local_rank))
+    return [RankPlacement(str(node), int(local)) for node, local in gathered]
+
+
+def layout_from_placement(cfg: Config, placement: list[Any]):
+    """The Layout for the ranks where they really are; NVLink domains = consecutive groups of
+    ``cluster.nvlink_domain_nodes`` nodes in name order. Raises LayoutError (a ConfigError) on every rank alike."""
+    from hpcmega.layout import compute_layout, domains_by_block
+
+    nodes = sorted({p.node for p in placement}, key=natural_key)
+    domains = domains_by_block(nodes, cfg.cluster.nvlink_domain_nodes)
+    return compute_layout(placement, cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.order, domains)
+
+
+def planned_layout(cfg: Config, node_names: list[str]):
+    """What `hpcmega plan` shows: block placement of nodes x gpus_per_node ranks."""
+    from hpcmega.layout import block_placement, compute_layout, default_node_names, domains_by_block
+
+    names = node_names if len(node_names) == cfg.cluster.nodes else default_node_names(cfg.cluster.nodes)
+    placement = block_placement(cfg.cluster.nodes, cfg.cluster.gpus_per_node, names)
+    domains = domains_by_block(names, cfg.cluster.nvlink_domain_nodes)
+    return compute_layout(placement, cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.order, domains)
+
+
+def collectives_self_test(mesh, layout, rank: int, device) -> dict[str, Any]:
+    """All-reduce (rank + 1) over each of this rank's tp/pp/dp groups and the world; check the sums.
+
+    Catches a mesh whose groups disagree with the layout (or a broken fabric) before the model is built, with a
+    message that names the group instead of a wrong loss later.
+    """
+    import torch
+    import torch.distributed as dist
+
+    report: dict[str, Any] = {}
+    for dim in ("tp", "pp", "dp"):
+        group = mesh[dim].get_group()
+        members = sorted(dist.get_process_group_ranks(group))
+        expected_members = next(sorted(g) for g in getattr(layout, f"{dim}_groups") if rank in g)
+        if members != expected_members:
+            raise RuntimeError(f"rank {rank}: mesh {dim} group {members} != layout {dim} group {expected_members}")
+        t = torch.tensor([float(rank + 1)], device=device)
+        dist.all_reduce(t, group=group)
+        want = float(sum(r + 1 for r in members))
+        if t.item() != want:
+            raise RuntimeError(f"rank {rank}: all-reduce over {dim} group {members} gave {t.item()}, expected {want}")
+        report[dim] = {"ranks": members, "sum": t.item()}
+    t = torch.tensor([float(rank + 1)], device=device)
+    dist.all_reduce(t)
+    world = dist.get_world_size()
+    if t.item() != world * (world + 1) / 2:
+        raise RuntimeError(f"rank {rank}: world all-reduce gave {t.item()}, expected {world * (world + 1) / 2}")
+    report["world_sum"] = t.item()
+    return report
+
+
+def run_rank(cfg: Config | dict[str, Any], run_dir: str) -> dict[str, Any]:
+    """Run this rank's part of the job; returns a summary (and the training result when training ran)."""
+    cfg = _as_config(cfg)
+    run_path = Path(run_dir).absolute()
+    cfg.run_dir = str(run_path)
+    env = from_environment(master_port=cfg.cluster.master_port)
+    if env.world_size != cfg.world_size:
+        raise ConfigError(
+            f"the job has {env.world_size} ranks but the config expects nodes={cfg.cluster.nodes} x "
+            f"gpus_per_node={cfg.cluster.gpus_per_node} = {cfg.world_size}; submit with matching --nodes and "
+            "--gpus-per-node (one task per GPU) and no task-count options in --sbatch"
+        )
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import DeviceMesh
+
+    device_type, backend, device = _select_device(cfg, env)
+    port = env.master_port or (_free_port() if env.world_size == 1 else 0)
+    t0 = time.perf_counter()
+    dist.init_process_group(
+        backend,
+        init_method=f"tcp://{env.master_addr}:{port}",
+        rank=env.rank,
+        world_size=env.world_size,
+        timeout=DIST_TIMEOUT,
+        device_id=device if device_type == "cuda" else None,
+    )
+    ok = False
+    try:
+        _say(env, f"torch.distributed up: {backend}, world {env.world_size}, rendezvous "
+                  f"{env.master_addr}:{port} ({time.perf_counter() - t0:.1f}s)"
+                  + (f", SLURM job {env.job_id} attempt {env.restart_count + 1}" if env.job_id else ""))
+        placement = gather_placement(env)
+        layout = layout_from_placement(cfg, placement)
+        nodes = sorted({p.node for p in placement}, key=natural_key)
+        try:
+            diffs = layout.differences(planned_layout(cfg, nodes))
+        except ConfigError as e:
+            diffs = [f"no block layout to compare with ({e})"]
+        if diffs:
+            _say(env, "notice: the real placement gives different groups than the planned block layout "
+                      f"(real vs planned: {'; '.join(diffs)}); TP groups still stay inside one node/NVLink domain")
+        for w in layout.warnings:
+            _say(env, f"notice: {w}")
+
+        mesh = DeviceMesh(device_type, layout.mesh_grid(), mesh_dim_names=("pp", "dp", "tp"))
+        if env.rank == 0:
+            run_path.mkdir(parents=True, exist_ok=True)
+            _write_atomic(run_path / "config.toml", cfg.to_toml())
+            _write_atomic(run_path / "layout.json", json.dumps(layout.to_json(), indent=2) + "\n")
+            _say(env, f"wrote {run_path / 'config.toml'} and {run_path / 'layout.json'} "
+                      f"({len(nodes)} node(s): {', '.join(nodes)})")
+        selftest = collectives_self_test(mesh, layout, env.rank, device)
+        _say(env, f"collectives self-test passed on tp/pp/dp groups and world (sum {selftest['world_sum']:.0f})")
+
+        result: dict[str, Any] = {
+            "rank": env.rank,
+            "node": env.node,
+            "local_rank": env.local_rank,
+            "world_size": env.world_size,
+            "coords": layout.coords[env.rank].to_dict(),
+            "selftest": selftest,
+            "train": None,
+        }
+        if cfg.train.steps > 0 and importlib.util.find_spec("hpcmega.train") is not None:
+            from hpcmega.train import train  # an ImportError inside train.py is a real error, not "no training"
+
+            result["train"] = train(cfg, mesh, str(run_path))
+        elif cfg.train.steps > 0:
+            _say(env, "notice: this build has no hpcmega.train; ran the self-test only")
+        dist.barrier()
+        ok = True
+        return result
+    finally:
+        # On success leave cleanly; on error with NCCL a destroy could block on a peer stuck in a collective, so
+        # let process exit tear it down (the launcher / srun ends the peers).
+        if ok or backend == "gloo":
+            dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m hpcmega.job --config FILE --run-dir DIR``: one rank of a local run (see hpcmega.launcher)."""
+    parser = argparse.ArgumentParser(prog="python -m hpcmega.job", description=main.__doc__)
+    parser.add_argument("--config", required=True, help="resolved config TOML (written by the launcher)")
+    parser.add_argument("--run-dir", required=True)
+    args = parser.parse_args(argv)
+    try:
+        run_rank(load_config(args.config), args.run_dir)
+    except ConfigError as e:
+        rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "?"))
+        print(f"[rank {rank}] error: {e}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""`hpcmega run --nproc N`: the job on this machine, N rank processes with the same entry point as a SLURM task.
+
+Why our own launcher and not torchrun: a SLURM task runs ``hpcmega.job.run_rank`` directly (one task per GPU), and
+a local run must exercise the same code path, environment reading included. The launcher only does what srun
+does for a job step: start the ranks with their environment, collect their output, and end all of them as soon as
+one fails (srun's ``--kill-on-bad-exit``), so a dead rank never leaves its peers waiting in a collective.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import IO
+
+from hpcmega.config import Config
+
+# After the first rank fails, how long the others get to exit on SIGTERM before SIGKILL.
+TERMINATE_GRACE_S = 5.0
+# Signals the launcher passes on to every rank: Ctrl-C / kill end the run, USR2 is the preemption signal.
+FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
+
+
+def local_config(cfg: Config, nproc: int, cpu: bool) -> Config:
+    """The config a local run really uses: one node with ``nproc`` ranks (GPUs, or CPU processes with gloo)."""
+    out = dataclasses.replace(cfg, cluster=dataclasses.replace(cfg.cluster))
+    out.cluster.nodes = 1
+    out.cluster.gpus_per_node = nproc
+    out.cluster.nvlink_domain_nodes = 1
+    out.cluster.cpu = cpu
+    return out
+
+
+def default_run_dir(cfg: Config, root: str | Path = "runs") -> Path:
+    """``runs/<YYYYmmdd-HHMMSS>-<name>`` (name = logging.run_name or the model preset), never an existing one."""
+    name = cfg.logging.run_name or cfg.model.preset
+    base = Path(root) / f"{time.strftime('%Y%m%d-%H%M%S')}-{name}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free right now on ``host`` (the rendezvous binds it a moment later)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def rank_env(rank: int, nproc: int, port: int, node: str, base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of local rank ``rank``: what hpcmega.distenv reads in launcher mode."""
+    env = dict(os.environ if base is None else base)
+    env.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(nproc),
+        LOCAL_WORLD_SIZE=str(nproc),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        HPCMEGA_NODE=node,
+        PYTHONUNBUFFERED="1",
+    )
+    env.setdefault("OMP_NUM_THREADS", "1")  # N ranks on one machine must not each start one thread per core
+    return env
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(deque(f, maxlen=lines))
+    except OSError:
+        return ""
+
+
+def _describe(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit status {code}"
+
+
+class LocalLauncher:
+    """Start ``nproc`` ranks of ``python -m hpcmega.job``; stream rank 0; stop everything when one rank fails."""
+
+    def __init__(self, config_path: Path, run_dir: Path, nproc: int, out: IO[str] | None = None) -> None:
+        self.config_path, self.run_dir, self.nproc = config_path, run_dir, nproc
+        self.out = out or sys.stdout
+        self.log_dir = run_dir / "logs"
+        self.procs: list[subprocess.Popen] = []
+        self._stream_thread: threading.Thread | None = None
+
+    def log_path(self, rank: int) -> Path:
+        return self.log_dir / f"rank{rank}.log"
+
+    def _spawn(self) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        port = free_port()
+        node = socket.gethostname()
+        cmd = [sys.executable, "-u", "-m", "hpcmega.job", "--config", str(self.config_path),
+               "--run-dir", str(self.run_dir)]
+        for rank in range(self.nproc):
+            env = rank_env(rank, self.nproc, port, node)
+            if rank == 0:
+                proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                        errors="replace", start_new_session=True)
+                self._stream_thread = threading.Thread(target=self._stream, args=(proc,), daemon=True)
+                self._stream_thread.start()
+            else:
+                with open(self.log_path(rank), "w") as log:
+                    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                            start_new_session=True)
+            self.procs.append(proc)
+
+    def _stream(self, proc: subprocess.Popen) -> None:
+        """Rank 0's output goes to the console and to logs/rank0.log."""
+        assert proc.stdout is not None
+        with open(self.log_path(0), "w") as log:
+            for line in proc.stdout:
+                log.write(line)
+                log.flush()
+                self.out.write(line)
+                self.out.flush()
+
+    def _signal_all(self, sig: int) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, sig)  # the rank's own session: also reaches its helper processes
+                except ProcessLookupError:
+                    pass
+
+    def _stop_all(self) -> None:
+        self._signal_all(signal.SIGTERM)
+        deadline = time.monotonic() + TERMINATE_GRACE_S
+        while time.monotonic() < deadline and any(p.poll() is None for p in self.procs):
+            time.sleep(0.05)
+        self._signal_all(signal.SIGKILL)
+        for proc in self.procs:
+            proc.wait()
+
+    def run(self) -> int:
+        """Run to completion; returns 0 when every rank succeeded, else the first failure's status (>= 1)."""
+        received: list[int] = []
+        previous = {}
+
+        def forward(signum: int, _frame: object) -> None:
+            if signum != signal.SIGUSR2:
+                received.append(signum)
+            self._signal_all(signum)
+
+        for sig in FORWARDED_SIGNALS:
+            previous[sig] = signal.signal(sig, forward)
+        try:
+            self._spawn()
+            failed: tuple[int, int] | None = None
+            while failed is None and not received:
+                codes = [p.poll() for p in self.procs]
+                bad = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
+                # A rank killed by a signal (OOM killer, segfault) is the cause; its peers then fail with
+                # "connection reset" errors, possibly before we look again.
+                failed = min(bad, key=lambda rc: (rc[1] > 0, rc[0])) if bad else None
+                if all(c == 0 for c in codes):
+                    break
+                time.sleep(0.05)
+            if failed is not None or received:
+                self._stop_all()
+            if self._stream_thread is not None:
+                self._stream_thread.join(timeout=10)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            if any(p.poll() is None for p in self.procs):
+                self._stop_all()
+
+        if received:
+            self.out.write(f"hpcmega run: stopped by {signal.Signals(received[0]).name}; all ranks ended\n")
+            return 128 + received[0]
+        if failed is not None:
+            rank, code = failed
+            self.out.write(f"hpcmega run: rank {rank} failed ({_describe(code)}); stopped the other ranks\n")
+            if rank != 0:
+                tail = _tail(self.log_path(rank))
+                if tail:
+                    self.out.write(f"--- last lines of {self.log_path(rank)} ---\n{tail}")
+            self.out.flush()
+            return code if code > 0 else 1
+        return 0
+
+
+def launch_local(cfg: Config, nproc: int, run_dir: Path, out: IO[str] | None = None) -> int:
+    """Write the resolved config into ``run_dir`` and run ``nproc`` local ranks on it."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg = dataclasses.replace(cfg, run_dir=str(run_dir.absolute()))
+    config_path = run_dir / "config.toml"
+    config_path.write_text(cfg.to_toml())
+    return LocalLauncher(config_path, run_dir, nproc, out).run()

@@ -1,0 +1,252 @@
+"""SLURM submission through submitit: executor parameters from the config, the exact sbatch script, waiting.
+
+One task per GPU (``--ntasks-per-node = gpus_per_node``) and no torchrun: every task runs
+``hpcmega.job.run_rank`` and reads its rank from SLURM's environment (hpcmega.distenv). ``srun`` runs with
+``--kill-on-bad-exit=1`` so one failed rank ends the step instead of leaving the others blocked in a collective.
+
+The sbatch script shown by ``--dry-run`` is rendered by submitit's own script builder from the same parameters
+the executor gets, so the preview is the script that would be queued (tests compare the two).
+"""
+from __future__ import annotations
+
+import pickle
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hpcmega.config import Config, ConfigError
+
+# sbatch options that hpcmega sets from its own flags; passing them through --sbatch would contradict the job's
+# shape (one task per GPU) or its logs, so they are refused with the flag to use instead.
+MANAGED_SBATCH = {
+    "nodes": "--nodes", "N": "--nodes",
+    "ntasks": "--nodes and --gpus-per-node", "n": "--nodes and --gpus-per-node",
+    "ntasks-per-node": "--gpus-per-node (one task per GPU)",
+    "gpus-per-node": "--gpus-per-node", "gpus": "--gpus-per-node", "G": "--gpus-per-node",
+    "gpus-per-task": "--gpus-per-node (one task per GPU)",
+    "time": "--time", "t": "--time",
+    "partition": "--partition", "p": "--partition",
+    "account": "--account", "A": "--account",
+    "qos": "--qos", "q": "--qos",
+    "constraint": "--constraint", "C": "--constraint",
+    "exclusive": "--exclusive",
+    "mem": "--mem",
+    "cpus-per-task": "--cpus-per-task", "c": "--cpus-per-task",
+    "job-name": "--job-name", "J": "--job-name",
+    "signal": "cluster.signal_grace_s",
+    "output": "the run folder (logs are written there)", "o": "the run folder (logs are written there)",
+    "error": "the run folder (logs are written there)", "e": "the run folder (logs are written there)",
+    "array": "one submission per run",
+    "open-mode": "nothing (logs are appended across requeues)",
+}
+
+# sacct states after which a job will not run again (a requeued job shows REQUEUED/PENDING instead).
+TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL",
+                   "DEADLINE", "PREEMPTED", "REVOKED", "SPECIAL_EXIT"}
+
+SETUP_LINES = [
+    # One thread per rank unless the site or the user says otherwise (ranks share the node's cores).
+    'export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"',
+]
+
+
+def parse_sbatch_extra(extra: list[str]) -> dict[str, Any]:
+    """``["--reservation=foo", "--requeue"]`` -> ``{"reservation": "foo", "requeue": True}``, refusing options
+    hpcmega manages itself (ConfigError naming the flag to use)."""
+    out: dict[str, Any] = {}
+    for arg in extra:
+        text = arg.strip()
+        if not text.startswith("--") or len(text) < 3:
+            raise ConfigError(f"--sbatch {arg!r}: write sbatch options in long form, e.g. --sbatch=--reservation=foo")
+        key, eq, value = text[2:].partition("=")
+        key = key.strip()
+        if key in MANAGED_SBATCH:
+            raise ConfigError(f"--sbatch {arg!r}: hpcmega sets --{key} itself; use {MANAGED_SBATCH[key]} instead")
+        out[key] = value if eq else True
+    return out
+
+
+def executor_parameters(cfg: Config) -> dict[str, Any]:
+    """Keyword arguments for ``submitit.SlurmExecutor.update_parameters`` (its native sbatch names)."""
+    from hpcmega.validate import parse_slurm_time
+
+    c = cfg.cluster
+    params: dict[str, Any] = {
+        "job_name": c.job_name,
+        "time": parse_slurm_time(c.time),
+        "nodes": c.nodes,
+        "ntasks_per_node": c.gpus_per_node,  # one task per GPU (with --cpu: per CPU rank)
+        "signal_delay_s": c.signal_grace_s,  # -> --signal=USR2@<grace>: time to save before the limit
+        "srun_args": ["--kill-on-bad-exit=1"],
+        "setup": list(SETUP_LINES),
+        "wckey": None,  # submitit would tag every job "submitit"; leave the site's default
+    }
+    if not c.cpu:
+        params["gpus_per_node"] = c.gpus_per_node
+    for key in ("partition", "account", "qos", "constraint", "mem"):
+        if getattr(c, key):
+            params[key] = getattr(c, key)
+    if c.cpus_per_task > 0:
+        params["cpus_per_task"] = c.cpus_per_task
+    if c.exclusive:
+        params["exclusive"] = True
+    extra = parse_sbatch_extra(c.sbatch_extra)
+    if extra:
+        params["additional_parameters"] = extra
+    return params
+
+
+def submission_folder(run_dir: str | Path) -> Path:
+    """A fresh folder per submission inside the run folder: SLURM job ids restart at 1 on a new cluster, and
+    submitit must never find another job's pickles or logs under the same id."""
+    stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    return Path(run_dir).absolute() / "slurm" / stamp
+
+
+def submitit_command(folder: Path, python: str | None = None) -> str:
+    """The command submitit's SlurmExecutor puts after ``srun`` (it unpickles and calls the submitted function)."""
+    return " ".join([python or shlex.quote(sys.executable), "-u -m submitit.core._submit", shlex.quote(str(folder))])
+
+
+def sbatch_script(cfg: Config, folder: Path) -> str:
+    """The sbatch script ``submit`` would queue, rendered by submitit's script builder. Writes nothing."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    folder = Path(folder).absolute()
+    return _make_sbatch_string(command=submitit_command(folder), folder=folder, **executor_parameters(cfg))
+
+
+class SubmitError(RuntimeError):
+    """sbatch refused the job (bad partition, account, ...): the message is SLURM's."""
+
+
+@dataclass(frozen=True)
+class SubmittedJob:
+    job_id: str
+    folder: Path  # submitit's folder: <jobid>_submission.sh, <jobid>_<task>_log.out/.err, result pickles
+
+    def log(self, task: int = 0, stream: str = "out") -> Path:
+        return self.folder / f"{self.job_id}_{task}_log.{stream}"
+
+    def result_pickle(self, task: int = 0) -> Path:
+        return self.folder / f"{self.job_id}_{task}_result.pkl"
+
+    def result(self, task: int = 0) -> tuple[str, Any] | None:
+        """submitit's ("success", value) or ("error", traceback) for one task, None if it wrote none."""
+        try:
+            with open(self.result_pickle(task), "rb") as f:
+                return pickle.load(f)
+        except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ImportError):
+            return None
+
+
+def submit(cfg: Config, run_dir: str | Path) -> SubmittedJob:
+    """Queue the job: every task calls ``hpcmega.job.run_rank(cfg_dict, run_dir)``. The config travels as a plain
+    dict (the resolved Config, which holds no secrets: API keys stay in the environment)."""
+    import submitit
+
+    from hpcmega.job import run_rank
+
+    run_dir = Path(run_dir).absolute()
+    folder = submission_folder(run_dir)
+    cfg_dict = cfg.to_dict()
+    cfg_dict["run_dir"] = str(run_dir)
+    try:
+        executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=cfg.cluster.max_requeues)
+    except RuntimeError as e:  # no srun on PATH
+        raise ConfigError(f"{e} -- run `hpcmega submit` on a SLURM login node, or `hpcmega run` locally") from None
+    executor.update_parameters(**executor_parameters(cfg))
+    try:
+        job = executor.submit(run_rank, cfg_dict, str(run_dir))
+    except (submitit.core.utils.FailedJobError, subprocess.CalledProcessError) as e:
+        message = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
+        _remove_empty_submission(folder, run_dir)
+        raise SubmitError(f"sbatch refused the job: {message}") from None
+    return SubmittedJob(str(job.job_id), folder)
+
+
+def _remove_empty_submission(folder: Path, run_dir: Path) -> None:
+    """After sbatch refused a job: drop the submission folder (only submitit's pickle and script are in it) and
+    the run folder's directories if that leaves them empty, so a refused submit leaves nothing behind."""
+    shutil.rmtree(folder, ignore_errors=True)
+    for path in (folder.parent, run_dir):
+        try:
+            path.rmdir()  # only if empty
+        except OSError:
+            break
+
+
+# -- job state ---------------------------------------------------------------------------------------------------
+def _run(cmd: list[str]) -> str:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return out.stdout if out.returncode == 0 else ""
+
+
+def job_state(job_id: str) -> str:
+    """The job's state: sacct's (accounting) for the allocation, else squeue's while it is queued or running.
+    'CANCELLED by 0' -> 'CANCELLED'; 'UNKNOWN' when neither knows it yet."""
+    lines = _run(["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "State"]).split()
+    state = lines[0] if lines else ""
+    if not state:
+        state = _run(["squeue", "-h", "-j", job_id, "-o", "%T"]).strip()
+    return state.split()[0].rstrip("+") if state else "UNKNOWN"
+
+
+def job_exit_code(job_id: str) -> str:
+    out = _run(["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "ExitCode"]).split()
+    return out[0] if out else ""
+
+
+def wait_for_job(job_id: str, poll_s: float = 2.0, on_change: Callable[[str], None] | None = None,
+                 on_poll: Callable[[], None] | None = None, unknown_grace_s: float = 120.0) -> str:
+    """Block until the job reaches a state it will not leave (a requeue is not the end); return that state.
+
+    Returns 'UNKNOWN' if neither sacct nor squeue has known the job for ``unknown_grace_s`` (a cluster without
+    accounting forgets finished jobs after MinJobAge); the caller then reads the tasks' result files.
+    """
+    last, unknown_since = None, None
+    while True:
+        state = job_state(job_id)
+        if state != last and on_change:
+            on_change(state)
+        last = state
+        if on_poll:
+            on_poll()
+        if state in TERMINAL_STATES and not _run(["squeue", "-h", "-j", job_id, "-o", "%T"]).strip():
+            return state
+        if state == "UNKNOWN":
+            unknown_since = unknown_since or time.monotonic()
+            if time.monotonic() - unknown_since > unknown_grace_s:
+                return state
+        else:
+            unknown_since = None
+        time.sleep(poll_s)
+
+
+class LogFollower:
+    """Prints the lines appended to a log file since the last call (``tail -f`` for --wait)."""
+
+    def __init__(self, path: Path, write: Callable[[str], None]) -> None:
+        self.path, self.write, self.offset = path, write, 0
+
+    def __call__(self) -> None:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                chunk = f.read()
+        except OSError:
+            return
+        end = chunk.rfind(b"\n") + 1  # whole lines only; a partial last line waits for the next call
+        if end:
+            self.write(chunk[:end].decode(errors="replace"))
+            self.offset += end

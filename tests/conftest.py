@@ -1,0 +1,84 @@
+"""Shared test fixtures: the local SLURM dev cluster and a way to run the real `hpcmega` command line.
+
+Fixtures for other areas (S3 server, W&B, ...) live in their own files; this one stays about the cluster and
+generic helpers.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+START_CLUSTER = REPO / "slurm" / "start-cluster.sh"
+
+# Every rank process of every test: one thread (other suites run at the same time on a 2-core machine).
+CLI_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def hpcmega_exe() -> str:
+    """The `hpcmega` console script of the interpreter running the tests (the venv's)."""
+    exe = Path(sys.executable).parent / "hpcmega"
+    found = str(exe) if exe.exists() else shutil.which("hpcmega")
+    assert found, "the hpcmega console script is not installed; run `pip install -e .`"
+    return found
+
+
+def run_cli(args: list[str], cwd: str | Path | None = None, timeout: float = 300,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run `hpcmega ARGS` as a user would (a real process); returns the CompletedProcess with text output."""
+    return subprocess.run([hpcmega_exe(), *map(str, args)], cwd=cwd, env={**CLI_ENV, **(env or {})},
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def popen_cli(args: list[str], output: Path, cwd: str | Path | None = None) -> subprocess.Popen:
+    """Start `hpcmega ARGS` in the background, stdout and stderr into the file ``output`` (a pipe nobody reads
+    would fill up and block a long run)."""
+    with open(output, "w") as out:
+        return subprocess.Popen([hpcmega_exe(), *map(str, args)], cwd=cwd, env=CLI_ENV, stdout=out,
+                                stderr=subprocess.STDOUT)
+
+
+def process_env(pid: int) -> dict[str, str]:
+    """Another process's environment (Linux /proc); empty if it is gone or unreadable."""
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return {}
+    return dict(item.split("=", 1) for item in raw.decode(errors="replace").split("\0") if "=" in item)
+
+
+def all_pids() -> list[int]:
+    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
+
+
+def _sinfo_answers() -> bool:
+    if not shutil.which("sinfo"):
+        return False
+    try:
+        out = subprocess.run(["sinfo", "-h", "-N", "-t", "idle,alloc,mix", "-o", "%N"], capture_output=True,
+                             text=True, timeout=15)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return out.returncode == 0 and len(set(out.stdout.split())) >= 2
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> dict[str, str]:
+    """A live SLURM cluster with at least 2 responding nodes; starts slurm/start-cluster.sh if needed.
+
+    Never skips: a test that needs SLURM fails loudly when the cluster cannot be started.
+    """
+    if not _sinfo_answers():
+        result = subprocess.run(["bash", str(START_CLUSTER)], capture_output=True, text=True, timeout=600)
+        if result.returncode != 0 or not _sinfo_answers():
+            pytest.fail(
+                f"could not start the SLURM dev cluster (bash {START_CLUSTER}, needs root):\n"
+                f"{result.stdout}\n{result.stderr}",
+                pytrace=False,
+            )
+    return {"partition": "debug"}
