@@ -146,6 +146,25 @@ def collectives_self_test(mesh, layout, rank: int, device) -> dict[str, Any]:
     return report
 
 
+def _stop_for_requeue(cfg: Config, env: DistEnv) -> None:
+    """After the agreed save: rank 0 requeues the job (within cluster.max_requeues); every rank then waits for
+    SLURM to end this attempt, so no attempt is reported as finished while its requeue is under way."""
+    import torch.distributed as dist
+
+    from hpcmega.preemption import decide_requeue, requeue, slurm_job_id
+
+    job_id = slurm_job_id() if env.job_id else None
+    decision = decide_requeue(job_id, env.restart_count, cfg.cluster.max_requeues)
+    _say(env, f"stop signal: checkpoint saved; {decision.reason}")
+    if not decision.requeue:
+        return
+    if env.rank == 0:
+        requeue(job_id)
+    dist.barrier()
+    time.sleep(600)  # SLURM stops the tasks of a requeued job; waking up here means it did not
+    raise RuntimeError(f"job {job_id} was requeued but this attempt was not stopped within 600 s")
+
+
 def run_rank(cfg: Config | dict[str, Any], run_dir: str) -> dict[str, Any]:
     """Run this rank's part of the job; returns a summary (and the training result when training ran)."""
     cfg = _as_config(cfg)
@@ -196,6 +215,9 @@ def run_rank(cfg: Config | dict[str, Any], run_dir: str) -> dict[str, Any]:
             run_path.mkdir(parents=True, exist_ok=True)
             _write_atomic(run_path / "config.toml", cfg.to_toml())
             _write_atomic(run_path / "layout.json", json.dumps(layout.to_json(), indent=2) + "\n")
+            with open(run_path / "attempts.jsonl", "a") as f:  # one line per start: requeues are visible
+                f.write(json.dumps({"job_id": env.job_id, "restart_count": env.restart_count,
+                                    "world_size": env.world_size, "nodes": nodes, "time": time.time()}) + "\n")
             _say(env, f"wrote {run_path / 'config.toml'} and {run_path / 'layout.json'} "
                       f"({len(nodes)} node(s): {', '.join(nodes)})")
         selftest = collectives_self_test(mesh, layout, env.rank, device)
@@ -213,7 +235,12 @@ def run_rank(cfg: Config | dict[str, Any], run_dir: str) -> dict[str, Any]:
         if cfg.train.steps > 0 and importlib.util.find_spec("hpcmega.train") is not None:
             from hpcmega.train import train  # an ImportError inside train.py is a real error, not "no training"
 
-            result["train"] = train(cfg, mesh, str(run_path))
+            from hpcmega.preemption import StopFlag
+
+            stop_flag = StopFlag().install()  # replaces submitit's USR2 handler: see hpcmega.preemption
+            result["train"] = train(cfg, mesh, str(run_path), stop_flag=stop_flag)
+            if result["train"].get("preempted"):
+                _stop_for_requeue(cfg, env)
         elif cfg.train.steps > 0:
             _say(env, "notice: this build has no hpcmega.train; ran the self-test only")
         dist.barrier()

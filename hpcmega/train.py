@@ -204,6 +204,59 @@ class Trainer:
         return {**history, "final_step": self.step, "stopped_early": self.step < cfg.train.steps}
 
 
-def train(cfg: Config, mesh: DeviceMesh, run_dir: str) -> dict[str, Any]:
-    """Run the configured training on this rank; returns per-step history (``losses``, ``grad_norms``, ...)."""
-    return Trainer(cfg, mesh, run_dir).fit()
+def checkpoint_url(cfg: Config, run_dir: str) -> str:
+    return cfg.checkpoint.url or os.path.join(run_dir, "checkpoints")
+
+
+def train(cfg: Config, mesh: DeviceMesh, run_dir: str, stop_flag=None) -> dict[str, Any]:
+    """Run the configured training on this rank; returns per-step history (``losses``, ``grad_norms``, ...).
+
+    Resumes from the newest complete checkpoint (``checkpoint.resume=auto``) or a given one (a URL, possibly
+    written with another layout), saves every ``save_every`` steps and at the end, and -- when ``stop_flag``
+    (hpcmega.preemption.StopFlag) fires on any rank -- saves at the next step boundary on all ranks and stops.
+    """
+    from hpcmega.checkpoint import CheckpointManager, ModelOptimizerState, TrainState
+
+    trainer = Trainer(cfg, mesh, run_dir)
+    ckpt = CheckpointManager(checkpoint_url(cfg, run_dir), keep=cfg.checkpoint.keep)
+    app_state = {"model": ModelOptimizerState(trainer.model_parts, trainer.optimizers), "train": TrainState(trainer)}
+    layout_meta = {"pp": trainer.pp, "dp": trainer.dp, "tp": trainer.tp, "world_size": mesh.size()}
+    resume = cfg.checkpoint.resume
+    source = None
+    if resume == "auto":
+        latest = ckpt.latest()
+        source = latest.url if latest else None
+    elif resume != "none":
+        source = resume
+    if source:
+        meta = ckpt.load(source, app_state)
+        if trainer.console:
+            trainer.console.info(f"resumed from {source} at step {trainer.step} (written with {meta.get('layout')})")
+    last_saved = trainer.step if source else -1
+
+    def save(t: Trainer) -> None:
+        nonlocal last_saved
+        if last_saved != t.step:
+            info = ckpt.save(t.step, app_state, {"layout": layout_meta, "config": cfg.to_dict()})
+            last_saved = t.step
+            if t.console:
+                t.console.info(f"checkpoint step {t.step} -> {info.url}")
+
+    state = {"preempted": False}
+
+    def at_step_end(t: Trainer, _record: dict[str, Any]) -> None:
+        every = cfg.checkpoint.save_every
+        if every and t.step % every == 0:
+            save(t)
+        if stop_flag is not None and stop_flag.agreed():
+            save(t)
+            state["preempted"] = True
+            t.request_stop()
+
+    trainer.step_end_hooks.append(at_step_end)
+    if stop_flag is not None and trainer.step < cfg.train.steps and stop_flag.agreed():
+        state["preempted"] = True  # signalled while loading: stop before doing anything
+        return {"final_step": trainer.step, "stopped_early": True, "preempted": True, "losses": []}
+    result = trainer.fit()
+    save(trainer)  # a finished (or stopped) run always leaves a resumable checkpoint
+    return {**result, "preempted": state["preempted"], "checkpoint": ckpt.url}

@@ -1,0 +1,73 @@
+"""Preemption on the real dev SLURM cluster: USR2 mid-run -> all ranks save at the same step -> the job requeues
+itself -> the new attempt resumes from that checkpoint and finishes with the losses of an uninterrupted run."""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import popen_cli, run_cli
+
+from hpcmega.preemption import decide_requeue
+
+MODEL = ["--tp", "2", "--pp", "2", "--global-batch", "4", "--seq-len", "32", "--wandb", "disabled", "--steps", "80"]
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    """Per-step losses; a step logged twice (after a crash) keeps its last value, as a resumed run overwrites."""
+    out: dict[int, float] = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        out[rec["step"]] = rec["loss"]
+    return out
+
+
+def test_requeue_policy():
+    assert not decide_requeue(None, 0, 3).requeue  # local run: save and stop
+    assert decide_requeue("12", 0, 3).requeue
+    assert decide_requeue("12", 2, 3).requeue
+    assert not decide_requeue("12", 3, 3).requeue  # budget spent
+
+
+@pytest.mark.slurm
+def test_usr2_saves_requeues_and_resumes_with_identical_losses(slurm_cluster, tmp_path):
+    run_dir, log = tmp_path / "run", tmp_path / "submit.out"
+    proc = popen_cli(["submit", "--nodes", "2", "--gpus-per-node", "2", "--cpu", "--time", "00:10:00", *MODEL,
+                      "--wait", "--run-dir", run_dir], log, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 180
+        job_id = None
+        while time.monotonic() < deadline:
+            m = re.search(r"submitted job (\d+)", log.read_text())
+            job_id = m.group(1) if m else None
+            metrics = run_dir / "metrics.jsonl"
+            if job_id and metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+                break
+            assert proc.poll() is None, log.read_text()
+            time.sleep(0.1)
+        assert job_id, log.read_text()
+        subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+        signalled_at = len((run_dir / "metrics.jsonl").read_text().splitlines())
+        assert proc.wait(timeout=400) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = log.read_text()
+    assert f"job {job_id} finished: COMPLETED" in out, out
+
+    attempts = [json.loads(x) for x in (run_dir / "attempts.jsonl").read_text().splitlines()]
+    assert [a["restart_count"] for a in attempts] == [0, 1], attempts  # SLURM_RESTART_COUNT=1 on the second
+    ckpts = run_dir / "checkpoints"
+    stop_steps = sorted(int(p.name.split("-")[1]) for p in ckpts.iterdir() if (p / "meta.json").exists())
+    assert stop_steps[-1] == 80 and signalled_at <= stop_steps[0] < 80, (stop_steps, signalled_at)
+
+    ref_dir = tmp_path / "reference"
+    ref = run_cli(["run", "--nproc", "4", *MODEL, "--run-dir", ref_dir], cwd=tmp_path, timeout=600)
+    assert ref.returncode == 0, ref.stdout + ref.stderr
+    got, want = _losses(run_dir), _losses(ref_dir)
+    assert sorted(got) == list(range(1, 81))
+    for step in range(1, 81):
+        assert abs(got[step] - want[step]) <= 1e-5 * abs(want[step]), (step, got[step], want[step])
