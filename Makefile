@@ -11,6 +11,7 @@ TORCH       := 2.13.0
 PIP_TORCH_ARGS ?=
 STAMP       := $(VENV)/.hpcmega-installed
 PYTEST_ARGS ?=
+DEMO_ARGS   ?=
 SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo -n)
 
 .PHONY: install demo test cluster-start cluster-stop clean
@@ -27,7 +28,9 @@ $(STAMP): pyproject.toml
 	touch $@
 
 demo: $(STAMP)
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(VENV)/bin/hpcmega run --nproc 2 --tp 2 --steps 5
+	test -f data/shakespeare/index.json || $(VENV)/bin/hpcmega data prepare --source shakespeare --out data/shakespeare
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(VENV)/bin/hpcmega run --nproc 2 --config launch/shakespeare-tiny.toml \
+	  --run-dir runs/shakespeare-tiny $(DEMO_ARGS)
 
 # The cluster is stopped whatever happens to pytest (the trap); the exit status is pytest's.
 test: $(STAMP)

@@ -238,7 +238,21 @@ def run_rank(cfg: Config | dict[str, Any], run_dir: str) -> dict[str, Any]:
             from hpcmega.preemption import StopFlag
 
             stop_flag = StopFlag().install()  # replaces submitit's USR2 handler: see hpcmega.preemption
-            result["train"] = train(cfg, mesh, str(run_path), stop_flag=stop_flag)
+            logger = None
+            if env.rank == 0:
+                from hpcmega.wandb_logger import WandbLogger
+
+                logger = WandbLogger(cfg, str(run_path), {"world_size": env.world_size, "layout": layout.to_json()})
+                if logger.url:
+                    _say(env, f"W&B run: {logger.url}")
+                elif logger.run is not None:
+                    _say(env, f"W&B {logger.mode} run {logger.run_id}: `hpcmega sync {run_path}` uploads it")
+            try:
+                result["train"] = train(cfg, mesh, str(run_path), stop_flag=stop_flag,
+                                        on_step=logger.log if logger else None)
+            finally:
+                if logger is not None:
+                    logger.finish()
             if result["train"].get("preempted"):
                 _stop_for_requeue(cfg, env)
         elif cfg.train.steps > 0:

@@ -208,12 +208,13 @@ def checkpoint_url(cfg: Config, run_dir: str) -> str:
     return cfg.checkpoint.url or os.path.join(run_dir, "checkpoints")
 
 
-def train(cfg: Config, mesh: DeviceMesh, run_dir: str, stop_flag=None) -> dict[str, Any]:
+def train(cfg: Config, mesh: DeviceMesh, run_dir: str, stop_flag=None, on_step=None) -> dict[str, Any]:
     """Run the configured training on this rank; returns per-step history (``losses``, ``grad_norms``, ...).
 
     Resumes from the newest complete checkpoint (``checkpoint.resume=auto``) or a given one (a URL, possibly
     written with another layout), saves every ``save_every`` steps and at the end, and -- when ``stop_flag``
     (hpcmega.preemption.StopFlag) fires on any rank -- saves at the next step boundary on all ranks and stops.
+    ``on_step(record)`` is called after every step on this rank (the job passes rank 0's W&B logger).
     """
     from hpcmega.checkpoint import CheckpointManager, ModelOptimizerState, TrainState
 
@@ -237,14 +238,19 @@ def train(cfg: Config, mesh: DeviceMesh, run_dir: str, stop_flag=None) -> dict[s
     def save(t: Trainer) -> None:
         nonlocal last_saved
         if last_saved != t.step:
-            info = ckpt.save(t.step, app_state, {"layout": layout_meta, "config": cfg.to_dict()})
+            run_id_file = os.path.join(run_dir, "wandb_run_id")
+            wandb_id = open(run_id_file).read().strip() if os.path.exists(run_id_file) else None
+            meta = {"layout": layout_meta, "wandb_run_id": wandb_id, "config": cfg.to_dict()}
+            info = ckpt.save(t.step, app_state, meta)
             last_saved = t.step
             if t.console:
                 t.console.info(f"checkpoint step {t.step} -> {info.url}")
 
     state = {"preempted": False}
 
-    def at_step_end(t: Trainer, _record: dict[str, Any]) -> None:
+    def at_step_end(t: Trainer, record: dict[str, Any]) -> None:
+        if on_step is not None:
+            on_step(record)
         every = cfg.checkpoint.save_every
         if every and t.step % every == 0:
             save(t)

@@ -1,0 +1,31 @@
+"""`hpcmega data prepare`: tokenize text into shards the training loader reads (see hpcmega.data.prepare)."""
+from __future__ import annotations
+
+import click
+
+
+@click.group("data")
+def data_group() -> None:
+    """Prepare training data."""
+
+
+@data_group.command("prepare")
+@click.option("--source", required=True, help="'shakespeare' (bundled corpus), a .txt file, a folder or a glob.")
+@click.option("--out", required=True, help="Output fsspec URL (path, file://, memory://, s3://).")
+@click.option("--shard-tokens", type=click.IntRange(min=1024), default=10_000_000, show_default=True)
+@click.option("--force", is_flag=True, help="Overwrite a prepared dataset at --out.")
+def prepare_cmd(source: str, out: str, shard_tokens: int, force: bool) -> None:
+    """Tokenize SOURCE with GPT-2's BPE (offline) into uint16 shards + index.json at OUT."""
+    from hpcmega.config import ConfigError
+    from hpcmega.data.prepare import prepare
+
+    try:
+        info = prepare(source, out, shard_tokens=shard_tokens, force=force)
+    except ConfigError as e:
+        raise click.UsageError(str(e)) from None
+    click.echo(f"prepared {len(info['documents'])} documents, {info['tokens']:,} tokens in "
+               f"{len(info['shards'])} shard(s) at {out} ({info['seconds']:.1f}s)")
+
+
+def register(main: click.Group) -> None:
+    main.add_command(data_group)

