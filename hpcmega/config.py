@@ -120,7 +120,6 @@ class CheckpointConfig:
     url: str = ""  # fsspec URL; empty = <run_dir>/checkpoints
     save_every: int = 0  # 0 = only at the end and on preemption
     keep: int = 3
-    async_save: bool = False
     resume: str = "auto"  # auto | none | <checkpoint URL>
 
 

@@ -35,11 +35,12 @@ def run_cli(args: list[str], cwd: str | Path | None = None, timeout: float = 300
                           capture_output=True, text=True, timeout=timeout)
 
 
-def popen_cli(args: list[str], output: Path, cwd: str | Path | None = None) -> subprocess.Popen:
+def popen_cli(args: list[str], output: Path, cwd: str | Path | None = None,
+              env: dict[str, str] | None = None) -> subprocess.Popen:
     """Start `hpcmega ARGS` in the background, stdout and stderr into the file ``output`` (a pipe nobody reads
     would fill up and block a long run)."""
     with open(output, "w") as out:
-        return subprocess.Popen([hpcmega_exe(), *map(str, args)], cwd=cwd, env=CLI_ENV, stdout=out,
+        return subprocess.Popen([hpcmega_exe(), *map(str, args)], cwd=cwd, env={**CLI_ENV, **(env or {})}, stdout=out,
                                 stderr=subprocess.STDOUT)
 
 

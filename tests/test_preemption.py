@@ -8,12 +8,15 @@ import subprocess
 import time
 from pathlib import Path
 
+import secrets
+
 import pytest
 from conftest import popen_cli, run_cli
+from wandb_reader import read_history
 
 from hpcmega.preemption import decide_requeue
 
-MODEL = ["--tp", "2", "--pp", "2", "--global-batch", "4", "--seq-len", "32", "--wandb", "disabled", "--steps", "80"]
+MODEL = ["--tp", "2", "--pp", "2", "--global-batch", "4", "--seq-len", "32", "--steps", "80"]
 
 
 def _losses(run_dir: Path) -> dict[int, float]:
@@ -35,8 +38,10 @@ def test_requeue_policy():
 @pytest.mark.slurm
 def test_usr2_saves_requeues_and_resumes_with_identical_losses(slurm_cluster, tmp_path):
     run_dir, log = tmp_path / "run", tmp_path / "submit.out"
+    api_key = "sk-" + secrets.token_hex(20)  # must never reach the run folder, sbatch script or pickled job
     proc = popen_cli(["submit", "--nodes", "2", "--gpus-per-node", "2", "--cpu", "--time", "00:10:00", *MODEL,
-                      "--wait", "--run-dir", run_dir], log, cwd=tmp_path)
+                      "--wandb", "offline", "--wait", "--run-dir", run_dir], log, cwd=tmp_path,
+                     env={"WANDB_API_KEY": api_key, "WANDB_SILENT": "true"})
     try:
         deadline = time.monotonic() + 180
         job_id = None
@@ -65,9 +70,28 @@ def test_usr2_saves_requeues_and_resumes_with_identical_losses(slurm_cluster, tm
     assert stop_steps[-1] == 80 and signalled_at <= stop_steps[0] < 80, (stop_steps, signalled_at)
 
     ref_dir = tmp_path / "reference"
-    ref = run_cli(["run", "--nproc", "4", *MODEL, "--run-dir", ref_dir], cwd=tmp_path, timeout=600)
+    ref = run_cli(["run", "--nproc", "4", *MODEL, "--wandb", "disabled", "--run-dir", ref_dir], cwd=tmp_path,
+                  timeout=600)
     assert ref.returncode == 0, ref.stdout + ref.stderr
     got, want = _losses(run_dir), _losses(ref_dir)
     assert sorted(got) == list(range(1, 81))
     for step in range(1, 81):
         assert abs(got[step] - want[step]) <= 1e-5 * abs(want[step]), (step, got[step], want[step])
+
+    # Both attempts logged to the same W&B run, and what they logged is metrics.jsonl.
+    run_id = (run_dir / "wandb_run_id").read_text().strip()
+    attempts_wandb = sorted(run_dir.glob("wandb/offline-run-*"))
+    assert len(attempts_wandb) == 2, attempts_wandb
+    logged: dict[int, float] = {}
+    for folder in attempts_wandb:
+        (wandb_file,) = folder.glob("run-*.wandb")
+        file_id, rows = read_history(wandb_file)
+        assert file_id == run_id
+        logged.update({row["_step"]: row["loss"] for row in rows})
+    assert logged == got
+
+    scripts = list(run_dir.glob("slurm/*/*_submission.sh")) + list(run_dir.glob("slurm/*/*.pkl"))
+    assert scripts, "the sbatch script and pickled job are inside the run folder"
+    for path in run_dir.rglob("*"):
+        if path.is_file():
+            assert api_key.encode() not in path.read_bytes(), f"{path} contains WANDB_API_KEY"

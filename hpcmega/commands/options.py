@@ -54,7 +54,6 @@ _FLAGS: list[tuple[tuple[str, ...], str, dict[str, Any]]] = [
     (("--save-every",), "checkpoint.save_every", dict(type=int)),
     (("--keep",), "checkpoint.keep", dict(type=int, help="Checkpoints to keep.")),
     (("--ckpt-url",), "checkpoint.url", dict(help="fsspec URL for checkpoints (default: RUN_DIR/checkpoints).")),
-    (("--async-save/--no-async-save",), "checkpoint.async_save", dict(default=None)),
     (("--resume",), "checkpoint.resume", dict(help="auto | none | a checkpoint URL.")),
 ]
 
