@@ -135,3 +135,65 @@ def test_reshard_resume_and_incomplete_checkpoint(tmp_path):
 def test_ckpt_ls_on_an_empty_url_names_the_problem(tmp_path):
     r = run_cli(["ckpt", "ls", tmp_path / "none"])
     assert r.returncode == 2 and "no checkpoints" in r.stderr
+
+
+def _kill_ranks_of(run_dir) -> None:
+    import os
+    import signal
+    from pathlib import Path
+
+    from conftest import all_pids
+
+    for pid in all_pids():
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if "hpcmega.job" in cmdline and str(run_dir) in cmdline:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def test_sigkill_during_a_save_leaves_the_previous_checkpoint_to_resume(tmp_path):
+    """Kill the whole local job (SIGKILL, no chance to clean up) while checkpoint 4 is being written: checkpoint 2
+    stays the newest complete one, `--resume auto` continues from it, and the steps it re-runs reproduce the
+    losses the killed attempt had logged -- nothing before checkpoint 2 is lost."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from conftest import CLI_ENV, hpcmega_exe
+
+    run_dir = tmp_path / "run"
+    # A 50k vocabulary makes each checkpoint ~80 MB, so its write takes long enough to be caught half-way.
+    args = ["run", "--nproc", "1", "--vocab-size", "50304", "--steps", "6", "--save-every", "2", *SMALL,
+            "--run-dir", str(run_dir)]
+    proc = subprocess.Popen([hpcmega_exe(), *args], env=CLI_ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    target = run_dir / "checkpoints" / "step-00000004"
+    deadline = time.monotonic() + 300
+    try:
+        while not (target.exists() and any(target.iterdir()) and not (target / "meta.json").exists()):
+            assert proc.poll() is None and time.monotonic() < deadline, "the save of step 4 was never caught"
+            time.sleep(0.002)
+        _kill_ranks_of(run_dir)  # the writers first; they run in sessions of their own, as on separate nodes
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    killed = _losses(run_dir)
+    assert [(c.step, c.complete) for c in list_checkpoints(str(run_dir / "checkpoints"))] == [(2, True), (4, False)]
+
+    r = run_cli(args[:-2] + ["--run-dir", run_dir], timeout=600)
+    assert r.returncode == 0 and "step-00000002" in r.stdout, r.stdout + r.stderr
+    resumed = {}
+    for rec in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()[len(killed):]):
+        resumed[rec["step"]] = rec["loss"]
+    assert sorted(resumed) == [3, 4, 5, 6]
+    for s in (3, 4):  # logged by the killed attempt before it died in the save of step 4
+        assert resumed[s] == killed[s], (s, resumed[s], killed[s])
+    assert [c.step for c in list_checkpoints(str(run_dir / "checkpoints")) if c.complete][-1] == 6
