@@ -29,17 +29,9 @@ from hpcmega.optim import CosineWithWarmup, build_optimizer, clip_grad_norm_, ma
 
 
 def build_data_loader(cfg: Config):
-    """The data package's dispatcher when it exists (synthetic or prepared shards), else the synthetic stream."""
-    try:
-        from hpcmega.data import build_loader
-    except ImportError:
-        if cfg.train.data != "synthetic":
-            raise ConfigError(
-                f"train.data={cfg.train.data!r}: this build has only the synthetic loader; use --data synthetic"
-            ) from None
-        from hpcmega.data.synthetic import SyntheticLoader
+    """Synthetic stream or prepared shards, by ``train.data`` (see hpcmega.data)."""
+    from hpcmega.data import build_loader
 
-        return SyntheticLoader(cfg)
     return build_loader(cfg)
 
 
