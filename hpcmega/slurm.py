@@ -22,30 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from hpcmega.config import Config, ConfigError
-
-# sbatch options that hpcmega sets from its own flags; passing them through --sbatch would contradict the job's
-# shape (one task per GPU) or its logs, so they are refused with the flag to use instead.
-MANAGED_SBATCH = {
-    "nodes": "--nodes", "N": "--nodes",
-    "ntasks": "--nodes and --gpus-per-node", "n": "--nodes and --gpus-per-node",
-    "ntasks-per-node": "--gpus-per-node (one task per GPU)",
-    "gpus-per-node": "--gpus-per-node", "gpus": "--gpus-per-node", "G": "--gpus-per-node",
-    "gpus-per-task": "--gpus-per-node (one task per GPU)",
-    "time": "--time", "t": "--time",
-    "partition": "--partition", "p": "--partition",
-    "account": "--account", "A": "--account",
-    "qos": "--qos", "q": "--qos",
-    "constraint": "--constraint", "C": "--constraint",
-    "exclusive": "--exclusive",
-    "mem": "--mem",
-    "cpus-per-task": "--cpus-per-task", "c": "--cpus-per-task",
-    "job-name": "--job-name", "J": "--job-name",
-    "signal": "cluster.signal_grace_s",
-    "output": "the run folder (logs are written there)", "o": "the run folder (logs are written there)",
-    "error": "the run folder (logs are written there)", "e": "the run folder (logs are written there)",
-    "array": "one submission per run",
-    "open-mode": "nothing (logs are appended across requeues)",
-}
+from hpcmega.reliability.sbatch_options import check_cluster_values, check_run_folder, parse_sbatch_extra
 
 # sacct states after which a job will not run again (a requeued job shows REQUEUED/PENDING instead).
 TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL",
@@ -57,27 +34,12 @@ SETUP_LINES = [
 ]
 
 
-def parse_sbatch_extra(extra: list[str]) -> dict[str, Any]:
-    """``["--reservation=foo", "--requeue"]`` -> ``{"reservation": "foo", "requeue": True}``, refusing options
-    hpcmega manages itself (ConfigError naming the flag to use)."""
-    out: dict[str, Any] = {}
-    for arg in extra:
-        text = arg.strip()
-        if not text.startswith("--") or len(text) < 3:
-            raise ConfigError(f"--sbatch {arg!r}: write sbatch options in long form, e.g. --sbatch=--reservation=foo")
-        key, eq, value = text[2:].partition("=")
-        key = key.strip()
-        if key in MANAGED_SBATCH:
-            raise ConfigError(f"--sbatch {arg!r}: hpcmega sets --{key} itself; use {MANAGED_SBATCH[key]} instead")
-        out[key] = value if eq else True
-    return out
-
-
 def executor_parameters(cfg: Config) -> dict[str, Any]:
     """Keyword arguments for ``submitit.SlurmExecutor.update_parameters`` (its native sbatch names)."""
     from hpcmega.validate import parse_slurm_time
 
     c = cfg.cluster
+    check_cluster_values(c)  # validate() already refused these; a script is never rendered from unchecked values
     params: dict[str, Any] = {
         "job_name": c.job_name,
         "time": parse_slurm_time(c.time),
@@ -120,6 +82,7 @@ def sbatch_script(cfg: Config, folder: Path) -> str:
     from submitit.slurm.slurm import _make_sbatch_string
 
     folder = Path(folder).absolute()
+    check_run_folder(str(folder))
     return _make_sbatch_string(command=submitit_command(folder), folder=folder, **executor_parameters(cfg))
 
 
@@ -156,6 +119,7 @@ def submit(cfg: Config, run_dir: str | Path) -> SubmittedJob:
 
     run_dir = Path(run_dir).absolute()
     folder = submission_folder(run_dir)
+    check_run_folder(str(folder))
     cfg_dict = cfg.to_dict()
     cfg_dict["run_dir"] = str(run_dir)
     try:

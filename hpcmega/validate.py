@@ -21,6 +21,7 @@ from hpcmega.config import (
     Config,
     ConfigError,
 )
+from hpcmega.reliability.sbatch_options import check_cluster_values, check_text
 
 # The CLI flag of a config key, so messages can say what to type.
 _FLAG = {
@@ -178,11 +179,10 @@ def _check_values(cfg: Config) -> None:
         if value not in choices:
             raise ConfigError(f"unknown {_named(key)} {value!r}; choose one of: {', '.join(choices)}")
     c = cfg.cluster
-    if c.mem and not re.fullmatch(r"\d+[KMGT]?", c.mem.strip(), re.IGNORECASE):
+    check_cluster_values(c)  # nothing that could break out of an #SBATCH line, no managed option
+    check_text("logging.run_name", cfg.logging.run_name, extra_forbidden="/%")  # names the default run folder
+    if c.mem and not re.fullmatch(r"\d+[KMGT]?", c.mem, re.IGNORECASE):
         raise ConfigError(f"cluster.mem={c.mem!r} is not a SLURM memory size; write e.g. 64G, 64000M or 0 (all)")
-    for arg in c.sbatch_extra:
-        if not arg.startswith("-"):
-            raise ConfigError(f"cluster.sbatch_extra entry {arg!r} is not an sbatch option; write it as --{arg}")
     if not c.job_name.strip() or any(ch.isspace() for ch in c.job_name):
         raise ConfigError(f"cluster.job_name={c.job_name!r} must be a non-empty word without spaces")
     minutes = parse_slurm_time(c.time)

@@ -64,16 +64,17 @@ def submit(config_path: str | None, sbatch_args: tuple[str, ...], run_dir: str |
     from hpcmega.commands.plan import _print_table, build_plan, config_summary
     from hpcmega.config import ConfigError
     from hpcmega.launcher import default_run_dir
+    from hpcmega.reliability.sbatch_options import check_run_folder
 
     overrides = {**collect_overrides(kwargs), **_scheduler_overrides(kwargs)}
     cfg = resolve(config_path, overrides)
     cfg.cluster.sbatch_extra = list(cfg.cluster.sbatch_extra) + list(sbatch_args)
-    layout, warnings = build_plan(cfg)  # validation + layout: exit 2 before anything is written
+    layout, warnings = build_plan(cfg)  # validation (incl. every sbatch value) + layout: exit 2 before writing
+    path = Path(run_dir).absolute() if run_dir else default_run_dir(cfg).absolute()
     try:
-        slurm.executor_parameters(cfg)  # --sbatch options hpcmega manages itself are refused here
+        check_run_folder(str(path))
     except ConfigError as e:
         raise click.UsageError(str(e)) from None
-    path = Path(run_dir).absolute() if run_dir else default_run_dir(cfg).absolute()
 
     if dry_run:
         _print_table(layout, config_summary(cfg, "block"), warnings)

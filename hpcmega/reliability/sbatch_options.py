@@ -1,0 +1,91 @@
+"""What may reach the sbatch script, checked before anything is rendered, written or queued (pure Python).
+
+``#SBATCH`` lines are bash comments: a value that contains a newline ends the comment and its next line runs as a
+command inside the job, whatever quoting the value gets. So every user value that reaches the script (scheduler
+flags, ``--sbatch`` pass-through options, the run folder, names from a shared TOML profile) must be free of
+control characters, pass-through option names must come from a known set (they are written unquoted), and the
+options hpcmega sets itself are refused in every spelling sbatch accepts (``--ntasks=4``, ``--ntasks 4``,
+``--ntasks-per-gpu``, ``--gres``), because sbatch would let a later line override the job's shape. One-letter
+spellings (``-N 2``) and abbreviations (``--ntasks-per-n``) are refused: only full names are checked.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from hpcmega.config import ConfigError
+
+_LOGS = "the run folder (logs are written there)"
+# sbatch options hpcmega sets from its own flags -> the flag to use instead.
+MANAGED: dict[str, str] = {
+    "nodes": "--nodes",
+    "ntasks": "--nodes and --gpus-per-node", "ntasks-per-node": "--gpus-per-node (one task per GPU)",
+    "ntasks-per-gpu": "--gpus-per-node (one task per GPU)", "ntasks-per-socket": "--gpus-per-node (one task per GPU)",
+    "ntasks-per-core": "--gpus-per-node (one task per GPU)",
+    "gpus": "--gpus-per-node", "gpus-per-node": "--gpus-per-node", "gpus-per-task": "--gpus-per-node",
+    "gpus-per-socket": "--gpus-per-node", "gres": "--gpus-per-node",
+    "time": "--time", "partition": "--partition", "account": "--account", "qos": "--qos",
+    "constraint": "--constraint", "exclusive": "--exclusive", "mem": "--mem", "cpus-per-task": "--cpus-per-task",
+    "job-name": "--job-name", "signal": "cluster.signal_grace_s",
+    "output": _LOGS, "error": _LOGS, "input": _LOGS, "open-mode": "nothing (logs are appended across requeues)",
+    "array": "one submission per run", "wrap": "nothing (hpcmega writes the script)",
+    "no-requeue": "nothing (preempted jobs must requeue to resume)",
+}
+
+# sbatch 22.05+ options that may be passed through unchanged.
+PASS_THROUGH = frozenset("""
+    batch bb bbf begin chdir cluster-constraint clusters comment container contiguous core-spec cores-per-socket
+    cpu-freq cpus-per-gpu deadline delay-boot dependency distribution exclude export export-file get-user-env
+    gpu-bind gpu-freq gres-flags hint hold ignore-pbs kill-on-invalid-dep licenses mail-type mail-user mcs-label
+    mem-bind mem-per-cpu mem-per-gpu mincpus network nice no-kill nodefile nodelist overcommit oversubscribe
+    parsable power prefer priority profile propagate quiet reboot requeue reservation sockets-per-node spread-job
+    switches test-only thread-spec threads-per-core time-min tmp use-min-nodes verbose wait wckey
+""".split())
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def check_text(name: str, value: str, extra_forbidden: str = "") -> None:
+    """Refuse a value that would break out of its ``#SBATCH`` line (any control character, e.g. a newline)."""
+    bad = _CONTROL.search(value) or (extra_forbidden and re.search(f"[{re.escape(extra_forbidden)}]", value))
+    if bad:
+        raise ConfigError(f"{name}={value!r} contains {bad.group()!r}, which is not allowed in a SLURM job script; "
+                          "remove it")
+
+
+def _split(arg: str) -> tuple[str, str | None]:
+    """One ``--sbatch`` argument -> (option name, value or None) for ``--name=value``, ``--name value``, ``--flag``."""
+    text = arg.strip(" ")
+    if not text.startswith("-"):
+        raise ConfigError(f"--sbatch {arg!r} is not an sbatch option; write it as --{text}")
+    m = re.fullmatch(r"--([^=\s]+)(?:(?:=|\s+)(.*))?", text, re.DOTALL)
+    if not m:  # one-letter spellings (-N 2, -n4, ...) are refused rather than decoded
+        raise ConfigError(f"--sbatch {arg!r}: write sbatch options in long form, e.g. --sbatch=--reservation=foo")
+    return m.group(1), m.group(2)
+
+
+def parse_sbatch_extra(extra: list[str]) -> dict[str, Any]:
+    """``["--reservation=foo", "--requeue"]`` -> ``{"reservation": "foo", "requeue": True}``; ConfigError (naming the flag to use) for managed, unknown or unsafe options."""
+    out: dict[str, Any] = {}
+    for arg in extra:
+        check_text("--sbatch", arg)
+        key, value = _split(arg)
+        if key in MANAGED:
+            raise ConfigError(f"--sbatch {arg!r}: hpcmega sets --{key} itself; use {MANAGED[key]} instead")
+        if key not in PASS_THROUGH:
+            raise ConfigError(f"--sbatch {arg!r}: unknown sbatch option --{key} (abbreviations are not accepted); "
+                              "write the full option name, see `sbatch --help`")
+        out[key] = value if value is not None else True
+    return out
+
+
+def check_cluster_values(cluster: Any) -> None:
+    """Every cluster.* string that reaches the sbatch script, plus the pass-through options."""
+    for key in ("partition", "account", "qos", "constraint", "mem", "time", "job_name"):
+        check_text(f"cluster.{key}", str(getattr(cluster, key)))
+    parse_sbatch_extra(list(cluster.sbatch_extra))
+
+
+def check_run_folder(path: str) -> None:
+    """The run folder appears in ``#SBATCH --output`` (where SLURM also expands ``%j``-style patterns)."""
+    check_text("run folder", path, extra_forbidden="%")
