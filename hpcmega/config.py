@@ -1,11 +1,17 @@
 """One typed configuration for a run: model, parallelism, training, cluster, logging, checkpoint.
 
-Sources, lowest to highest priority: dataclass defaults -> model preset -> TOML file -> CLI overrides
-(dotted keys such as ``parallel.tp``). Pure Python (no torch) so the CLI stays fast and validation is cheap.
+Every field is declared once, in the section dataclasses below (``setting(default, help, bounds...)``); flags,
+TOML key checks, bound/choice validation, ``--set`` and ``config show`` are derived from that declaration, so a new
+field needs no edit anywhere else (docs/configuration.md).
+
+Sources, lowest to highest priority: defaults -> model preset -> site profile -> TOML files (left to right) ->
+flags -> ``--set section.key=value``. Pure Python (no torch) so the CLI stays fast and validation is cheap.
 """
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import os
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -37,90 +43,121 @@ PRECISIONS = ("fp32", "bf16")
 WANDB_MODES = ("online", "offline", "disabled")
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Field declarations. Each field is declared once, here: name, type and default by the dataclass, the rest by
+# ``setting(...)``. The CLI flags (hpcmega.commands.options), the TOML key checks, the bound/choice checks in
+# hpcmega.validate, ``--set`` and ``config show --sources`` are all derived from these declarations.
+@dataclass(frozen=True)
+class Spec:
+    """What a field means beyond its type: help text, flag, bounds and choices."""
+
+    help: str
+    flag: str | None = ""  # "" = derived from the name (--snake-case, --x/--no-x for bools); None = no flag
+    ge: float | None = None  # bounds (greater/less than or equal), checked by hpcmega.validate
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    choices: tuple[str, ...] | None = None
+    zero: str = ""  # what 0 means, e.g. "derived" (shown in messages and help)
+
+
+def setting(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = dataclasses.MISSING,
+            **spec: Any) -> Any:
+    """A config field: ``lr: float = setting(1e-3, "Peak learning rate.", gt=0)``."""
+    meta = {"spec": Spec(help=help, **spec)}
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class ModelConfig:
-    preset: str = "tiny"
-    vocab_size: int = 256
-    d_model: int = 64
-    n_layers: int = 4
-    n_heads: int = 4
-    max_seq_len: int = 256
+    preset: str = setting("tiny", "Model preset; sets the shape fields below (which may then be overridden).",
+                          flag="--model", choices=tuple(MODEL_PRESETS))
+    vocab_size: int = setting(256, "Vocabulary size (a multiple of tp).", ge=1)
+    d_model: int = setting(64, "Hidden size (a multiple of n_heads).", ge=1)
+    n_layers: int = setting(4, "Transformer blocks.", flag="--layers", ge=1)
+    n_heads: int = setting(4, "Attention heads (a multiple of tp).", flag="--heads", ge=1)
+    max_seq_len: int = setting(256, "Size of the position table (>= train.seq_len).", ge=1)
 
 
 @dataclass
 class ParallelConfig:
-    tp: int = 1
-    pp: int = 1
-    # Derived from the world size (nodes x gpus_per_node) / (tp x pp) unless given; a mismatch is an error.
-    dp: int = 0
-    sequence_parallel: bool = True  # only meaningful with tp > 1
-    schedule: str = "1f1b"
-    virtual_stages: int = 1  # stages per pipeline rank (interleaved schedules; zbv/dualpipev use 2)
-    # Microbatches per step on each DP rank; 0 = derived as global_batch / (dp x micro_batch).
-    microbatches: int = 0
-    order: str = "tp-dp-pp"
-    recompute: str = "none"
-    reshard_after_forward: bool = True  # FSDP2: free gathered params after forward (ZeRO-3) or keep (ZeRO-2)
-    compile: bool = False
+    tp: int = setting(1, "Tensor-parallel size (inside one node / NVLink domain).", ge=1)
+    pp: int = setting(1, "Pipeline-parallel size.", ge=1)
+    dp: int = setting(0, "Data-parallel size; must equal world / (tp x pp).", ge=0, zero="derived")
+    sequence_parallel: bool = setting(True, "Sequence parallel for norms/dropout (only with tp > 1).")
+    schedule: str = setting("1f1b", "Pipeline schedule.", choices=SCHEDULES)
+    virtual_stages: int = setting(1, "Stages per pipeline rank (interleaved schedules; zbv/dualpipev use 2).", ge=1)
+    microbatches: int = setting(0, "Microbatches per step on one DP rank = global_batch / (dp x micro_batch).",
+                                ge=0, zero="derived")
+    order: str = setting("tp-dp-pp", "Rank order, fastest-varying dimension first.", choices=RANK_ORDERS)
+    recompute: str = setting("none", "Activation recomputation.", choices=RECOMPUTE_MODES)
+    reshard_after_forward: bool = setting(True, "FSDP2: free gathered params after forward (ZeRO-3) or keep "
+                                                "them (ZeRO-2).")
+    compile: bool = setting(False, "torch.compile each block.")
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 20
-    global_batch: int = 8  # sequences per optimizer step, independent of the layout
-    micro_batch: int = 1  # sequences per microbatch on one DP rank
-    seq_len: int = 64
-    lr: float = 1e-3
-    min_lr: float = 1e-4
-    warmup_steps: int = 2
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float = 1.0  # global grad-norm clip; 0 disables
-    seed: int = 0
-    precision: str = "fp32"
-    # "synthetic" (deterministic tokens from the seed) or an fsspec URL of shards from `hpcmega data prepare`.
-    data: str = "synthetic"
+    steps: int = setting(20, "Optimizer steps.", ge=1)
+    global_batch: int = setting(8, "Sequences per optimizer step, independent of the layout.", ge=1)
+    micro_batch: int = setting(1, "Sequences per microbatch on one DP rank.", ge=1)
+    seq_len: int = setting(64, "Tokens per sequence.", ge=1)
+    lr: float = setting(1e-3, "Peak learning rate.", gt=0)
+    min_lr: float = setting(1e-4, "Learning rate at the end of the cosine decay (<= lr).", ge=0)
+    warmup_steps: int = setting(2, "Linear warmup steps.", ge=0)
+    weight_decay: float = setting(0.1, "AdamW weight decay.", ge=0)
+    beta1: float = setting(0.9, "AdamW beta1.", flag="--adam-beta1", ge=0, lt=1)
+    beta2: float = setting(0.95, "AdamW beta2.", flag="--adam-beta2", ge=0, lt=1)
+    eps: float = setting(1e-8, "AdamW epsilon.", flag="--adam-eps", gt=0)
+    grad_clip: float = setting(1.0, "Global grad-norm clip.", ge=0, zero="no clipping")
+    seed: int = setting(0, "Seed of the weights and the synthetic data.", ge=0)
+    precision: str = setting("fp32", "Compute precision.", choices=PRECISIONS)
+    data: str = setting("synthetic", "'synthetic' (tokens from the seed) or the fsspec URL of shards from "
+                                     "`hpcmega data prepare`.")
 
 
 @dataclass
 class ClusterConfig:
-    nodes: int = 1
-    gpus_per_node: int = 1  # with --cpu: tasks per node
-    cpu: bool = False  # gloo on CPU-only nodes (tests, local runs without GPUs)
-    # Nodes per NVLink domain (1 = each node is its own domain; e.g. 18 for GB200 NVL72 trays).
-    nvlink_domain_nodes: int = 1
-    partition: str = ""
-    account: str = ""
-    qos: str = ""
-    time: str = "01:00:00"  # SLURM --time, [D-]HH:MM:SS or minutes
-    constraint: str = ""
-    exclusive: bool = False
-    job_name: str = "hpcmega"
-    mem: str = ""  # e.g. "0" (all), "64G"; empty = site default
-    cpus_per_task: int = 0  # 0 = site default
-    sbatch_extra: list[str] = field(default_factory=list)  # passed through: ["--reservation=x", ...]
-    signal_grace_s: int = 120  # SLURM sends USR2 this long before the time limit
-    max_requeues: int = 3
-    master_port: int = 0  # 0 = derived from the job id
+    nodes: int = setting(1, "Nodes.", ge=1)
+    gpus_per_node: int = setting(1, "GPUs per node, one task each (with --cpu: tasks per node).", ge=1)
+    cpu: bool = setting(False, "CPU-only nodes with gloo (tests, machines without GPUs).", flag="--cpu/--gpu")
+    nvlink_domain_nodes: int = setting(1, "Nodes per NVLink domain (18 for GB200 NVL72 trays).", ge=1)
+    partition: str = setting("", "SLURM partition.")
+    account: str = setting("", "SLURM account to charge.")
+    qos: str = setting("", "SLURM quality of service.")
+    time: str = setting("01:00:00", "SLURM time limit, [D-]HH:MM:SS or minutes.")
+    constraint: str = setting("", "SLURM node features, e.g. 'h100&ib'.")
+    exclusive: bool = setting(False, "Whole nodes only.")
+    job_name: str = setting("hpcmega", "SLURM job name.")
+    mem: str = setting("", "Memory per node, e.g. 64G, or 0 for all; empty = site default.")
+    cpus_per_task: int = setting(0, "CPUs per task (per GPU).", ge=0, zero="site default")
+    sbatch_extra: list[str] = setting(help="Extra sbatch option, passed through (repeatable; flags add to the "
+                                           "files' list): --sbatch=--reservation=foo",
+                                      factory=list, flag="--sbatch")
+    signal_grace_s: int = setting(120, "SLURM sends USR2 this many seconds before the time limit (time to save).",
+                                  ge=0)
+    max_requeues: int = setting(3, "Preemptions / time limits survived by requeueing.", ge=0)
+    master_port: int = setting(0, "Rendezvous TCP port.", ge=0, le=65535, zero="derived from the job id")
 
 
 @dataclass
 class LoggingConfig:
-    wandb: str = "offline"
-    project: str = "hpcmega"
-    entity: str = ""
-    run_name: str = ""
-    log_every: int = 1
+    wandb: str = setting("offline", "W&B mode (offline writes under the run folder; `hpcmega sync` uploads).",
+                         choices=WANDB_MODES)
+    project: str = setting("hpcmega", "W&B project.", flag="--wandb-project")
+    entity: str = setting("", "W&B entity (team or user); empty = your default.", flag="--wandb-entity")
+    run_name: str = setting("", "Run name (run folder and W&B); empty = the model preset.")
+    log_every: int = setting(1, "Print and log every N steps.", ge=1)
 
 
 @dataclass
 class CheckpointConfig:
-    url: str = ""  # fsspec URL; empty = <run_dir>/checkpoints
-    save_every: int = 0  # 0 = only at the end and on preemption
-    keep: int = 3
-    resume: str = "auto"  # auto | none | <checkpoint URL>
+    url: str = setting("", "fsspec URL for checkpoints; empty = RUN_DIR/checkpoints.", flag="--ckpt-url")
+    save_every: int = setting(0, "Save every N steps.", ge=0, zero="only at the end and on preemption")
+    keep: int = setting(3, "Checkpoints to keep.", ge=1)
+    resume: str = setting("auto", "auto | none | a checkpoint URL.")
 
 
 @dataclass
@@ -131,7 +168,7 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    run_dir: str = ""
+    run_dir: str = setting("", "Run folder (set by `run`/`submit --run-dir`).", flag=None)
 
     # -- derived quantities -----------------------------------------------------------------------------------------
     @property
@@ -171,13 +208,89 @@ class Config:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Config":
-        cfg = cls()
-        _apply(cfg, data, prefix="")
-        return cfg
+        return resolve_layers([("dict", flatten(data, "config"))]).config
 
 
-def _section_types(obj: Any) -> dict[str, Any]:
-    return get_type_hints(type(obj))
+# ---------------------------------------------------------------------------------------------------------------------
+# The declared fields, by dotted key.
+@dataclass(frozen=True)
+class FieldInfo:
+    key: str  # "parallel.tp" ("run_dir" for top-level fields)
+    type: Any
+    default: Any
+    spec: Spec
+
+    @property
+    def decls(self) -> str | None:
+        """The click declaration: "--tp", "--cpu/--gpu", "--compile/--no-compile"; None = no flag."""
+        if self.spec.flag is None:
+            return None
+        if self.spec.flag:
+            return self.spec.flag
+        name = "--" + self.key.rsplit(".", 1)[-1].replace("_", "-")
+        return f"{name}/--no-{name[2:]}" if self.type is bool else name
+
+    @property
+    def flag(self) -> str | None:
+        """The flag users type ("--tp"), for messages."""
+        return self.decls.split("/")[0] if self.decls else None
+
+    @property
+    def is_list(self) -> bool:
+        return getattr(self.type, "__origin__", None) is list
+
+    @property
+    def is_dict(self) -> bool:
+        return getattr(self.type, "__origin__", None) is dict
+
+
+def _default_of(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def _collect_fields() -> dict[str, FieldInfo]:
+    out: dict[str, FieldInfo] = {}
+    hints = get_type_hints(Config)
+    for f in fields(Config):
+        if dataclasses.is_dataclass(hints[f.name]):
+            section_hints = get_type_hints(hints[f.name])
+            for sf in fields(hints[f.name]):
+                key = f"{f.name}.{sf.name}"
+                out[key] = FieldInfo(key, section_hints[sf.name], _default_of(sf), sf.metadata["spec"])
+        else:
+            out[f.name] = FieldInfo(f.name, hints[f.name], _default_of(f), f.metadata["spec"])
+    return out
+
+
+FIELDS: dict[str, FieldInfo] = _collect_fields()
+SECTIONS: tuple[str, ...] = tuple(dict.fromkeys(k.split(".")[0] for k in FIELDS if "." in k))
+
+
+def named(key: str) -> str:
+    """'train.lr (--lr)': a key as messages show it, with the flag to type."""
+    info = FIELDS.get(key)
+    return f"{key} ({info.flag})" if info and info.flag else key
+
+
+def get_value(cfg: Config, key: str) -> Any:
+    obj: Any = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _set_value(cfg: Config, key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    obj: Any = cfg
+    for part in parents:
+        obj = getattr(obj, part)
+    setattr(obj, leaf, value)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reading values: TOML files, flags and --set become "layers" {dotted key: value}, applied left to right.
+class Append(list):
+    """A list value that adds to the list of the layers before it (repeatable flags such as --sbatch)."""
 
 
 def _coerce(key: str, value: Any, typ: Any) -> Any:
@@ -197,31 +310,135 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
                 raise ValueError(value)
             return int(value)
         if typ is float:
+            if isinstance(value, bool):
+                raise ValueError(value)
             return float(value)
         if typ is str:
+            if isinstance(value, (dict, list)):
+                raise ValueError(value)
             return str(value)
-        if getattr(typ, "__origin__", None) is list:
+        origin = getattr(typ, "__origin__", None)
+        if origin is list:
             if isinstance(value, str):
-                return [v for v in value.split() if v]
+                return [value]
             return [str(v) for v in value]
+        if origin is dict:
+            if not isinstance(value, dict):
+                raise ValueError(value)
+            return {str(k): str(v) for k, v in value.items()}
     except (TypeError, ValueError):
-        raise ConfigError(f"{key}: cannot read {value!r} as {getattr(typ, '__name__', typ)}; fix the value") from None
+        name = getattr(typ, "__name__", str(typ))
+        raise ConfigError(f"{named(key)}: cannot read {value!r} as {name}; fix the value") from None
     return value
 
 
-def _apply(cfg: Config, data: dict[str, Any], prefix: str) -> None:
-    types = _section_types(cfg)
+def _unknown_key(origin: str, key: str) -> ConfigError:
+    section = key.split(".")[0] if "." in key else ""
+    valid = [k for k in FIELDS if k.startswith(section + ".")] if section in SECTIONS else list(FIELDS)
+    close = difflib.get_close_matches(key, list(FIELDS), n=1)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    return ConfigError(f"{origin}: unknown config key '{key}'; {hint}valid keys: {', '.join(valid)}")
+
+
+def flatten(data: dict[str, Any], origin: str) -> dict[str, Any]:
+    """TOML-shaped ``{"parallel": {"tp": 2}}`` -> ``{"parallel.tp": 2}``, refusing keys no field declares."""
+    out: dict[str, Any] = {}
     for key, value in data.items():
-        if key not in types:
-            valid = ", ".join(f.name for f in fields(cfg))
-            raise ConfigError(f"unknown config key '{prefix}{key}'; valid keys here: {valid}")
-        current = getattr(cfg, key)
-        if dataclasses.is_dataclass(current):
+        if key in SECTIONS:
             if not isinstance(value, dict):
-                raise ConfigError(f"'{prefix}{key}' is a section; write it as [{prefix}{key}] in TOML")
-            _apply(current, value, prefix=f"{prefix}{key}.")
+                raise ConfigError(f"{origin}: '{key}' is a section; write it as [{key}] in TOML")
+            for name, item in value.items():
+                dotted = f"{key}.{name}"
+                if dotted not in FIELDS:
+                    raise _unknown_key(origin, dotted)
+                out[dotted] = item
+        elif key in FIELDS:
+            out[key] = value
         else:
-            setattr(cfg, key, _coerce(prefix + key, value, types[key]))
+            raise _unknown_key(origin, key)
+    return out
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """One config file as a layer {dotted key: value}; every key checked against the declarations."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} not found; pass an existing TOML file (see launch/)")
+    try:
+        data = tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: invalid TOML ({e}); fix the file") from None
+    return flatten(data, str(p))
+
+
+def parse_set(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """``["train.lr=3e-4", "cluster.sbatch_extra=['--reservation=x']"]`` -> a layer. Values of non-string fields
+    are read as TOML values (numbers, booleans, lists), string fields take the text as written."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, eq, text = item.partition("=")
+        key = key.strip()
+        if not eq or not key:
+            raise ConfigError(f"--set {item!r}: write section.key=value, e.g. --set train.lr=3e-4")
+        if key not in FIELDS:
+            raise _unknown_key("--set", key)
+        value: Any = text
+        if FIELDS[key].type is not str:
+            try:
+                value = tomllib.loads(f"v = {text}")["v"]
+            except tomllib.TOMLDecodeError:
+                value = text
+        out[key] = value
+    return out
+
+
+def site_path(name: str) -> Path:
+    """``--site NAME`` -> ``slurm/sites/NAME.toml``, looked up in $HPCMEGA_SITES, ./slurm/sites, then the sites
+    shipped next to the package."""
+    dirs = [Path(d) for d in os.environ.get("HPCMEGA_SITES", "").split(os.pathsep) if d]
+    dirs += [Path("slurm/sites"), Path(__file__).resolve().parents[1] / "slurm" / "sites"]
+    for d in dirs:
+        if (d / f"{name}.toml").is_file():
+            return d / f"{name}.toml"
+    known = sorted({p.stem for d in dirs if d.is_dir() for p in d.glob("*.toml")})
+    raise ConfigError(f"site '{name}' not found in {', '.join(map(str, dirs))}; known sites: "
+                      f"{', '.join(known) or 'none'} (or add slurm/sites/{name}.toml)")
+
+
+@dataclass
+class Resolved:
+    config: Config
+    sources: dict[str, str]  # dotted key -> "default" | "preset NAME" | file path | "flag --x" | "--set"
+
+
+def resolve_layers(layers: list[tuple[str, dict[str, Any]]]) -> Resolved:
+    """Apply defaults -> model preset -> layers left to right. The preset is applied first; model shape fields
+    from layers *before* the layer that switched to another preset are dropped (a preset on the command line
+    replaces the shape a file gave for a different model)."""
+    cfg = Config()
+    sources = {key: "default" for key in FIELDS}
+    preset, preset_source = cfg.model.preset, "default"
+    pending: list[tuple[str, Any, str]] = []
+    for source, values in layers:
+        for key, value in values.items():
+            if key != "model.preset":
+                pending.append((key, value, source))
+            elif value != preset:
+                pending = [p for p in pending if not p[0].startswith("model.")]
+                preset, preset_source = value, source
+    apply_preset(cfg, str(preset))
+    sources.update({f"model.{k}": f"preset {preset}" for k in MODEL_PRESETS[preset]})
+    sources["model.preset"] = preset_source
+    for key, value, source in pending:
+        info = FIELDS[key]
+        new = _coerce(key, value, info.type)
+        if isinstance(value, Append):
+            new = list(get_value(cfg, key)) + new
+        elif info.is_dict:
+            new = {**get_value(cfg, key), **new}
+        _set_value(cfg, key, new)
+        sources[key] = source
+    return Resolved(cfg, sources)
 
 
 def apply_preset(cfg: Config, preset: str) -> None:
@@ -232,34 +449,15 @@ def apply_preset(cfg: Config, preset: str) -> None:
         setattr(cfg.model, key, value)
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
-    """Resolve defaults -> preset -> TOML -> overrides. ``overrides`` maps dotted keys to values (None = unset).
-
-    A preset named in the TOML or the overrides is applied first, so explicit model fields win over it.
-    """
-    data: dict[str, Any] = {}
-    if path:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} not found; pass an existing TOML file (see launch/)")
-        try:
-            data = tomllib.loads(p.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{p}: invalid TOML ({e}); fix the file") from None
-    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-    cfg = Config()
-    preset = overrides.get("model.preset") or data.get("model", {}).get("preset") or cfg.model.preset
-    apply_preset(cfg, preset)
-    model_from_file = {k: v for k, v in data.get("model", {}).items() if k != "preset"}
-    if overrides.get("model.preset") and overrides["model.preset"] != data.get("model", {}).get("preset"):
-        model_from_file = {}  # a preset chosen on the command line replaces the file's model shape
-    _apply(cfg, {**data, "model": model_from_file}, prefix="")
-    for dotted, value in overrides.items():
-        if dotted == "model.preset":
-            continue
-        *path_parts, leaf = dotted.split(".")
-        nested: dict[str, Any] = {leaf: value}
-        for part in reversed(path_parts):
-            nested = {part: nested}
-        _apply(cfg, nested, prefix="")
-    return cfg
+def load_config(path: str | Path | list[str | Path] | None = None, overrides: dict[str, Any] | None = None,
+                ) -> Config:
+    """Resolve defaults -> preset -> TOML file(s), merged left to right -> overrides ({dotted key: value}; None
+    values are "not given")."""
+    paths = path if isinstance(path, list) else [path] if path else []
+    layers = [(str(p), read_toml(p)) for p in paths]
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    for key in given:
+        if key not in FIELDS:
+            raise _unknown_key("overrides", key)
+    layers.append(("override", given))
+    return resolve_layers(layers).config

@@ -10,83 +10,53 @@ import math
 import re
 
 from hpcmega.config import (
+    FIELDS,
     MODEL_PRESETS,
     MULTI_STAGE_SCHEDULES,
-    PRECISIONS,
-    RANK_ORDERS,
-    RECOMPUTE_MODES,
-    SCHEDULES,
     V_SCHEDULES,
-    WANDB_MODES,
     Config,
     ConfigError,
+    FieldInfo,
+    get_value,
+    named,
 )
 from hpcmega.reliability.sbatch_options import check_cluster_values, check_text
 
-# The CLI flag of a config key, so messages can say what to type.
-_FLAG = {
-    "model.preset": "--model",
-    "parallel.schedule": "--schedule",
-    "parallel.order": "--order",
-    "parallel.recompute": "--recompute",
-    "train.precision": "--precision",
-    "model.vocab_size": "--vocab-size",
-    "model.d_model": "--d-model",
-    "model.n_layers": "--layers",
-    "model.n_heads": "--heads",
-    "parallel.tp": "--tp",
-    "parallel.pp": "--pp",
-    "parallel.dp": "--dp",
-    "parallel.virtual_stages": "--virtual-stages",
-    "parallel.microbatches": "--microbatches",
-    "train.steps": "--steps",
-    "train.global_batch": "--global-batch",
-    "train.micro_batch": "--micro-batch",
-    "train.seq_len": "--seq-len",
-    "train.lr": "--lr",
-    "train.warmup_steps": "--warmup-steps",
-    "train.seed": "--seed",
-    "cluster.nodes": "--nodes",
-    "cluster.gpus_per_node": "--gpus-per-node",
-    "cluster.nvlink_domain_nodes": "--nvlink-domain-nodes",
-    "logging.wandb": "--wandb",
-    "checkpoint.save_every": "--save-every",
-    "checkpoint.keep": "--keep",
-}
 
-# (dotted key, smallest allowed value)
-_AT_LEAST: list[tuple[str, int]] = [
-    ("model.vocab_size", 1), ("model.d_model", 1), ("model.n_layers", 1), ("model.n_heads", 1),
-    ("model.max_seq_len", 1),
-    ("parallel.tp", 1), ("parallel.pp", 1), ("parallel.dp", 0), ("parallel.virtual_stages", 1),
-    ("parallel.microbatches", 0),
-    ("train.steps", 1), ("train.global_batch", 1), ("train.micro_batch", 1), ("train.seq_len", 1),
-    ("train.warmup_steps", 0), ("train.seed", 0),
-    ("cluster.nodes", 1), ("cluster.gpus_per_node", 1), ("cluster.nvlink_domain_nodes", 1),
-    ("cluster.cpus_per_task", 0), ("cluster.signal_grace_s", 0), ("cluster.max_requeues", 0),
-    ("cluster.master_port", 0),
-    ("logging.log_every", 1),
-    ("checkpoint.save_every", 0), ("checkpoint.keep", 1),
-]
-
-_CHOICES: list[tuple[str, tuple[str, ...]]] = [
-    ("model.preset", tuple(MODEL_PRESETS)),
-    ("parallel.schedule", SCHEDULES),
-    ("parallel.order", RANK_ORDERS),
-    ("parallel.recompute", RECOMPUTE_MODES),
-    ("train.precision", PRECISIONS),
-    ("logging.wandb", WANDB_MODES),
-]
+def _range(info: FieldInfo) -> str:
+    """'positive', '0 or more', 'in [0, 1)' from a field's declared bounds."""
+    s = info.spec
+    low = f"[{s.ge:g}" if s.ge is not None else f"({s.gt:g}" if s.gt is not None else None
+    high = f"{s.le:g}]" if s.le is not None else f"{s.lt:g})" if s.lt is not None else None
+    if low and high:
+        return f"in {low}, {high}"
+    if s.gt == 0 or (s.ge == 1 and info.type is int):
+        return "positive"
+    if s.ge == 0:
+        return "0 or more"
+    return f">= {s.ge:g}" if s.ge is not None else f"> {s.gt:g}" if s.gt is not None else f"<= {high}"
 
 
-def _get(cfg: Config, key: str):
-    section, name = key.split(".")
-    return getattr(getattr(cfg, section), name)
+def _outside(info: FieldInfo, value: float) -> bool:
+    s = info.spec
+    return (not math.isfinite(value) or (s.ge is not None and value < s.ge) or (s.gt is not None and value <= s.gt)
+            or (s.le is not None and value > s.le) or (s.lt is not None and value >= s.lt))
 
 
-def _named(key: str) -> str:
-    flag = _FLAG.get(key)
-    return f"{key} ({flag})" if flag else key
+def check_declared(cfg: Config) -> None:
+    """Types, bounds and choices exactly as the fields declare them (hpcmega.config)."""
+    for key, info in FIELDS.items():
+        value = get_value(cfg, key)
+        if info.type is int and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ConfigError(f"{named(key)}={value!r} must be an integer; fix the value")
+        if info.type is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ConfigError(f"{named(key)}={value!r} must be a number; fix the value")
+        bounded = any(b is not None for b in (info.spec.ge, info.spec.gt, info.spec.le, info.spec.lt))
+        if bounded and _outside(info, value):
+            zero = f" (0 = {info.spec.zero})" if info.spec.zero else ""
+            raise ConfigError(f"{named(key)}={value} must be {_range(info)}{zero}; fix the value")
+        if info.spec.choices and value not in info.spec.choices:
+            raise ConfigError(f"unknown {named(key)} {value!r}; choose one of: {', '.join(info.spec.choices)}")
 
 
 def _divisors(n: int) -> list[int]:
@@ -150,34 +120,11 @@ def parse_slurm_time(text: str) -> int:
 
 # -- checks -------------------------------------------------------------------------------------------------------------
 def _check_values(cfg: Config) -> None:
-    for key, low in _AT_LEAST:
-        value = _get(cfg, key)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{_named(key)}={value!r} must be an integer; fix the value")
-        if value < low:
-            what = "positive" if low == 1 else "0 or more"
-            extra = " (0 = derived)" if key in ("parallel.dp", "parallel.microbatches") else ""
-            raise ConfigError(f"{_named(key)}={value} must be {what}{extra}; fix the value")
-    if cfg.cluster.master_port > 65535:
-        raise ConfigError(f"cluster.master_port={cfg.cluster.master_port} is not a TCP port; use 1024-65535 or 0")
+    check_declared(cfg)
     t = cfg.train
-    for key, value in (("train.lr", t.lr), ("train.eps", t.eps)):
-        if not (math.isfinite(value) and value > 0):
-            raise ConfigError(f"{_named(key)}={value} must be a positive number; e.g. --lr 3e-4")
-    for key, value in (("train.min_lr", t.min_lr), ("train.weight_decay", t.weight_decay),
-                       ("train.grad_clip", t.grad_clip)):
-        if not (math.isfinite(value) and value >= 0):
-            raise ConfigError(f"{key}={value} must be 0 or more; fix the value")
     if t.min_lr > t.lr:
         raise ConfigError(f"train.min_lr={t.min_lr} is above train.lr={t.lr}; the schedule decays to min_lr, "
                           "so set min_lr <= lr")
-    for key, value in (("train.beta1", t.beta1), ("train.beta2", t.beta2)):
-        if not (0 <= value < 1):
-            raise ConfigError(f"{key}={value} must be in [0, 1); AdamW uses e.g. 0.9 and 0.95")
-    for key, choices in _CHOICES:
-        value = _get(cfg, key)
-        if value not in choices:
-            raise ConfigError(f"unknown {_named(key)} {value!r}; choose one of: {', '.join(choices)}")
     c = cfg.cluster
     check_cluster_values(c)  # nothing that could break out of an #SBATCH line, no managed option
     check_text("logging.run_name", cfg.logging.run_name, extra_forbidden="/%")  # names the default run folder

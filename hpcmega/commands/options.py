@@ -1,6 +1,8 @@
-"""The config flags shared by `plan`, `run`, `submit` and `config show`, mapped to dotted config keys.
+"""The config flags of `plan`, `run`, `submit` and `config show`, derived from the field declarations in
+hpcmega.config (one flag per field; nothing here names a field).
 
-Every flag defaults to None, meaning "not given", so the TOML file and presets keep their values.
+Every flag defaults to None, meaning "not given", so files and presets keep their values. Layers, lowest first:
+``--site`` profile, ``--config`` files (left to right), flags, ``--set`` items.
 """
 from __future__ import annotations
 
@@ -9,110 +11,91 @@ from typing import Any, Callable
 
 import click
 
-from hpcmega.config import (
-    MODEL_PRESETS,
-    PRECISIONS,
-    RANK_ORDERS,
-    RECOMPUTE_MODES,
-    SCHEDULES,
-    WANDB_MODES,
-    ConfigError,
-    Config,
-    load_config,
-)
+from hpcmega.config import FIELDS, Append, ConfigError, FieldInfo, Resolved, parse_set, read_toml, resolve_layers, \
+    site_path
 
-# (flag declarations, dotted key, click kwargs)
-_FLAGS: list[tuple[tuple[str, ...], str, dict[str, Any]]] = [
-    (("--model",), "model.preset", dict(type=click.Choice(list(MODEL_PRESETS)), help="Model preset.")),
-    (("--vocab-size",), "model.vocab_size", dict(type=int)),
-    (("--d-model",), "model.d_model", dict(type=int)),
-    (("--layers",), "model.n_layers", dict(type=int)),
-    (("--heads",), "model.n_heads", dict(type=int)),
-    (("--tp",), "parallel.tp", dict(type=int, help="Tensor-parallel size (inside one node).")),
-    (("--pp",), "parallel.pp", dict(type=int, help="Pipeline-parallel size.")),
-    (("--dp",), "parallel.dp", dict(type=int, help="Data-parallel size (default: derived).")),
-    (("--sequence-parallel/--no-sequence-parallel",), "parallel.sequence_parallel", dict(default=None)),
-    (("--schedule",), "parallel.schedule", dict(type=click.Choice(SCHEDULES))),
-    (("--virtual-stages",), "parallel.virtual_stages", dict(type=int)),
-    (("--microbatches",), "parallel.microbatches", dict(type=int)),
-    (("--order",), "parallel.order", dict(type=click.Choice(RANK_ORDERS))),
-    (("--recompute",), "parallel.recompute", dict(type=click.Choice(RECOMPUTE_MODES))),
-    (("--reshard-after-forward/--no-reshard-after-forward",), "parallel.reshard_after_forward", dict(default=None)),
-    (("--compile/--no-compile",), "parallel.compile", dict(default=None, help="torch.compile each block.")),
-    (("--steps",), "train.steps", dict(type=int)),
-    (("--global-batch",), "train.global_batch", dict(type=int)),
-    (("--micro-batch",), "train.micro_batch", dict(type=int)),
-    (("--seq-len",), "train.seq_len", dict(type=int)),
-    (("--lr",), "train.lr", dict(type=float)),
-    (("--warmup-steps",), "train.warmup_steps", dict(type=int)),
-    (("--seed",), "train.seed", dict(type=int)),
-    (("--precision",), "train.precision", dict(type=click.Choice(PRECISIONS))),
-    (("--data",), "train.data", dict(help="'synthetic' or the URL of prepared shards.")),
-    (("--wandb",), "logging.wandb", dict(type=click.Choice(WANDB_MODES))),
-    (("--wandb-project",), "logging.project", dict()),
-    (("--run-name",), "logging.run_name", dict()),
-    (("--save-every",), "checkpoint.save_every", dict(type=int)),
-    (("--keep",), "checkpoint.keep", dict(type=int, help="Checkpoints to keep.")),
-    (("--ckpt-url",), "checkpoint.url", dict(help="fsspec URL for checkpoints (default: RUN_DIR/checkpoints).")),
-    (("--resume",), "checkpoint.resume", dict(help="auto | none | a checkpoint URL.")),
-]
-
-# Flags describing the machine; `run` replaces them with --nproc.
-CLUSTER_FLAGS: list[tuple[tuple[str, ...], str, dict[str, Any]]] = [
-    (("--nodes",), "cluster.nodes", dict(type=int)),
-    (("--gpus-per-node",), "cluster.gpus_per_node", dict(type=int, help="GPUs per node (with --cpu: tasks).")),
-    (("--nvlink-domain-nodes",), "cluster.nvlink_domain_nodes", dict(type=int, help="Nodes per NVLink domain.")),
-    (("--cpu/--gpu",), "cluster.cpu", dict(default=None, help="CPU-only nodes with gloo.")),
-]
+_PREFIX = "cfg__"
 
 
-def _param_name(decls: tuple[str, ...]) -> str:
-    return decls[0].split("/")[0].lstrip("-").replace("-", "_")
+def _param(info: FieldInfo) -> str:
+    return _PREFIX + info.key.replace(".", "__")
 
 
-def add_options(flags: list[tuple[tuple[str, ...], str, dict[str, Any]]]) -> Callable:
+def _help(info: FieldInfo) -> str:
+    s = info.spec
+    default = f"{info.default}" + (f" = {s.zero}" if s.zero and info.default == 0 else "")
+    shown = f" [default: {default}]" if info.default not in ("", [], {}) else ""
+    return f"{s.help}{shown} (config: {info.key})"
+
+
+def _option(info: FieldInfo) -> Callable:
+    kwargs: dict[str, Any] = dict(default=None, help=_help(info))
+    if info.spec.choices:
+        kwargs["type"] = click.Choice(list(info.spec.choices))
+    elif info.is_list:
+        kwargs.update(multiple=True, default=(), metavar="TEXT")
+    elif info.type is not bool:
+        kwargs["type"] = info.type
+    return click.option(info.decls, _param(info), **kwargs)
+
+
+def field_flags(with_cluster: bool) -> list[FieldInfo]:
+    """The fields that get a flag; `run` leaves out [cluster] (it has --nproc and its own --cpu)."""
+    return [f for f in FIELDS.values() if f.decls and (with_cluster or not f.key.startswith("cluster."))]
+
+
+def config_options(with_cluster: bool = True) -> Callable:
+    """Decorator: --site, --config (repeatable), --set (repeatable) and one flag per declared field."""
+
     def decorate(fn: Callable) -> Callable:
-        for decls, _key, kwargs in reversed(flags):
-            fn = click.option(*decls, _param_name(decls), **{"default": None, **kwargs})(fn)
-        return fn
+        for info in reversed(field_flags(with_cluster)):
+            fn = _option(info)(fn)
+        fn = click.option("--set", "set_items", multiple=True, metavar="KEY=VALUE",
+                          help="Set any config field, e.g. --set train.min_lr=1e-5 (repeatable; wins over flags).")(fn)
+        fn = click.option("--config", "config_paths", multiple=True, type=click.Path(dir_okay=False),
+                          help="TOML config file (repeatable: merged left to right).")(fn)
+        return click.option("--site", help="Site profile slurm/sites/SITE.toml (applied before --config).")(fn)
 
     return decorate
 
 
-def config_options(fn: Callable) -> Callable:
-    """--config FILE plus every model/parallel/train/logging/checkpoint flag."""
-    fn = add_options(_FLAGS)(fn)
-    return click.option("--config", "config_path", type=click.Path(dir_okay=False), help="TOML config file.")(fn)
-
-
-def collect_overrides(kwargs: dict[str, Any], include_cluster: bool = True) -> dict[str, Any]:
-    """Pop the config flags out of a command's kwargs into {dotted key: value}."""
-    flags = _FLAGS + (CLUSTER_FLAGS if include_cluster else [])
+def flag_layer(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Pop the field flags out of a command's kwargs into {dotted key: value} (only those given)."""
     out: dict[str, Any] = {}
-    for decls, key, _ in flags:
-        name = _param_name(decls)
-        if name in kwargs:
-            value = kwargs.pop(name)
-            if value is not None:
-                out[key] = value
+    for info in FIELDS.values():
+        value = kwargs.pop(_param(info), None)
+        if value is None or value == ():
+            continue
+        out[info.key] = Append(value) if info.is_list else value
     return out
 
 
-def resolve(config_path: str | None, overrides: dict[str, Any]) -> Config:
-    """Load the config, turning ConfigError into a clean exit 2 (click.UsageError) with the fix."""
+def resolve(site: str | None, config_paths: tuple[str, ...], flags: dict[str, Any],
+            set_items: tuple[str, ...] = ()) -> Resolved:
+    """Resolve all layers, turning ConfigError into a clean exit 2 (click.UsageError) with the fix."""
     try:
-        return load_config(config_path, overrides)
+        layers = [(str(site_path(site)), read_toml(site_path(site)))] if site else []
+        layers += [(str(p), read_toml(p)) for p in config_paths]
+        layers += [(f"flag {FIELDS[k].flag}", {k: v}) for k, v in flags.items()]
+        layers.append(("--set", parse_set(set_items)))
+        return resolve_layers(layers)
     except ConfigError as e:
         raise click.UsageError(str(e)) from None
 
 
-def pass_config(fn: Callable) -> Callable:
-    """Decorator: adds the config flags and hands the resolved Config to the command as `cfg`."""
+def pass_config(fn: Callable | None = None, *, with_cluster: bool = True, sources: bool = False) -> Callable:
+    """Decorator: adds the config options and hands the resolved Config to the command as `cfg` (and the
+    per-key sources as `sources` when asked)."""
 
-    @config_options
-    @functools.wraps(fn)
-    def wrapper(config_path: str | None, **kwargs: Any) -> Any:
-        overrides = collect_overrides(kwargs)
-        return fn(cfg=resolve(config_path, overrides), **kwargs)
+    def decorate(fn: Callable) -> Callable:
+        @config_options(with_cluster)
+        @functools.wraps(fn)
+        def wrapper(site: str | None, config_paths: tuple[str, ...], set_items: tuple[str, ...], **kwargs: Any):
+            resolved = resolve(site, config_paths, flag_layer(kwargs), set_items)
+            if sources:
+                kwargs["sources"] = resolved.sources
+            return fn(cfg=resolved.config, **kwargs)
 
-    return wrapper
+        return wrapper
+
+    return decorate(fn) if fn is not None else decorate

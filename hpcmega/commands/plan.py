@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from hpcmega.commands.options import CLUSTER_FLAGS, add_options, pass_config
+from hpcmega.commands.options import pass_config
 
 # Groups listed per dimension in the table; the full lists are in --json.
 _MAX_ROWS = 16
@@ -126,7 +126,6 @@ def _print_table(layout, summary: dict[str, Any], warnings: list[str]) -> None:
 @click.option("--placement", "placement_kind", type=click.Choice(["block", "cyclic"]), default="block",
               show_default=True, help="SLURM task distribution to preview.")
 @click.option("--node-names", help="Comma-separated node names (default node1..nodeN).")
-@add_options(CLUSTER_FLAGS)
 @pass_config
 def plan(cfg, as_json: bool, placement_kind: str, node_names: str | None) -> None:
     """Validate a config and show its TP/PP/DP groups and the nodes each spans.

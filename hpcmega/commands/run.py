@@ -19,7 +19,7 @@ def _cuda_devices() -> int:
 @click.option("--nproc", type=click.IntRange(min=1), required=True, help="Ranks to start on this machine.")
 @click.option("--cpu", "force_cpu", is_flag=True, help="Use CPU ranks with gloo even if GPUs are present.")
 @click.option("--run-dir", type=click.Path(file_okay=False), help="Run folder (default: runs/<time>-<name>).")
-@pass_config
+@pass_config(with_cluster=False)
 def run(cfg, nproc: int, force_cpu: bool, run_dir: str | None) -> None:
     """Run the job on this machine with NPROC ranks (one per GPU; CPU ranks without GPUs).
 

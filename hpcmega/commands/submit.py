@@ -4,35 +4,12 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import click
 
-from hpcmega.commands.options import CLUSTER_FLAGS, add_options, collect_overrides, config_options, resolve
+from hpcmega.commands.options import pass_config
 
-# Scheduler flags -> cluster.* config keys (a site profile given with --config sets the same keys).
-SCHEDULER_FLAGS: list[tuple[tuple[str, ...], str, dict[str, Any]]] = [
-    (("--partition",), "cluster.partition", dict(help="SLURM partition.")),
-    (("--account",), "cluster.account", dict(help="SLURM account to charge.")),
-    (("--qos",), "cluster.qos", dict(help="SLURM quality of service.")),
-    (("--time",), "cluster.time", dict(help="Time limit, [D-]HH:MM:SS or minutes.")),
-    (("--constraint",), "cluster.constraint", dict(help="Node features, e.g. 'h100&ib'.")),
-    (("--exclusive/--no-exclusive",), "cluster.exclusive", dict(default=None, help="Whole nodes only.")),
-    (("--job-name",), "cluster.job_name", dict()),
-    (("--mem",), "cluster.mem", dict(help="Memory per node, e.g. 64G, or 0 for all.")),
-    (("--cpus-per-task",), "cluster.cpus_per_task", dict(type=int, help="CPUs per task (per GPU).")),
-]
 _TAIL_LINES = 30
-
-
-def _scheduler_overrides(kwargs: dict[str, Any]) -> dict[str, Any]:
-    out = {}
-    for decls, key, _ in SCHEDULER_FLAGS:
-        name = decls[0].split("/")[0].lstrip("-").replace("-", "_")
-        value = kwargs.pop(name, None)
-        if value is not None:
-            out[key] = value
-    return out
 
 
 def _tail(path: Path, lines: int = _TAIL_LINES) -> str:
@@ -43,22 +20,17 @@ def _tail(path: Path, lines: int = _TAIL_LINES) -> str:
 
 
 @click.command("submit")
-@add_options(CLUSTER_FLAGS)
-@add_options(SCHEDULER_FLAGS)
-@click.option("--sbatch", "sbatch_args", multiple=True, metavar="OPT",
-              help="Extra sbatch option, passed through (repeatable): --sbatch=--reservation=foo")
 @click.option("--run-dir", type=click.Path(file_okay=False),
               help="Run folder on a filesystem all nodes share (default: runs/<time>-<name>).")
 @click.option("--dry-run", is_flag=True, help="Print the plan and the sbatch script; submit and write nothing.")
 @click.option("--wait", "wait_", is_flag=True, help="Block until the job ends; exit non-zero unless it completed.")
-@config_options
-def submit(config_path: str | None, sbatch_args: tuple[str, ...], run_dir: str | None, dry_run: bool,
-           wait_: bool, **kwargs: Any) -> None:
+@pass_config
+def submit(cfg, run_dir: str | None, dry_run: bool, wait_: bool) -> None:
     """Queue the job on SLURM: NODES x GPUS_PER_NODE tasks, one per GPU, each running hpcmega.job.run_rank.
 
     \b
     hpcmega submit --nodes 4 --gpus-per-node 8 --tp 8 --pp 2 --model gpt-7b --partition gpu --dry-run
-    hpcmega submit --config slurm/sites/example.toml --nodes 2 --tp 4 --wait
+    hpcmega submit --site example --config launch/gpt2-124m-4node.toml --time 02:00:00 --wait
     """
     from hpcmega import slurm
     from hpcmega.commands.plan import _print_table, build_plan, config_summary
@@ -66,9 +38,6 @@ def submit(config_path: str | None, sbatch_args: tuple[str, ...], run_dir: str |
     from hpcmega.launcher import default_run_dir
     from hpcmega.reliability.sbatch_options import check_run_folder
 
-    overrides = {**collect_overrides(kwargs), **_scheduler_overrides(kwargs)}
-    cfg = resolve(config_path, overrides)
-    cfg.cluster.sbatch_extra = list(cfg.cluster.sbatch_extra) + list(sbatch_args)
     layout, warnings = build_plan(cfg)  # validation (incl. every sbatch value) + layout: exit 2 before writing
     path = Path(run_dir).absolute() if run_dir else default_run_dir(cfg).absolute()
     try:
