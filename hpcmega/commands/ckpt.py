@@ -9,7 +9,7 @@ import click
 
 @click.group("ckpt")
 def ckpt_group() -> None:
-    """Inspect checkpoints."""
+    """Inspect and export checkpoints."""
 
 
 @ckpt_group.command("ls")

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from hpcmega.config import ConfigError
-from hpcmega.data.tokenizer import EOT_ID, encode
+from hpcmega.data.tokenizer import EOT_ID, GPT2_VOCAB_SIZE, encode
 
 INDEX = "index.json"
 
@@ -75,7 +75,7 @@ def prepare(source: str, out: str, shard_tokens: int = 10_000_000, force: bool =
         name = f"shard-{i:05d}.bin"
         fs.pipe_file(root.rstrip("/") + "/" + name, data)
         shards.append({"file": name, "tokens": len(data) // 2, "sha256": hashlib.sha256(data).hexdigest()})
-    index = {"format": 1, "tokenizer": "gpt2", "vocab_size": 50257, "dtype": "uint16", "eot_id": EOT_ID,
+    index = {"format": 1, "tokenizer": "gpt2", "vocab_size": GPT2_VOCAB_SIZE, "dtype": "uint16", "eot_id": EOT_ID,
              "tokens": int(len(tokens)), "shards": shards, "documents": docs, "source": source}
     fs.pipe_file(root.rstrip("/") + "/" + INDEX, json.dumps(index, indent=1).encode())  # commit: last
     return {**index, "seconds": time.perf_counter() - start}

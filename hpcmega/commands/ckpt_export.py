@@ -1,0 +1,46 @@
+"""`hpcmega ckpt export RUN_OR_CKPT --to hf OUT/`: a checkpoint of any layout as a Hugging Face GPT-2 folder."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from hpcmega.commands.ckpt import ckpt_group
+
+FORMATS = ("hf",)
+
+
+@ckpt_group.command("export")
+@click.argument("target", metavar="RUN_OR_CKPT")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--to", "fmt", type=click.Choice(FORMATS), required=True, help="hf: Hugging Face GPT-2 folder.")
+@click.option("--step", type=click.IntRange(min=0), help="Checkpoint step (default: the newest complete one).")
+@click.option("--force", is_flag=True, help="Write into OUT even if it is not empty.")
+def export(target: str, out: str, fmt: str, step: int | None, force: bool) -> None:
+    """Export RUN_OR_CKPT (a run folder, RUN/checkpoints or a step folder, written with any layout) to OUT.
+
+    \b
+    hpcmega ckpt export runs/shakespeare-tiny --to hf exported/
+    python -c "import transformers; transformers.GPT2LMHeadModel.from_pretrained('exported')"
+    """
+    from hpcmega.config import ConfigError
+    from hpcmega.inference.locate import find_checkpoint
+
+    if Path(out).is_dir() and any(Path(out).iterdir()) and not force:
+        raise click.UsageError(f"{out} is not empty; pick a new folder or pass --force to overwrite files in it")
+    try:
+        info = find_checkpoint(target, step)
+        from hpcmega.inference.hf_gpt2 import export_hf
+        from hpcmega.inference.load import load_model
+
+        model, _ = load_model(info)
+        notes = export_hf(model, out)
+    except ConfigError as e:
+        raise click.UsageError(str(e)) from None
+    for note in notes:
+        click.echo(f"note: {note}", err=True)
+    click.echo(f"exported step {info.step} ({info.layout}) of {info.url} -> {out} (Hugging Face GPT-2)")
+
+
+def register(main: click.Group) -> None:
+    """`export` is a subcommand of `ckpt`, added to that group when this module is imported."""

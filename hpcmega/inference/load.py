@@ -1,0 +1,34 @@
+"""Load a checkpoint of any layout into the single-process model (DCP reshards the shards on load)."""
+from __future__ import annotations
+
+import torch
+
+from hpcmega.checkpoint import CheckpointInfo
+from hpcmega.config import Config, ConfigError
+from hpcmega.model.gpt import GPT
+
+
+def checkpoint_config(info: CheckpointInfo) -> Config:
+    if "config" not in info.meta:
+        raise ConfigError(f"{info.url}/meta.json records no config (written by an older hpcmega); cannot rebuild "
+                          "the model")
+    return Config.from_dict(info.meta["config"])
+
+
+def load_model(info: CheckpointInfo) -> tuple[GPT, Config]:
+    """The full fp32 model of checkpoint ``info`` on the CPU, in eval mode, and the run's config.
+
+    Only model tensors are read (optimizer state and data position stay on storage)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+
+    cfg = checkpoint_config(info)
+    with torch.device("meta"):
+        model = GPT(cfg.model)
+    model.to_empty(device="cpu")
+    tensors = model.state_dict()  # the model's own storage: DCP loads into it in place
+    # The checkpoint's app state is {"model": ModelOptimizerState, ...}, whose keys are "model.<param>" and
+    # "optim.<...>"; asking for the "model." ones only leaves the optimizer state unread.
+    dcp.load({"model": {f"model.{name}": t for name, t in tensors.items()}}, storage_reader=FsspecReader(info.url),
+             no_dist=True)
+    return model.eval(), cfg
