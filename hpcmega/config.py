@@ -17,6 +17,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from hpcmega.planning.gpus import GPU_NAMES
+
 
 class ConfigError(ValueError):
     """A configuration the user must fix; the message names the fix. The CLI exits with status 2."""
@@ -30,6 +32,7 @@ MODEL_PRESETS: dict[str, dict[str, int]] = {
     "gpt2-350m": dict(vocab_size=50304, d_model=1024, n_layers=24, n_heads=16, max_seq_len=1024),
     "gpt-1.3b": dict(vocab_size=50304, d_model=2048, n_layers=24, n_heads=16, max_seq_len=2048),
     "gpt-7b": dict(vocab_size=50304, d_model=4096, n_layers=32, n_heads=32, max_seq_len=2048),
+    "gpt3-175b": dict(vocab_size=50304, d_model=12288, n_layers=96, n_heads=96, max_seq_len=2048),
 }
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zero-bubble", "zbv", "dualpipev")
@@ -122,8 +125,12 @@ class TrainConfig:
 class ClusterConfig:
     nodes: int = setting(1, "Nodes.", ge=1)
     gpus_per_node: int = setting(1, "GPUs per node, one task each (with --cpu: tasks per node).", ge=1)
-    cpu: bool = setting(False, "CPU-only nodes with gloo (tests, machines without GPUs).", flag="--cpu/--gpu")
+    cpu: bool = setting(False, "CPU-only nodes with gloo (tests, machines without GPUs).", flag="--cpu/--no-cpu")
     nvlink_domain_nodes: int = setting(1, "Nodes per NVLink domain (18 for GB200 NVL72 trays).", ge=1)
+    gpu: str = setting("h100", "GPU model (hpcmega.planning.gpus): memory for the fit check, peak for time "
+                               "estimates.", choices=tuple(GPU_NAMES))
+    gpu_mem_gib: float = setting(0.0, "Memory per GPU to plan for, GiB.", ge=0, zero="the GPU model's own")
+    mfu: float = setting(0.4, "Model-FLOPs utilisation `plan` assumes for step-time estimates.", gt=0, le=1)
     partition: str = setting("", "SLURM partition.")
     account: str = setting("", "SLURM account to charge.")
     qos: str = setting("", "SLURM quality of service.")

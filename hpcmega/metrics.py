@@ -13,20 +13,6 @@ import os
 from pathlib import Path
 from typing import Any, TextIO
 
-# Dense bf16 peak TFLOP/s per device, matched by name fragment against the CUDA device name (first hit wins).
-# fp32 runs report no MFU: their peak depends on whether matmuls run as TF32, FP32 or emulated.
-PEAK_BF16_TFLOPS: list[tuple[str, float]] = [
-    ("GB200", 2500.0),
-    ("B200", 2250.0),
-    ("H200", 989.0),
-    ("H100 NVL", 835.0),
-    ("H100 PCIe", 756.0),
-    ("H100", 989.0),  # SXM (e.g. "NVIDIA H100 80GB HBM3")
-    ("A100", 312.0),
-    ("L40S", 362.0),
-]
-
-
 def model_flops_per_step(
     global_batch: int, seq_len: int, n_layers: int, d_model: int, vocab_size: int
 ) -> float:
@@ -36,13 +22,14 @@ def model_flops_per_step(
 
 
 def peak_tflops(device_name: str | None, precision: str) -> float | None:
-    """Dense peak of one device, or None when unknown (CPU, unlisted GPU): then MFU is not reported."""
-    if not device_name or precision != "bf16":
+    """Dense bf16 peak of one device, or None when unknown (CPU, unlisted GPU): then MFU is not reported. fp32 runs
+    report no MFU either: their peak depends on whether matmuls run as TF32, FP32 or emulated."""
+    if precision != "bf16":
         return None
-    for fragment, peak in PEAK_BF16_TFLOPS:
-        if fragment.lower() in device_name.lower():
-            return peak
-    return None
+    from hpcmega.planning.gpus import gpu_for_device_name  # the GPU table owns peaks
+
+    gpu = gpu_for_device_name(device_name)
+    return gpu.bf16_tflops if gpu else None
 
 
 def step_record(

@@ -20,6 +20,7 @@ from hpcmega.config import (
     get_value,
     named,
 )
+from hpcmega.planning.schedule_facts import bubble_fraction
 from hpcmega.reliability.sbatch_options import check_cluster_values, check_text
 
 
@@ -240,8 +241,7 @@ def _warnings(cfg: Config) -> list[str]:
     p, t = cfg.parallel, cfg.train
     out: list[str] = []
     if p.pp > 1 and p.schedule in ("gpipe", "1f1b", "interleaved-1f1b"):
-        v = cfg.stages_per_rank
-        bubble = (p.pp - 1) / (v * cfg.microbatches + p.pp - 1)
+        bubble = bubble_fraction(p.schedule, p.pp, cfg.stages_per_rank, cfg.microbatches)
         if bubble > 0.25:
             out.append(f"pipeline bubble ~{bubble:.0%} of each step (pp={p.pp}, {cfg.microbatches} microbatches); "
                        "more microbatches (larger --global-batch or smaller --micro-batch) shrink it")

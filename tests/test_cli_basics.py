@@ -15,7 +15,10 @@ from hpcmega.cli import main
 
 HEADLINE = ["plan", "--nodes", "4", "--gpus-per-node", "8", "--tp", "8", "--pp", "2", "--model", "gpt-7b"]
 LAYOUT_KEYS = {"world_size", "tp", "pp", "dp", "order", "tp_groups", "pp_groups", "dp_groups", "mesh_grid",
-               "rank_coords", "domains", "warnings", "config"}
+               "rank_coords", "domains", "warnings", "config",
+               # the planner's estimate (tests/test_planning.py)
+               "memory", "activation_bytes_per_layer", "bubble", "flops_per_step", "tokens_per_step", "est_step_s",
+               "comm_bytes_per_step"}
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 

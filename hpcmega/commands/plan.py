@@ -77,6 +77,106 @@ def config_summary(cfg, placement_kind: str) -> dict[str, Any]:
     }
 
 
+def memory_check(cfg, skip: bool):
+    """The planner's memory check (hpcmega.planning.check) with a refusal turned into exit 2."""
+    from hpcmega.config import ConfigError
+    from hpcmega.planning.check import memory_gate
+
+    try:
+        return memory_gate(cfg, skip)
+    except ConfigError as e:
+        raise click.UsageError(str(e)) from None
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+def print_estimate(est, notes: list[str], measured: dict[str, Any] | None = None) -> None:
+    """Per-stage memory (and what --measure saw), then bubble, FLOPs, step time and traffic."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from hpcmega.planning.estimate import GIB
+
+    out = sys.stdout
+    console = Console(file=out, width=None if out.isatty() else 120, highlight=False)
+    gpu = f"{est.gpu.name}, {est.gpu_mem_gib:.1f} GiB" if est.gpu else "no GPU (CPU job)"
+    table = Table(title=f"memory per GPU, GiB ({gpu})", title_justify="left")
+    for col in ("stage", "params", "grads", "optimizer", "activations", "buffers", "peak"):
+        table.add_column(col, justify="right")
+    for r in est.ranks:
+        table.add_row(str(r.stage), *(f"{x / GIB:.2f}" for x in (r.params, r.grads, r.optimizer, r.activations,
+                                                                 r.buffers, r.peak)))
+    if measured:
+        for r in measured["stages"]:
+            table.add_row(f"{r['stage']} measured", *(f"{r[k]:.2f}" if r.get(k) is not None else "-" for k in (
+                "params_gib", "grads_gib", "optimizer_gib", "activations_gib", "buffers_gib", "peak_gib")))
+    console.print(table)
+    per_layer = ", ".join(f"{k} {_fmt_bytes(v)}" for k, v in est.per_layer.items())
+    console.print(f"activations per layer and microbatch: {per_layer}")
+    sh = est.shape
+    line = (f"bubble {100 * est.bubble:.1f}%, {est.tokens_per_step:,} tokens per step, "
+            f"{est.flops_per_step:.3g} model FLOPs per step")
+    if est.est_step_s:
+        line += (f"; at {100 * est.mfu:.0f}% MFU on {sh.tp * sh.pp * sh.dp} x {est.gpu.name}: "
+                 f"{est.est_step_s:.3g} s/step, {est.tokens_per_s:,.0f} tokens/s")
+    console.print(line)
+    console.print("traffic per GPU per step: " + ", ".join(f"{k} {_fmt_bytes(v)}" for k, v in est.comm.items()))
+    verdict = "fits" if est.fits else ("does NOT fit" if est.fits is False else "not checked")
+    if est.fits is not None:
+        console.print(f"peak {est.peak_gib:.1f} GiB of {est.gpu_mem_gib:.1f} GiB: {verdict}")
+    for note in notes:
+        console.print(note, markup=False, soft_wrap=True)
+
+
+def _auto(cfg, as_json: bool) -> None:
+    """`plan --auto`: all fitting layouts (JSON) or the five fastest (table); exit 2 when none fits."""
+    from hpcmega.config import ConfigError
+    from hpcmega.planning.search import nodes_that_fit, search
+
+    try:
+        found = search(cfg)
+        if not found:
+            bigger = nodes_that_fit(cfg)
+            hint = (f"try --nodes {bigger.cfg.cluster.nodes} ({bigger.flags()})" if bigger else
+                    "no layout of at most 1024 nodes fits either")
+            raise ConfigError(f"no layout of {cfg.cluster.nodes} node(s) x {cfg.cluster.gpus_per_node} "
+                              f"{cfg.cluster.gpu} fits {cfg.model.preset}; {hint}")
+    except ConfigError as e:
+        raise click.UsageError(str(e)) from None
+    if as_json:
+        click.echo(json.dumps({"config": config_summary(cfg, "block"), "layouts": [c.to_json() for c in found]},
+                              indent=2))
+        return
+    _print_auto(cfg, found)
+
+
+def _print_auto(cfg, found) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    out = sys.stdout
+    console = Console(file=out, width=None if out.isatty() else 160, highlight=False)
+    c = cfg.cluster
+    table = Table(title=f"{len(found)} layouts fit {cfg.model.preset} on {c.nodes} x {c.gpus_per_node} {c.gpu} "
+                        f"(global_batch={cfg.train.global_batch}, seq_len={cfg.train.seq_len}, "
+                        f"{cfg.train.precision}); fastest 5 at {100 * c.mfu:.0f}% MFU", title_justify="left")
+    for col in ("#", "layout (flags)", "dp", "peak GiB", "bubble", "tp/pp/dp traffic per GPU", "s/step",
+                "tokens/s"):
+        table.add_column(col, justify="left" if col.startswith("layout") else "right")
+    for i, cand in enumerate(found[:5], 1):
+        est = cand.estimate
+        comm = " / ".join(_fmt_bytes(est.comm[k]) for k in ("tp", "pp", "dp"))
+        table.add_row(str(i), cand.flags(), str(est.shape.dp), f"{est.peak_gib:.1f}", f"{100 * est.bubble:.1f}%",
+                      comm, f"{est.est_step_s:.3g}", f"{est.tokens_per_s:,.0f}")
+    console.print(table)
+    console.print("all of them: --json; check one: hpcmega plan <same flags> <layout flags>")
+
+
 def _print_table(layout, summary: dict[str, Any], warnings: list[str]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -126,23 +226,32 @@ def _print_table(layout, summary: dict[str, Any], warnings: list[str]) -> None:
 @click.option("--placement", "placement_kind", type=click.Choice(["block", "cyclic"]), default="block",
               show_default=True, help="SLURM task distribution to preview.")
 @click.option("--node-names", help="Comma-separated node names (default node1..nodeN).")
+@click.option("--no-memory-check", is_flag=True, help="Do not refuse a layout that does not fit GPU memory.")
+@click.option("--auto", is_flag=True, help="Search tp/pp/schedule/micro-batch/recompute; list what fits, fastest first.")
 @pass_config
-def plan(cfg, as_json: bool, placement_kind: str, node_names: str | None) -> None:
+def plan(cfg, as_json: bool, placement_kind: str, node_names: str | None, no_memory_check: bool,
+         auto: bool) -> None:
     """Validate a config and show its TP/PP/DP groups and the nodes each spans.
 
     \b
     hpcmega plan --nodes 4 --gpus-per-node 8 --tp 8 --pp 2 --model gpt-7b
     hpcmega plan --config launch/gpt2-124m-4node.toml --json
+    hpcmega plan --auto --model gpt-7b --nodes 4 --gpus-per-node 8 --gpu h100
     """
+    if auto:
+        return _auto(cfg, as_json)
     layout, warnings = build_plan(cfg, placement_kind, node_names)
+    est, notes = memory_check(cfg, no_memory_check)
     summary = config_summary(cfg, placement_kind)
     if as_json:
         data = layout.to_json()
-        data["warnings"] = warnings
+        data["warnings"] = warnings + [n.removeprefix("warning: ") for n in notes if n.startswith("warning: ")]
         data["config"] = summary
+        data.update(est.to_json())
         click.echo(json.dumps(data, indent=2))
     else:
         _print_table(layout, summary, warnings)
+        print_estimate(est, notes)
 
 
 def register(main: click.Group) -> None:

@@ -24,8 +24,9 @@ def _tail(path: Path, lines: int = _TAIL_LINES) -> str:
               help="Run folder on a filesystem all nodes share (default: runs/<time>-<name>).")
 @click.option("--dry-run", is_flag=True, help="Print the plan and the sbatch script; submit and write nothing.")
 @click.option("--wait", "wait_", is_flag=True, help="Block until the job ends; exit non-zero unless it completed.")
+@click.option("--no-memory-check", is_flag=True, help="Do not refuse a layout that does not fit GPU memory.")
 @pass_config
-def submit(cfg, run_dir: str | None, dry_run: bool, wait_: bool) -> None:
+def submit(cfg, run_dir: str | None, dry_run: bool, wait_: bool, no_memory_check: bool) -> None:
     """Queue the job on SLURM: NODES x GPUS_PER_NODE tasks, one per GPU, each running hpcmega.job.run_rank.
 
     \b
@@ -33,12 +34,13 @@ def submit(cfg, run_dir: str | None, dry_run: bool, wait_: bool) -> None:
     hpcmega submit --site example --config launch/gpt2-124m-4node.toml --time 02:00:00 --wait
     """
     from hpcmega import slurm
-    from hpcmega.commands.plan import _print_table, build_plan, config_summary
+    from hpcmega.commands.plan import _print_table, build_plan, config_summary, memory_check, print_estimate
     from hpcmega.config import ConfigError
     from hpcmega.launcher import default_run_dir
     from hpcmega.reliability.sbatch_options import check_run_folder
 
     layout, warnings = build_plan(cfg)  # validation (incl. every sbatch value) + layout: exit 2 before writing
+    est, notes = memory_check(cfg, no_memory_check)  # and a layout that cannot fit its GPUs
     path = Path(run_dir).absolute() if run_dir else default_run_dir(cfg).absolute()
     try:
         check_run_folder(str(path))
@@ -47,6 +49,7 @@ def submit(cfg, run_dir: str | None, dry_run: bool, wait_: bool) -> None:
 
     if dry_run:
         _print_table(layout, config_summary(cfg, "block"), warnings)
+        print_estimate(est, notes)
         click.echo(f"\nrun folder (not created): {path}")
         click.echo("sbatch script (dry run, nothing submitted):\n")
         click.echo(slurm.sbatch_script(cfg, slurm.submission_folder(path)))
@@ -54,6 +57,8 @@ def submit(cfg, run_dir: str | None, dry_run: bool, wait_: bool) -> None:
 
     for w in warnings:
         click.echo(f"warning: {w}", err=True)
+    for note in notes:
+        click.echo(note, err=True)
     try:
         job = slurm.submit(cfg, path)
     except (ConfigError, slurm.SubmitError) as e:  # no sbatch/srun here, or sbatch refused the job (exit 1)

@@ -1,0 +1,10 @@
+"""Planning: what a layout costs before it is queued -- memory per GPU, FLOPs, bubble, traffic, step time -- and
+which layout to pick. Pure Python (no torch), so `hpcmega plan` answers in milliseconds on a login node:
+
+  gpus.py            the GPU table (memory, bf16 peak, link bandwidth)
+  schedule_facts.py  activations in flight and bubble per pipeline schedule
+  estimate.py        the estimator (per pipeline rank: params, grads, optimizer, activations, buffers, peak)
+  check.py           the fit check `plan`/`submit` run, and the flag that would make a layout fit
+  search.py          `plan --auto`: every layout that fits, ranked by estimated step time
+  measure.py         `plan --measure` (imports torch): the real engine on a fake process group, for comparison
+"""

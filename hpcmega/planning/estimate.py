@@ -1,0 +1,377 @@
+"""Per-rank memory, FLOPs, bubble, communication and step time of one layout, from arithmetic alone (no torch).
+
+The numbers model *the engine hpcmega runs* (hpcmega.engine), not a generic transformer, and every term is checked
+against a measurement of the real code on a fake process group (``hpcmega plan --measure``,
+tests/test_planning_measure.py). docs/planning.md explains each term with a worked 7B example.
+
+Units: elements are counted per tensor-parallel rank; bytes per GPU. ``sbh`` = sequence x micro-batch x hidden.
+
+Model state (AdamW, hpcmega.optim): parameters live in fp32 (with bf16 they are FSDP2's fp32 master copy), one fp32
+gradient per parameter and two fp32 moments. FSDP2 (used whenever dp > 1 or precision is bf16) shards all of it over
+"dp" and all-gathers parameters in the compute dtype for forward and backward. Where the engine keeps unsharded
+copies: inside a pipeline (pp > 1) the schedule turns resharding after backward and gradient sync off until the last
+microbatch, so a rank holds its stage's gathered parameters and fp32 unsharded gradient accumulators for the whole
+step; with pp = 1 and several microbatches the gradient accumulators are unsharded too (sync only on the last).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from hpcmega.config import Config
+from hpcmega.engine.stages import layers_for_stage, stage_ids_for_rank
+from hpcmega.metrics import model_flops_per_step
+from hpcmega.planning.gpus import GPU, INTERNODE_GB_S
+from hpcmega.planning.schedule_facts import bubble_fraction, chunks_in_flight
+
+GIB = 2**30
+FP32 = 4
+
+
+@dataclass(frozen=True)
+class Shape:
+    """Everything the estimator reads: the model, the layout and the batch, as plain numbers."""
+
+    vocab: int
+    h: int
+    layers: int
+    heads: int
+    max_seq_len: int
+    tp: int
+    pp: int
+    dp: int
+    v: int  # stages per pipeline rank
+    schedule: str
+    m: int  # microbatches per step per DP rank
+    b: int  # sequences per microbatch
+    s: int
+    recompute: str
+    sp: bool
+    precision: str
+    reshard_after_forward: bool
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> "Shape":
+        m = cfg.microbatches
+        return cls(
+            vocab=cfg.model.vocab_size, h=cfg.model.d_model, layers=cfg.model.n_layers, heads=cfg.model.n_heads,
+            max_seq_len=cfg.model.max_seq_len, tp=cfg.parallel.tp, pp=cfg.parallel.pp, dp=cfg.dp,
+            v=cfg.stages_per_rank if cfg.parallel.pp > 1 else 1, schedule=cfg.parallel.schedule, m=m,
+            b=max(1, cfg.train.global_batch // max(1, cfg.dp * m)), s=cfg.train.seq_len,
+            recompute=cfg.parallel.recompute, sp=cfg.sequence_parallel, precision=cfg.train.precision,
+            reshard_after_forward=cfg.parallel.reshard_after_forward,
+        )
+
+    @property
+    def compute_bytes(self) -> int:
+        """Bytes per element of activations and gathered parameters."""
+        return 2 if self.precision == "bf16" else 4
+
+    @property
+    def fsdp(self) -> bool:
+        """The engine wraps in FSDP2 whenever dp > 1, and for bf16 (it carries the mixed-precision policy)."""
+        return self.dp > 1 or self.precision == "bf16"
+
+    @property
+    def tokens_per_microbatch(self) -> int:
+        return self.b * self.s
+
+
+# -- parameters ---------------------------------------------------------------------------------------------------
+def block_params(h: int, tp: int) -> int:
+    """One block's parameters on one TP rank: wq/wk/wv/fc1 (weights and biases) and wo/fc2 weights are split over
+    tp; wo/fc2 biases and both LayerNorms are replicated. 12h^2 + 13h at tp = 1."""
+    return (12 * h * h + 7 * h) // tp + 6 * h
+
+
+def embedding_params(sh: Shape) -> int:
+    """Token and position embeddings, vocab- and position-parallel over tp."""
+    return (sh.vocab + sh.max_seq_len) * sh.h // sh.tp
+
+
+def head_params(sh: Shape) -> int:
+    """Final LayerNorm (replicated) and the bias-free head (column-parallel over the vocabulary)."""
+    return 2 * sh.h + sh.vocab * sh.h // sh.tp
+
+
+def total_params(sh: Shape) -> int:
+    """The whole model's parameter count (tp = 1 numbers)."""
+    return sh.layers * (12 * sh.h * sh.h + 13 * sh.h) + (2 * sh.vocab + sh.max_seq_len) * sh.h + 2 * sh.h
+
+
+# -- activations --------------------------------------------------------------------------------------------------
+def korthikanti_bytes_per_layer(s: int, b: int, h: int, a: int, t: int, sp: bool, recompute: str,
+                                dropout: bool = True, flash: bool = False, sp_keeps_gathered: bool = False) -> float:
+    """Activation bytes one transformer layer keeps, 16-bit activations, from the breakdown of Korthikanti et al.
+    (2022) section 4.1 -- with the defaults exactly their Table 2:
+
+      attention 11sbh + 5as^2b: QKV input 2sbh, Q and K 4sbh, V 2sbh, softmax output 2as^2b, its dropout mask
+      as^2b and output 2as^2b, projection input 2sbh, output dropout mask sbh; MLP 19sbh: fc1 input 2sbh, GELU
+      input 8sbh, fc2 input 8sbh, dropout mask sbh; two LayerNorm inputs 4sbh. TP splits what lies between the
+      column- and row-parallel matmuls; SP also splits the rest. Selective recompute drops the s^2 terms; full
+      recompute keeps the layer input (2sbh).
+
+    The flags describe an engine that differs: no ``dropout`` (no masks), ``flash`` attention (no s x s matrices,
+    only a fp32 log-sum-exp per head and token), and ``sp_keeps_gathered`` (DTensor SP: the column-parallel matmuls
+    keep their all-gathered, full-sequence inputs instead of the sequence shard Megatron keeps and re-gathers).
+    """
+    sbh = s * b * h
+    if recompute == "full":
+        return 2.0 * sbh
+    outside = 4 + (2 if dropout else 0)  # LayerNorm inputs, dropout masks: split only by SP
+    gathered = 4.0  # QKV and fc1 inputs
+    inside = 4 + 2 + 2 + 8 + 8  # Q,K / V / projection input / GELU input / fc2 input: split by TP
+    total = inside * sbh / t
+    total += outside * sbh / (t if sp else 1)
+    total += gathered * sbh / (t if sp and not sp_keeps_gathered else 1)
+    if flash:
+        total += 4 * s * b * (a // t)  # fp32 log-sum-exp
+    elif recompute != "selective":
+        total += (5 if dropout else 2) * a * s * s * b / t
+    return total
+
+
+# Tensors each block keeps for backward with recompute selective/full, in units of s*b*h elements:
+# (replicated over tp, split over tp). Recompute none is the Korthikanti breakdown above for this engine.
+#  selective: block input; results of the matmuls, attention and TP collectives (hpcmega.engine.recompute):
+#             q, k, v, attention output, fc1 output (split); the row-parallel partial sums of wo and fc2
+#             (replicated) and, with tp > 1, the all-reduce outputs (2, no SP) or all-gathers (2) and
+#             reduce-scatters (2, split) with SP.
+#  full:      the block input only.
+def _block_units(recompute: str, sp: bool, tp: int) -> tuple[float, float]:
+    if recompute == "full":
+        return (0.0, 1.0) if sp else (1.0, 0.0)
+    if sp:
+        return 4.0, 11.0
+    return (5.0 if tp > 1 else 3.0), 8.0
+
+
+def activation_bytes_per_layer(sh: Shape, recompute: str | None = None) -> int:
+    """Bytes one block keeps for backward, per microbatch, on one TP rank."""
+    mode = recompute or sh.recompute
+    sp = sh.sp and sh.tp > 1
+    if mode == "none":  # SDPA (flash) attention, no dropout, DTensor sequence parallelism
+        bytes16 = korthikanti_bytes_per_layer(sh.s, sh.b, sh.h, sh.heads, sh.tp, sp, "none", dropout=False,
+                                              flash=True, sp_keeps_gathered=True)
+        lse = 4 * sh.tokens_per_microbatch * (sh.heads // sh.tp)
+        return int((bytes16 - lse) * sh.compute_bytes / 2) + lse
+    full, split = _block_units(mode, sp, sh.tp)
+    sbh = sh.tokens_per_microbatch * sh.h
+    logsumexp = 0 if mode == "full" else FP32 * sh.tokens_per_microbatch * (sh.heads // sh.tp)
+    return int((full + split / sh.tp) * sbh * sh.compute_bytes) + logsumexp
+
+
+def recompute_transient_bytes(sh: Shape) -> int:
+    """During backward a recomputed block briefly holds what recompute saved it from keeping."""
+    if sh.recompute == "none":
+        return 0
+    return max(0, activation_bytes_per_layer(sh, "none") - activation_bytes_per_layer(sh))
+
+
+def head_activation_bytes(sh: Shape) -> int:
+    """Last stage, per microbatch in flight: final-norm input and gathered output, fp32 log-softmax of the
+    vocab-parallel logits and, inside a pipeline, the logits the stage returns (kept until backward)."""
+    sbh = sh.tokens_per_microbatch * sh.h
+    norm_in = sbh // sh.tp if sh.sp and sh.tp > 1 else sbh
+    logits = sh.tokens_per_microbatch * sh.vocab // sh.tp
+    kept_output = sh.compute_bytes if sh.pp > 1 else 0
+    return (norm_in + sbh) * sh.compute_bytes + logits * (FP32 + kept_output)
+
+
+def logits_grad_bytes(sh: Shape) -> int:
+    """Transient during the last stage's backward: fp32 gradient of the logits (and its compute-dtype cast)."""
+    logits = sh.tokens_per_microbatch * sh.vocab // sh.tp
+    return logits * (FP32 + (sh.compute_bytes if sh.compute_bytes != FP32 else 0))
+
+
+# -- one pipeline rank ----------------------------------------------------------------------------------------------
+@dataclass
+class RankMemory:
+    stage: int  # pipeline rank
+    params: int
+    grads: int
+    optimizer: int
+    activations: int
+    buffers: int  # FSDP2 unsharded parameters / gradient accumulators, recompute and logits transients
+    peak: int
+    param_count: int
+    layers: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "stage": self.stage,
+            "params_gib": gib(self.params),
+            "grads_gib": gib(self.grads),
+            "optimizer_gib": gib(self.optimizer),
+            "activations_gib": gib(self.activations),
+            "peak_gib": gib(self.peak),
+        }
+
+
+def gib(n: float) -> float:
+    return round(n / GIB, 3)
+
+
+def rank_memory(sh: Shape, pp_rank: int) -> RankMemory:
+    num_stages = sh.pp * sh.v
+    stages = stage_ids_for_rank(pp_rank, sh.pp, sh.v, sh.schedule)
+    layer_ranges = [layers_for_stage(st, num_stages, sh.layers) for st in stages]
+    n_layers = sum(len(r) for r in layer_ranges)
+    first, last = 0 in stages, num_stages - 1 in stages
+    count = n_layers * block_params(sh.h, sh.tp) + (embedding_params(sh) if first else 0)
+    count += head_params(sh) if last else 0
+
+    shard = sh.dp if sh.fsdp else 1
+    params = FP32 * count // shard
+    grads = FP32 * count // shard
+    optimizer = 2 * FP32 * count // shard
+
+    in_flight = chunks_in_flight(sh.schedule, sh.pp, pp_rank, len(stages), sh.m)
+    activations = in_flight * (n_layers / len(stages)) * activation_bytes_per_layer(sh)
+    if last:
+        activations += math.ceil(in_flight / len(stages)) * head_activation_bytes(sh)
+    activations = int(activations)
+
+    accumulating = sh.pp > 1 or sh.m > 1  # gradients outlive one backward
+    buffers = recompute_transient_bytes(sh) + (logits_grad_bytes(sh) if last else 0)
+    grads_at_peak = grads
+    if sh.fsdp:
+        grads_at_peak = 0  # sharded gradients appear only after the last reduce-scatter, when activations are gone
+        block = block_params(sh.h, sh.tp)
+        if sh.pp > 1 or not sh.reshard_after_forward:
+            buffers += sh.compute_bytes * count  # gathered parameters kept until the end of backward
+        else:
+            buffers += sh.compute_bytes * (count - n_layers * block + 2 * block)  # root + two blocks in flight
+        buffers += FP32 * (count if accumulating else 2 * block)  # unsharded gradient accumulators
+    if accumulating or sh.fsdp:
+        backward_peak = params + optimizer + grads_at_peak + activations + buffers
+    else:
+        # One microbatch, plain gradients: backward frees a layer's activations as it fills its gradients.
+        backward_peak = params + optimizer + max(activations, grads) + buffers
+    # AdamW (foreach) holds one temporary the size of the parameters (sqrt of the second moment) during its step.
+    optimizer_peak = params + grads + optimizer + params
+    peak = max(backward_peak, optimizer_peak)
+    return RankMemory(pp_rank, params, grads, optimizer, activations, buffers, peak, count, n_layers)
+
+
+# -- throughput ---------------------------------------------------------------------------------------------------
+def flops_per_step(sh: Shape) -> float:
+    """Model FLOPs of one optimizer step (hpcmega.metrics): 6N + 12*L*h*s per token, N = 12*L*h^2 + V*h."""
+    return model_flops_per_step(sh.b * sh.m * sh.dp, sh.s, sh.layers, sh.h, sh.vocab)
+
+
+def hardware_flops_per_step(sh: Shape) -> float:
+    """What the GPUs execute: full recompute runs each block's forward twice (Narayanan 2021 eq. 3,
+    96*B*s*L*h^2*(1 + s/6h + V/16Lh)); selective recomputes elementwise work only and is counted as none."""
+    flops = flops_per_step(sh)
+    if sh.recompute == "full":
+        tokens = sh.b * sh.m * sh.dp * sh.s
+        flops += tokens * sh.layers * (24 * sh.h * sh.h + 4 * sh.s * sh.h)
+    return flops
+
+
+def tokens_per_step(sh: Shape) -> int:
+    return sh.b * sh.m * sh.dp * sh.s
+
+
+# -- communication (Narayanan et al. 2021, section 3; ring volumes per rank) ----------------------------------------
+def comm_bytes_per_step(sh: Shape) -> dict[str, int]:
+    """Bytes each GPU sends per step along tp, pp and dp (a ring all-reduce of S bytes sends 2(n-1)/n*S; an
+    all-gather or reduce-scatter (n-1)/n*S)."""
+    e = sh.compute_bytes
+    sbh = sh.tokens_per_microbatch * sh.h
+    layers_per_rank = math.ceil(sh.layers / sh.pp)
+    # Per block per microbatch: 2 all-reduces forward, 2 backward (or as many all-gather + reduce-scatter pairs with
+    # SP: the same volume); full recompute repeats the forward's two.
+    allreduces = 4 + (2 if sh.recompute == "full" else 0)
+    tp = allreduces * 2 * (sh.tp - 1) / sh.tp * sbh * e * layers_per_rank * sh.m
+    # One activation forward and one gradient backward per microbatch and local stage (sequence-sharded with SP).
+    boundary = sbh * e // (sh.tp if sh.sp and sh.tp > 1 else 1)
+    pp = 2 * boundary * sh.m * sh.v if sh.pp > 1 else 0
+    dp = 0.0
+    if sh.dp > 1:
+        count = rank_memory(sh, 0).param_count
+        gathers = 1 if sh.pp > 1 else sh.m * (2 if sh.reshard_after_forward else 1)
+        dp = (sh.dp - 1) / sh.dp * count * (gathers * e + FP32)  # all-gathers + one fp32 reduce-scatter
+    return {"tp": int(tp), "pp": int(pp), "dp": int(dp)}
+
+
+@dataclass
+class Estimate:
+    shape: Shape
+    gpu: GPU | None
+    gpu_mem_gib: float | None
+    mfu: float
+    ranks: list[RankMemory]
+    bubble: float
+    flops_per_step: float
+    tokens_per_step: int
+    est_step_s: float | None
+    comm: dict[str, int]
+    per_layer: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def worst(self) -> RankMemory:
+        return max(self.ranks, key=lambda r: r.peak)
+
+    @property
+    def peak_gib(self) -> float:
+        return self.worst.peak / GIB
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.gpu_mem_gib is None else self.peak_gib <= self.gpu_mem_gib
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        return self.tokens_per_step / self.est_step_s if self.est_step_s else None
+
+    def memory_json(self) -> dict[str, Any]:
+        return {
+            "gpu": self.gpu.name if self.gpu else None,
+            "gpu_mem_gib": self.gpu_mem_gib,
+            "stages": [r.to_json() for r in self.ranks],
+            "peak_gib": round(self.peak_gib, 3),
+            "fits": self.fits,
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        """The keys `hpcmega plan --json` adds (the JSON contract of docs/planning.md)."""
+        return {
+            "memory": self.memory_json(),
+            "activation_bytes_per_layer": self.per_layer,
+            "bubble": round(self.bubble, 6),
+            "flops_per_step": self.flops_per_step,
+            "tokens_per_step": self.tokens_per_step,
+            "est_step_s": None if self.est_step_s is None else round(self.est_step_s, 6),
+            "comm_bytes_per_step": self.comm,
+        }
+
+
+def step_time_s(sh: Shape, gpu: GPU, mfu: float, bubble: float, comm: dict[str, int]) -> float:
+    """Compute time at ``mfu`` of the bf16 peak, stretched by the bubble, plus TP traffic (on the critical path,
+    over NVLink) and PP traffic (between nodes); DP traffic overlaps compute and only shows when it is longer."""
+    world = sh.tp * sh.pp * sh.dp
+    compute = hardware_flops_per_step(sh) / (world * gpu.bf16_tflops * 1e12 * mfu)
+    busy = compute / (1.0 - bubble) + comm["tp"] / (gpu.nvlink_gb_s * 1e9) + comm["pp"] / (INTERNODE_GB_S * 1e9)
+    return max(busy, comm["dp"] / (INTERNODE_GB_S * 1e9))
+
+
+def estimate(sh: Shape, gpu: GPU | None = None, gpu_mem_gib: float | None = None, mfu: float = 0.4) -> Estimate:
+    bubble = bubble_fraction(sh.schedule, sh.pp, sh.v, sh.m)
+    comm = comm_bytes_per_step(sh)
+    mem = gpu_mem_gib if gpu_mem_gib is not None else (gpu.memory_gib if gpu else None)
+    return Estimate(
+        shape=sh,
+        gpu=gpu,
+        gpu_mem_gib=mem,
+        mfu=mfu,
+        ranks=[rank_memory(sh, r) for r in range(sh.pp)],
+        bubble=bubble,
+        flops_per_step=flops_per_step(sh),
+        tokens_per_step=tokens_per_step(sh),
+        est_step_s=step_time_s(sh, gpu, mfu, bubble, comm) if gpu else None,
+        comm=comm,
+        per_layer={mode: activation_bytes_per_layer(sh, mode) for mode in ("none", "selective", "full")},
+    )

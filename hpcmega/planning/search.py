@@ -1,0 +1,105 @@
+"""`hpcmega plan --auto`: every layout of the given nodes that validates and fits, ranked by estimated step time.
+
+Searched: tp (divisors of the NVLink domain, so a TP group never leaves it -- Narayanan et al. 2021 takeaway #1),
+pp, schedule (1f1b, gpipe, interleaved-1f1b with 2 or 4 chunks per rank), micro-batch size and recompute mode.
+Kept from the config: model, global batch, sequence length, precision, nodes and GPUs. Sequence parallelism is on
+whenever tp > 1 (it only removes activation memory). Each candidate goes through the same ``validate`` as a real
+run, so everything listed can be run as printed. Pure Python: a few thousand estimates take well under a second.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Iterator
+
+from hpcmega.config import Config, ConfigError, RECOMPUTE_MODES
+from hpcmega.planning.check import gpu_of
+from hpcmega.planning.estimate import Estimate, Shape, estimate
+
+MICRO_BATCHES = (1, 2, 4, 8)
+SCHEDULE_CHOICES = (("1f1b", 1), ("gpipe", 1), ("interleaved-1f1b", 2), ("interleaved-1f1b", 4))
+
+
+@dataclass
+class Candidate:
+    cfg: Config
+    estimate: Estimate
+
+    def flags(self) -> str:
+        """The command-line flags that select this layout."""
+        c, p = self.cfg, self.cfg.parallel
+        out = [f"--tp {p.tp}", f"--pp {p.pp}"]
+        if p.pp > 1:
+            out.append(f"--schedule {p.schedule}")
+            if p.virtual_stages > 1:
+                out.append(f"--virtual-stages {p.virtual_stages}")
+        out += [f"--micro-batch {c.train.micro_batch}", f"--recompute {p.recompute}"]
+        return " ".join(out)
+
+    def to_json(self) -> dict:
+        sh = self.estimate.shape
+        return {
+            "tp": sh.tp, "pp": sh.pp, "dp": sh.dp, "schedule": sh.schedule if sh.pp > 1 else None,
+            "virtual_stages": sh.v, "micro_batch": sh.b, "microbatches": sh.m, "recompute": sh.recompute,
+            "sequence_parallel": sh.sp, "flags": self.flags(), "tokens_per_s": self.estimate.tokens_per_s,
+            **self.estimate.to_json(),
+        }
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def layouts(cfg: Config) -> Iterator[Config]:
+    """Every candidate config (not yet validated)."""
+    c = cfg.cluster
+    domain = c.gpus_per_node * c.nvlink_domain_nodes
+    world = cfg.world_size
+    for tp in _divisors(domain):
+        if world % tp:
+            continue
+        for pp in _divisors(world // tp):
+            schedules = SCHEDULE_CHOICES if pp > 1 else (("1f1b", 1),)
+            for schedule, v in schedules:
+                for mb in MICRO_BATCHES:
+                    for recompute in RECOMPUTE_MODES:
+                        new = copy.copy(cfg)
+                        new.parallel = copy.copy(cfg.parallel)
+                        new.train = copy.copy(cfg.train)
+                        p = new.parallel
+                        p.tp, p.pp, p.dp, p.microbatches = tp, pp, 0, 0
+                        p.schedule, p.virtual_stages, p.recompute = schedule, v, recompute
+                        p.sequence_parallel = True
+                        new.train.micro_batch = mb
+                        yield new
+
+
+def search(cfg: Config) -> list[Candidate]:
+    """Layouts that validate and fit, fastest (estimated) first."""
+    from hpcmega.validate import validate
+
+    gpu, mem = gpu_of(cfg)
+    found = []
+    for new in layouts(cfg):
+        try:
+            validate(new)
+        except ConfigError:
+            continue
+        est = estimate(Shape.from_config(new), gpu, mem, cfg.cluster.mfu)
+        if est.fits:
+            found.append(Candidate(new, est))
+    found.sort(key=lambda cand: (cand.estimate.est_step_s, cand.estimate.peak_gib))
+    return found
+
+
+def nodes_that_fit(cfg: Config, max_nodes: int = 1024) -> Candidate | None:
+    """The best layout on the fewest nodes (doubling from the configured count) that fits, or None."""
+    nodes = cfg.cluster.nodes * 2
+    while nodes <= max_nodes:
+        bigger = copy.deepcopy(cfg)
+        bigger.cluster.nodes = nodes
+        found = search(bigger)
+        if found:
+            return found[0]
+        nodes *= 2
+    return None
