@@ -165,6 +165,11 @@ class CheckpointConfig:
     save_every: int = setting(0, "Save every N steps.", ge=0, zero="only at the end and on preemption")
     keep: int = setting(3, "Checkpoints to keep.", ge=1)
     resume: str = setting("auto", "auto | none | a checkpoint URL.")
+    verify_checksums: bool = setting(True, "Check every checkpoint file's SHA-256 on load (sizes are always "
+                                           "checked); off for huge checkpoints.")
+    trust: bool = setting(False, "Allow --resume from outside this run's checkpoint location (DCP unpickles its "
+                                 ".metadata: only for checkpoints you trust).",
+                          flag="--trust-checkpoint/--no-trust-checkpoint")
 
 
 @dataclass

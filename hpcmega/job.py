@@ -146,18 +146,27 @@ def collectives_self_test(mesh, layout, rank: int, device) -> dict[str, Any]:
     return report
 
 
-def _stop_for_requeue(cfg: Config, env: DistEnv) -> None:
-    """After the agreed save: rank 0 requeues the job (within cluster.max_requeues); every rank then waits for
-    SLURM to end this attempt, so no attempt is reported as finished while its requeue is under way."""
+class TrainingUnfinished(RuntimeError):
+    """The job stopped before its last step (a stop signal; no requeue left). Exit status EXIT_UNFINISHED."""
+
+
+def _stop_for_requeue(cfg: Config, env: DistEnv, train: dict[str, Any], signum: int | None) -> None:
+    """After the agreed save: rank 0 requeues the job (USR2, within cluster.max_requeues); every rank then waits for
+    SLURM to end this attempt, so no attempt is reported as finished while its requeue is under way. Without a
+    requeue (local run, SIGTERM, budget spent) the attempt ends with TrainingUnfinished, never as a success."""
+    import signal
+
     import torch.distributed as dist
 
     from hpcmega.preemption import decide_requeue, requeue, slurm_job_id
 
     job_id = slurm_job_id() if env.job_id else None
-    decision = decide_requeue(job_id, env.restart_count, cfg.cluster.max_requeues)
+    decision = decide_requeue(job_id, env.restart_count, cfg.cluster.max_requeues, signum or signal.SIGUSR2)
     _say(env, f"stop signal: checkpoint saved; {decision.reason}")
     if not decision.requeue:
-        return
+        raise TrainingUnfinished(
+            f"stopped at step {train.get('final_step')} of {cfg.train.steps} ({decision.reason}); run the same "
+            "command again to continue from the last checkpoint")
     if env.rank == 0:
         requeue(job_id)
     dist.barrier()
@@ -171,6 +180,10 @@ def run_rank(cfg: Config | dict[str, Any], run_dir: str) -> dict[str, Any]:
     run_path = Path(run_dir).absolute()
     cfg.run_dir = str(run_path)
     env = from_environment(master_port=cfg.cluster.master_port)
+    from hpcmega.preemption import StopFlag, stop_signals
+
+    # First thing: a stop signal during start-up is remembered (and acted on at the first step), not fatal.
+    stop_flag = StopFlag().install(stop_signals(under_slurm=bool(env.job_id)))
     if env.world_size != cfg.world_size:
         raise ConfigError(
             f"the job has {env.world_size} ranks but the config expects nodes={cfg.cluster.nodes} x "
@@ -235,9 +248,6 @@ def run_rank(cfg: Config | dict[str, Any], run_dir: str) -> dict[str, Any]:
         if cfg.train.steps > 0 and importlib.util.find_spec("hpcmega.train") is not None:
             from hpcmega.train import train  # an ImportError inside train.py is a real error, not "no training"
 
-            from hpcmega.preemption import StopFlag
-
-            stop_flag = StopFlag().install()  # replaces submitit's USR2 handler: see hpcmega.preemption
             logger = None
             if env.rank == 0:
                 from hpcmega.wandb_logger import WandbLogger
@@ -254,7 +264,7 @@ def run_rank(cfg: Config | dict[str, Any], run_dir: str) -> dict[str, Any]:
                 if logger is not None:
                     logger.finish()
             if result["train"].get("preempted"):
-                _stop_for_requeue(cfg, env)
+                _stop_for_requeue(cfg, env, result["train"], stop_flag.agreed_signum)
         elif cfg.train.steps > 0:
             _say(env, "notice: this build has no hpcmega.train; ran the self-test only")
         dist.barrier()
@@ -273,12 +283,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="resolved config TOML (written by the launcher)")
     parser.add_argument("--run-dir", required=True)
     args = parser.parse_args(argv)
+    from hpcmega.reliability.process import die_with_launcher
+
+    die_with_launcher()
     try:
         run_rank(load_config(args.config), args.run_dir)
     except ConfigError as e:
         rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "?"))
         print(f"[rank {rank}] error: {e}", file=sys.stderr, flush=True)
         return 2
+    except TrainingUnfinished as e:
+        from hpcmega.preemption import EXIT_UNFINISHED
+
+        print(f"[rank {os.environ.get('RANK', '?')}] {e}", flush=True)
+        return EXIT_UNFINISHED
     return 0
 
 

@@ -20,6 +20,9 @@ from pathlib import Path
 from typing import IO
 
 from hpcmega.config import Config
+from hpcmega.preemption import EXIT_UNFINISHED
+from hpcmega.reliability.console import Console
+from hpcmega.reliability.process import LAUNCHER_PID_ENV
 
 # After the first rank fails, how long the others get to exit on SIGTERM before SIGKILL.
 TERMINATE_GRACE_S = 5.0
@@ -68,6 +71,7 @@ def rank_env(rank: int, nproc: int, port: int, node: str, base: dict[str, str] |
         HPCMEGA_NODE=node,
         PYTHONUNBUFFERED="1",
     )
+    env[LAUNCHER_PID_ENV] = str(os.getpid())  # the rank dies with this process (hpcmega.reliability.process)
     env.setdefault("OMP_NUM_THREADS", "1")  # N ranks on one machine must not each start one thread per core
     return env
 
@@ -94,7 +98,7 @@ class LocalLauncher:
 
     def __init__(self, config_path: Path, run_dir: Path, nproc: int, out: IO[str] | None = None) -> None:
         self.config_path, self.run_dir, self.nproc = config_path, run_dir, nproc
-        self.out = out or sys.stdout
+        self.console = Console(out or sys.stdout)  # never blocks or fails training (hpcmega.reliability.console)
         self.log_dir = run_dir / "logs"
         self.procs: list[subprocess.Popen] = []
         self._stream_thread: threading.Thread | None = None
@@ -103,6 +107,17 @@ class LocalLauncher:
         return self.log_dir / f"rank{rank}.log"
 
     def _spawn(self) -> None:
+        """Start the ranks with the stop signals blocked (inherited): one sent while a rank is still starting
+        waits until the rank's StopFlag is installed, instead of killing it."""
+        from hpcmega.preemption import block_stop_signals
+
+        previous = block_stop_signals()
+        try:
+            self._spawn_ranks()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+    def _spawn_ranks(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         port = free_port()
         node = socket.gethostname()
@@ -128,8 +143,7 @@ class LocalLauncher:
             for line in proc.stdout:
                 log.write(line)
                 log.flush()
-                self.out.write(line)
-                self.out.flush()
+                self.console.write(line)
 
     def _signal_all(self, sig: int) -> None:
         for proc in self.procs:
@@ -182,17 +196,25 @@ class LocalLauncher:
             if any(p.poll() is None for p in self.procs):
                 self._stop_all()
 
+        status = self._report(received, failed)
+        self.console.close()
+        return status
+
+    def _report(self, received: list[int], failed: tuple[int, int] | None) -> int:
         if received:
-            self.out.write(f"hpcmega run: stopped by {signal.Signals(received[0]).name}; all ranks ended\n")
+            self.console.write(f"hpcmega run: stopped by {signal.Signals(received[0]).name}; all ranks ended\n")
             return 128 + received[0]
         if failed is not None:
             rank, code = failed
-            self.out.write(f"hpcmega run: rank {rank} failed ({_describe(code)}); stopped the other ranks\n")
+            if code == EXIT_UNFINISHED:
+                self.console.write("hpcmega run: training stopped before its last step (a stop signal); the "
+                                   "checkpoint is saved -- run the same command again to continue\n")
+                return code
+            self.console.write(f"hpcmega run: rank {rank} failed ({_describe(code)}); stopped the other ranks\n")
             if rank != 0:
                 tail = _tail(self.log_path(rank))
                 if tail:
-                    self.out.write(f"--- last lines of {self.log_path(rank)} ---\n{tail}")
-            self.out.flush()
+                    self.console.write(f"--- last lines of {self.log_path(rank)} ---\n{tail}")
             return code if code > 0 else 1
         return 0
 

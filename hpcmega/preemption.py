@@ -16,41 +16,63 @@ from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
 
-# SLURM sends this `--signal=USR2@<grace>` seconds before the time limit, and the tests (or an admin) send it with
-# `scancel --signal=USR2` to simulate a preemption. SIGTERM is left alone: `scancel` sends it to cancel a job, and a
-# cancelled job must not requeue.
-STOP_SIGNALS = (signal.SIGUSR2,)
+# USR2: SLURM sends it `--signal=USR2@<grace>` seconds before the time limit (and admins/tests with
+# `scancel --signal=USR2`); the job saves and requeues itself. TERM: what SLURM sends on preemption (then SIGKILL
+# after the partition's GraceTime) and on `scancel`; under SLURM the job saves and lets SLURM decide -- a preempted
+# job (PreemptMode=REQUEUE) is requeued by SLURM, a cancelled one stays stopped. A local rank keeps TERM's default
+# (the launcher uses it to end ranks). Listed by precedence: when ranks got different signals, the later one wins.
+STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
+# A rank's exit status when training stopped before its last step (stop signal, no requeue): the checkpoint is
+# saved and the same command continues. EX_TEMPFAIL from sysexits.h.
+EXIT_UNFINISHED = 75
+
+
+def stop_signals(under_slurm: bool) -> tuple[int, ...]:
+    return STOP_SIGNALS if under_slurm else (signal.SIGUSR2,)
+
+
+def block_stop_signals() -> list[int]:
+    """Block the stop signals (a process started now inherits the mask): one that arrives before
+    :meth:`StopFlag.install` stays pending instead of killing a rank that is still starting up."""
+    return sorted(signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS))
 
 
 class StopFlag:
-    """Set by a signal handler; read at step boundaries. Installing it replaces submitit's USR2 handler."""
+    """Set by a signal handler; read at step boundaries. Installing it replaces submitit's handlers."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.agreed_signum: int | None = None
 
-    def install(self, signals: tuple[int, ...] = STOP_SIGNALS) -> "StopFlag":
+    def install(self, signals: tuple[int, ...] = (signal.SIGUSR2,)) -> "StopFlag":
         for sig in signals:
             signal.signal(sig, self._handle)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # deliver what arrived during start-up now
         return self
 
     def _handle(self, signum: int, _frame: object) -> None:
-        self.signum = signum  # nothing else: we may be inside a collective
+        if self.signum is None or STOP_SIGNALS.index(signum) > STOP_SIGNALS.index(self.signum):
+            self.signum = signum  # nothing else: we may be inside a collective
 
     @property
     def requested(self) -> bool:
         return self.signum is not None
 
     def agreed(self, group=None) -> bool:
-        """True on every rank if any rank received a stop signal (one tiny all-reduce)."""
+        """True on every rank if any rank received a stop signal (one tiny all-reduce); all ranks then also agree
+        on ``agreed_signum`` (the one with the highest precedence)."""
         import torch
         import torch.distributed as dist
 
-        flag = torch.tensor([1 if self.requested else 0], dtype=torch.int32)
+        code = STOP_SIGNALS.index(self.signum) + 1 if self.signum is not None else 0
+        flag = torch.tensor([code], dtype=torch.int32)
         if dist.is_available() and dist.is_initialized():
             if dist.get_backend(group) == "nccl":
                 flag = flag.cuda()
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-        return bool(flag.item())
+        code = int(flag.item())
+        self.agreed_signum = STOP_SIGNALS[code - 1] if code else None
+        return bool(code)
 
 
 @dataclass(frozen=True)
@@ -59,10 +81,14 @@ class RequeueDecision:
     reason: str
 
 
-def decide_requeue(job_id: str | None, restart_count: int, max_requeues: int) -> RequeueDecision:
+def decide_requeue(job_id: str | None, restart_count: int, max_requeues: int,
+                   signum: int = signal.SIGUSR2) -> RequeueDecision:
     """Pure decision, so the policy is testable without SLURM."""
     if not job_id:
         return RequeueDecision(False, "not running under SLURM (local run): saved, stopping")
+    if signum == signal.SIGTERM:
+        return RequeueDecision(False, "SIGTERM from SLURM: saved; a preempted job is requeued by SLURM itself, a "
+                                      "cancelled one stays stopped")
     if restart_count >= max_requeues:
         return RequeueDecision(
             False, f"requeued {restart_count} times already (max_requeues={max_requeues}): saved, not requeueing"

@@ -196,8 +196,28 @@ class Trainer:
         return {**history, "final_step": self.step, "stopped_early": self.step < cfg.train.steps}
 
 
-def checkpoint_url(cfg: Config, run_dir: str) -> str:
-    return cfg.checkpoint.url or os.path.join(run_dir, "checkpoints")
+def resume(cfg: Config, ckpt, app_state: dict[str, Any], say: Callable[[str], None]):
+    """Load what ``checkpoint.resume`` names (collective) and fix this attempt's lineage; returns the
+    CheckpointInfo loaded, or None for a fresh start. Damaged newest checkpoints are skipped by ``auto``."""
+    from hpcmega.reliability.checkpoint_rules import check_model_matches, check_trusted
+
+    def check(info) -> None:
+        check_model_matches(info.meta, cfg, info.url)
+
+    target, resumed = cfg.checkpoint.resume, None
+    if target == "auto":
+        resumed = ckpt.resume_auto(app_state, say, check)
+    elif target != "none":
+        target = target if "://" in target else os.path.abspath(target)
+        check_trusted(target, ckpt.url, cfg.checkpoint.trust)
+        ckpt.load(target, app_state, check)
+        resumed = ckpt.info(target)
+    if resumed:
+        say(f"resumed from {resumed.url} at step {resumed.step} (written with {resumed.meta.get('layout')})")
+    message = ckpt.begin(resumed, attempt=int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0))
+    if message:
+        say(message)
+    return resumed
 
 
 def train(cfg: Config, mesh: DeviceMesh, run_dir: str, stop_flag=None, on_step=None) -> dict[str, Any]:
@@ -209,22 +229,15 @@ def train(cfg: Config, mesh: DeviceMesh, run_dir: str, stop_flag=None, on_step=N
     ``on_step(record)`` is called after every step on this rank (the job passes rank 0's W&B logger).
     """
     from hpcmega.checkpoint import CheckpointManager, ModelOptimizerState, TrainState
+    from hpcmega.reliability.preflight import checkpoint_location
 
     trainer = Trainer(cfg, mesh, run_dir)
-    ckpt = CheckpointManager(checkpoint_url(cfg, run_dir), keep=cfg.checkpoint.keep)
+    ckpt = CheckpointManager(checkpoint_location(cfg, run_dir), keep=cfg.checkpoint.keep,
+                             checksums=cfg.checkpoint.verify_checksums)
     app_state = {"model": ModelOptimizerState(trainer.model_parts, trainer.optimizers), "train": TrainState(trainer)}
     layout_meta = {"pp": trainer.pp, "dp": trainer.dp, "tp": trainer.tp, "world_size": mesh.size()}
-    resume = cfg.checkpoint.resume
-    source = None
-    if resume == "auto":
-        latest = ckpt.latest()
-        source = latest.url if latest else None
-    elif resume != "none":
-        source = resume
-    if source:
-        meta = ckpt.load(source, app_state)
-        if trainer.console:
-            trainer.console.info(f"resumed from {source} at step {trainer.step} (written with {meta.get('layout')})")
+    resumed = resume(cfg, ckpt, app_state, trainer.console.info if trainer.console else lambda msg: None)
+    source = resumed.url if resumed else None
     last_saved = trainer.step if source else -1
 
     def save(t: Trainer) -> None:

@@ -110,7 +110,8 @@ def test_reshard_resume_and_incomplete_checkpoint(tmp_path):
     step5 = base / "checkpoints" / "step-00000005"
     for name, layout in (("tp4", ["--nproc", "4", "--tp", "4"]), ("single", ["--nproc", "1"])):
         d = tmp_path / name
-        r = run_cli(["run", *layout, "--steps", "10", *SMALL, "--resume", step5, "--run-dir", d], timeout=600)
+        r = run_cli(["run", *layout, "--steps", "10", *SMALL, "--resume", step5, "--trust-checkpoint",
+                     "--run-dir", d], timeout=600)
         assert r.returncode == 0, r.stdout + r.stderr
         got = _losses(d)
         assert sorted(got) == list(range(6, 11)), got

@@ -151,3 +151,344 @@ def test_script_renderer_refuses_unchecked_values_itself(tmp_path):
         sbatch_script(cfg, tmp_path / "s")
     with pytest.raises(ConfigError, match="contains"):
         sbatch_script(load_config(), tmp_path / "a\nb")
+
+
+# -- 2-4. checkpoints: a timeline, a verified manifest, fallback past damage, refusals -------------------------------
+@pytest.fixture
+def one_rank():
+    """torch.distributed with one gloo rank in this process, and a tiny trainer factory."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+    from engine_harness import free_port
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from hpcmega.checkpoint import ModelOptimizerState, TrainState
+    from hpcmega.train import Trainer
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
+                            timeout=timedelta(seconds=60))
+    cfg = load_config(overrides={"train.steps": 20, "train.global_batch": 2, "train.seq_len": 16})
+    mesh = init_device_mesh("cpu", (1, 1, 1), mesh_dim_names=("pp", "dp", "tp"))
+
+    def make(tmp_path, name="t"):
+        t = Trainer(cfg, mesh, str(tmp_path / name))
+        return t, {"model": ModelOptimizerState(t.model_parts, t.optimizers), "train": TrainState(t)}
+
+    yield make, cfg
+    dist.destroy_process_group()
+
+
+def _save_steps(manager, trainer, app, steps):
+    for s in steps:
+        trainer.step = s
+        manager.save(s, app, {"config": {"model": {"n_layers": 4}}})
+
+
+def test_pruning_after_resuming_an_older_step_keeps_the_new_timeline(tmp_path, one_rank):
+    """Timeline A saves 2, 4, 6; a new attempt resumes step 2 and saves 3 and 4 with keep=1. The new saves survive
+    (main pruned them by step number), A's complete step 4 is not deleted by B's save at step 4, the checkpoint
+    resumed from is kept, and `latest` is B's step 4 -- `--resume auto` continues the new timeline, not A's 6."""
+    from hpcmega.checkpoint import CheckpointManager
+
+    make, _ = one_rank
+    url = str(tmp_path / "ckpt")
+    trainer, app = make(tmp_path)
+    a = CheckpointManager(url, keep=3)
+    a.begin(None)
+    _save_steps(a, trainer, app, [2, 4, 6])
+    a_step4 = {c.name: c for c in a.list()}["step-00000004"]
+
+    b = CheckpointManager(url, keep=1)
+    step2 = {c.name: c for c in b.list()}["step-00000002"]
+    message = b.begin(step2)
+    assert message and "new lineage" in message and "step-00000006" in message
+    _save_steps(b, trainer, app, [3, 4])
+    infos = b.list()
+    by_lineage = {}
+    for c in infos:
+        by_lineage.setdefault(c.lineage, []).append(c.step)
+    assert by_lineage[a.lineage] == [2, 4, 6]  # A untouched, incl. the step-4 folder B's save did not overwrite
+    assert by_lineage[b.lineage] == [4]  # keep=1 of B's own saves
+    assert {c.name: c for c in infos}["step-00000004"].meta["lineage"] == a_step4.lineage
+    latest = b.latest()
+    assert latest.lineage == b.lineage and latest.step == 4 and latest.meta["parent"].endswith("step-00000003")
+    first_b = [c for c in infos if c.lineage == b.lineage]
+    assert first_b[0].meta["attempt"] == 0
+    assert all(c.usable for c in infos)
+
+
+def _damage(folder: Path, how: str) -> str:
+    shard = sorted(folder.glob("__0_*.distcp"))[0]
+    data = bytearray(shard.read_bytes())
+    if how == "truncate":
+        shard.write_bytes(bytes(data[: len(data) // 2]))
+    elif how == "delete":
+        shard.unlink()
+    elif how == "bitflip":
+        data[len(data) // 2] ^= 0x40
+        shard.write_bytes(bytes(data))
+    elif how == "marker":  # what an in-place meta.json write torn by a crash leaves
+        (folder / "meta.json").write_text('{"step": 4, "manif')
+    return shard.name
+
+
+@pytest.mark.parametrize("how", ["truncate", "delete", "bitflip", "marker"])
+def test_damaged_latest_checkpoint_is_reported_and_auto_resume_falls_back(tmp_path, one_rank, how):
+    from hpcmega.checkpoint import CheckpointDamaged, CheckpointManager, verify_checkpoint
+
+    make, cfg = one_rank
+    url = str(tmp_path / "ckpt")
+    trainer, app = make(tmp_path)
+    manager = CheckpointManager(url, keep=3)
+    manager.begin(None)
+    _save_steps(manager, trainer, app, [2, 4])
+    shard = _damage(tmp_path / "ckpt" / "step-00000004", how)
+
+    listed = {c.step: c for c in manager.list()}
+    if how != "bitflip":  # sizes (and a readable marker) are checked by every listing
+        assert listed[4].state == "DAMAGED" and listed[2].state == "complete"
+    ls = CliRunner().invoke(main, ["ckpt", "ls", url])
+    assert ls.exit_code == 0 and "Traceback" not in ls.output, ls.output
+    if how != "bitflip":
+        assert "DAMAGED" in ls.output
+    verify = CliRunner().invoke(main, ["ckpt", "verify", f"{url}/step-00000004"])
+    assert verify.exit_code == 1 and "DAMAGED" in verify.stderr, verify.output
+    if how != "marker":
+        assert shard in verify.stderr
+    assert CliRunner().invoke(main, ["ckpt", "verify", f"{url}/step-00000002"]).exit_code == 0
+    assert verify_checkpoint(f"{url}/step-00000002") == []
+
+    fresh, fresh_app = make(tmp_path, "fresh")
+    if how != "marker":
+        with pytest.raises(CheckpointDamaged, match=shard if how != "bitflip" else "SHA-256"):
+            manager.load(f"{url}/step-00000004", fresh_app)
+    said = []
+    loaded = manager.resume_auto(fresh_app, said.append)
+    assert loaded.step == 2 and fresh.step == 2
+    assert any("step-00000004 is DAMAGED" in s and "falling back" in s for s in said), said
+
+
+def test_checksums_can_be_skipped_for_huge_checkpoints(tmp_path, one_rank):
+    from hpcmega.checkpoint import CheckpointManager
+
+    make, _ = one_rank
+    url = str(tmp_path / "ckpt")
+    trainer, app = make(tmp_path)
+    manager = CheckpointManager(url, keep=3)
+    manager.begin(None)
+    _save_steps(manager, trainer, app, [2])
+    _damage(tmp_path / "ckpt" / "step-00000002", "bitflip")
+    sizes_only = CheckpointManager(url, keep=3, checksums=False)
+    _, fresh_app = make(tmp_path, "fresh")
+    sizes_only.load(f"{url}/step-00000002", fresh_app)  # the flag really skips the (costly) hashing
+    meta = sizes_only.list()[0].meta
+    assert set(meta["manifest"]) >= {".metadata", "__0_0.distcp"}
+    assert all(len(sha) == 64 for _, sha in meta["manifest"].values())
+    assert not list((tmp_path / "ckpt" / "step-00000002").glob("*.tmp*"))  # the marker was renamed into place
+
+
+def test_resume_refuses_another_model_naming_the_fields(tmp_path, one_rank):
+    """A 4-layer checkpoint resumed by a 2-layer run: refused on the ranks (and by the pre-flight, below) with the
+    differing field, instead of loading silently."""
+    import dataclasses
+
+    from hpcmega.checkpoint import CheckpointManager
+    from hpcmega.train import resume
+
+    make, cfg = one_rank
+    url = str(tmp_path / "ckpt")
+    trainer, app = make(tmp_path)
+    manager = CheckpointManager(url, keep=3)
+    manager.begin(None)
+    trainer.step = 2
+    manager.save(2, app, {"config": cfg.to_dict()})
+    other = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, n_layers=2))
+    with pytest.raises(ConfigError, match=r"n_layers=4 \(this run: 2\).*--layers 4"):
+        resume(other, CheckpointManager(url), app, print)
+    assert resume(cfg, CheckpointManager(url), app, print).step == 2
+
+    run = ["run", "--nproc", "1", "--cpu", "--wandb", "disabled", "--global-batch", "2", "--seq-len", "16"]
+    out = CliRunner().invoke(main, run + ["--layers", "2", "--ckpt-url", url, "--run-dir", str(tmp_path / "r")])
+    assert out.exit_code == 2 and "n_layers=4 (this run: 2)" in out.stderr and not (tmp_path / "r").exists()
+    # a checkpoint from outside the run's own location is unpickled: it must be trusted explicitly
+    step = f"{url}/step-00000002"
+    out = CliRunner().invoke(main, run + ["--resume", step, "--run-dir", str(tmp_path / "r")])
+    assert out.exit_code == 2 and "--trust-checkpoint" in out.stderr and "unpickles" in out.stderr, out.output
+    with pytest.raises(ConfigError, match="--trust-checkpoint"):
+        resume(dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, resume=step)),
+               CheckpointManager(str(tmp_path / "own")), app, print)
+    trusted = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, resume=step, trust=True))
+    assert resume(trusted, CheckpointManager(str(tmp_path / "own")), app, print).step == 2
+
+
+# -- 8. late failures are found before anything is queued or written -------------------------------------------------
+RUN = ["run", "--nproc", "1", "--cpu", "--wandb", "disabled"]
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--data", "{T}/no-such-data"], ["no prepared dataset", "hpcmega data prepare"]),
+    (["--data", "{T}/bigvocab"], ["50257 tokens", "--vocab-size 50257"]),
+    (["--resume", "{T}/runs/a/checkpoints/step-00000007"], ["does not exist", "ckpt ls"]),
+    (["--ckpt-url", "bogus://bucket/ckpt"], ["unknown storage protocol 'bogus://'"]),
+    (["--ckpt-url", "s3://bucket/ckpt"], ["no AWS credentials", "AWS_ACCESS_KEY_ID"]),
+    (["--ckpt-url", "/proc/hpcmega-ckpt"], ["cannot write checkpoints to /proc/hpcmega-ckpt"]),
+    (["--ckpt-url", "{T}/a-file/ckpt"], ["cannot write checkpoints", "NotADirectoryError"]),
+])
+def test_late_failures_are_refused_before_anything_is_written(tmp_path, monkeypatch, args, words):
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_PROFILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "bigvocab").mkdir()
+    (tmp_path / "bigvocab" / "index.json").write_text('{"vocab_size": 50257, "shards": []}')
+    (tmp_path / "a-file").write_text("")
+    args = [a.replace("{T}", str(tmp_path)) for a in args]
+    before = sorted(tmp_path.iterdir())
+    for command in (RUN, ["submit", "--nodes", "1", "--gpus-per-node", "1", "--cpu", "--wandb", "disabled"]):
+        out = CliRunner().invoke(main, command + args + ["--run-dir", str(tmp_path / "run")])
+        assert out.exit_code == 2, (command, out.output)
+        assert all(w in out.stderr for w in words) and "Traceback" not in out.output, out.stderr
+        assert len(out.stderr.strip().splitlines()[-1]) > 20
+    assert sorted(tmp_path.iterdir()) == before  # no run folder, no probe file left
+
+
+# -- 5, 7. stop signals, exit codes, the launcher ----------------------------------------------------------------------
+TINY_RUN = ["run", "--cpu", "--wandb", "disabled", "--global-batch", "2", "--seq-len", "16", "--layers", "2"]
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _rank_pids(run_dir: Path) -> list[int]:
+    from conftest import all_pids
+
+    out = []
+    for pid in all_pids():
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if "hpcmega.job" in cmd and str(run_dir) in cmd:
+            out.append(pid)
+    return out
+
+
+def _wait_for(predicate, timeout: float = 240.0, what: str = "") -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_a_stopped_local_run_saves_and_exits_nonzero_saying_why(tmp_path):
+    """USR2 to `hpcmega run` mid-training: the ranks agree, save, and the run exits 75 with the reason (main
+    printed "done." and exited 0 with training unfinished)."""
+    import signal
+
+    from conftest import popen_cli
+
+    run_dir, log = tmp_path / "run", tmp_path / "out.txt"
+    proc = popen_cli([*TINY_RUN, "--nproc", "2", "--steps", "100000", "--run-dir", run_dir], log)
+    try:
+        metrics = run_dir / "metrics.jsonl"
+        _wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 2, what="two steps")
+        proc.send_signal(signal.SIGUSR2)
+        assert proc.wait(timeout=240) == 75, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = log.read_text()
+    assert "stopped at step" in out and "run the same command again" in out and "done." not in out, out
+    assert "Traceback" not in out
+    steps = [int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").iterdir() if (p / "meta.json").exists()]
+    assert steps and steps[0] >= 2  # the stop step was saved
+
+
+def test_a_stop_signal_during_start_up_is_deferred_not_fatal(tmp_path):
+    """USR2 while the ranks are still importing torch: remembered and acted on at the first step boundary (main:
+    the ranks died of the signal)."""
+    import signal
+
+    from conftest import popen_cli
+
+    run_dir, log = tmp_path / "run", tmp_path / "out.txt"
+    proc = popen_cli([*TINY_RUN, "--nproc", "2", "--steps", "3", "--run-dir", run_dir], log)
+    try:
+        _wait_for(lambda: len(_rank_pids(run_dir)) == 2 or proc.poll() is not None, what="ranks to start")
+        proc.send_signal(signal.SIGUSR2)
+        code = proc.wait(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = log.read_text()
+    assert "killed by SIGUSR2" not in out and "Traceback" not in out, out
+    assert code == 75 and "stopped at step 0 of 3" in out, out
+
+
+def test_ranks_die_with_a_killed_launcher(tmp_path):
+    """`kill -9` of `hpcmega run`: its ranks end too (main: they kept training as orphans)."""
+    import os
+    import signal
+
+    from conftest import popen_cli
+
+    run_dir, log = tmp_path / "run", tmp_path / "out.txt"
+    proc = popen_cli([*TINY_RUN, "--nproc", "2", "--steps", "100000", "--run-dir", run_dir], log)
+    metrics = run_dir / "metrics.jsonl"
+    try:
+        _wait_for(lambda: metrics.exists() and metrics.read_text().strip(), what="training")
+        assert len(_rank_pids(run_dir)) == 2
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        _wait_for(lambda: not _rank_pids(run_dir), timeout=20, what="orphaned ranks to end")
+    finally:
+        for pid in _rank_pids(run_dir):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_a_closed_console_pipe_neither_kills_nor_fails_training(tmp_path):
+    """`hpcmega run ... | head -2`: training finishes, exit 0, no BrokenPipe traceback."""
+    from conftest import CLI_ENV, hpcmega_exe
+
+    run_dir = tmp_path / "run"
+    cmd = " ".join(shlex.quote(str(a)) for a in [hpcmega_exe(), *TINY_RUN, "--nproc", "1", "--steps", "6",
+                                                  "--run-dir", run_dir])
+    r = subprocess.run(["bash", "-c", f"{cmd} 2>{tmp_path}/err | head -2; exit ${{PIPESTATUS[0]}}"],
+                       env=CLI_ENV, capture_output=True, text=True, timeout=300)
+    err = (tmp_path / "err").read_text()
+    assert r.returncode == 0 and "Traceback" not in err and "BrokenPipe" not in err, err
+    assert len(r.stdout.splitlines()) == 2
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 6
+    assert (run_dir / "checkpoints" / "step-00000006" / "meta.json").exists()
+
+
+def test_a_console_nobody_reads_does_not_block_training(tmp_path):
+    """stdout is a 4 KiB pipe nobody reads: training still finishes (main: rank 0 blocked on the full pipe)."""
+    import fcntl
+
+    from conftest import CLI_ENV, hpcmega_exe
+
+    run_dir = tmp_path / "run"
+    read_end, write_end = os.pipe()
+    fcntl.fcntl(write_end, 1031, 4096)  # F_SETPIPE_SZ
+    proc = subprocess.Popen([hpcmega_exe(), *TINY_RUN, "--nproc", "1", "--steps", "80", "--run-dir", str(run_dir)],
+                            env=CLI_ENV, stdout=write_end, stderr=subprocess.DEVNULL)
+    os.close(write_end)
+    try:
+        metrics = run_dir / "metrics.jsonl"
+        _wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) == 80, timeout=300,
+                  what="all 80 steps with an unread console")
+        _wait_for(lambda: (run_dir / "checkpoints" / "step-00000080" / "meta.json").exists(), what="the final save")
+    finally:
+        os.close(read_end)  # now the launcher's pending writes fail (EPIPE), which must not fail the run
+    try:
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -28,7 +28,10 @@ def run(cfg, nproc: int, force_cpu: bool, run_dir: str | None) -> None:
     hpcmega run --nproc 2 --config launch/shakespeare-tiny.toml
     """
     from hpcmega.commands.plan import build_plan
+    from hpcmega.config import ConfigError
     from hpcmega.launcher import default_run_dir, launch_local, local_config
+    from hpcmega.preemption import EXIT_UNFINISHED
+    from hpcmega.reliability.preflight import preflight
 
     gpus = 0 if (force_cpu or cfg.cluster.cpu) else _cuda_devices()
     if gpus and nproc > gpus:
@@ -39,14 +42,23 @@ def run(cfg, nproc: int, force_cpu: bool, run_dir: str | None) -> None:
         click.echo(f"warning: {w}", err=True)
 
     path = Path(run_dir) if run_dir else default_run_dir(cfg)
+    try:
+        preflight(cfg, path)  # data, resume target, storage, credentials, a writable checkpoint location
+    except ConfigError as e:
+        raise click.UsageError(str(e)) from None
     device = f"{nproc} GPU(s) (nccl)" if gpus else f"{nproc} CPU rank(s) (gloo)"
     click.echo(f"run folder: {path}\nstarting {device}; rank 0 output follows, other ranks in {path / 'logs'}")
     sys.stdout.flush()
     status = launch_local(cfg, nproc, path)
-    if status == 0:
-        click.echo(f"done. run folder: {path}")
-    else:
-        click.echo(f"failed. run folder: {path} (logs in {path / 'logs'})", err=True)
+    try:
+        if status == 0:
+            click.echo(f"done. run folder: {path}")
+        elif status == EXIT_UNFINISHED:
+            click.echo(f"stopped before the last step. run folder: {path}", err=True)
+        else:
+            click.echo(f"failed. run folder: {path} (logs in {path / 'logs'})", err=True)
+    except OSError:  # the console went away (`| head`); the run folder has everything
+        pass
     sys.exit(status)
 
 

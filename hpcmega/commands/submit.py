@@ -37,6 +37,7 @@ def submit(cfg, run_dir: str | None, dry_run: bool, wait_: bool, no_memory_check
     from hpcmega.commands.plan import _print_table, build_plan, config_summary, memory_check, print_estimate
     from hpcmega.config import ConfigError
     from hpcmega.launcher import default_run_dir
+    from hpcmega.reliability.preflight import preflight
     from hpcmega.reliability.sbatch_options import check_run_folder
 
     layout, warnings = build_plan(cfg)  # validation (incl. every sbatch value) + layout: exit 2 before writing
@@ -44,6 +45,7 @@ def submit(cfg, run_dir: str | None, dry_run: bool, wait_: bool, no_memory_check
     path = Path(run_dir).absolute() if run_dir else default_run_dir(cfg).absolute()
     try:
         check_run_folder(str(path))
+        preflight(cfg, path, probe=not dry_run)  # data, resume target, storage, credentials, writable location
     except ConfigError as e:
         raise click.UsageError(str(e)) from None
 
