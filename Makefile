@@ -28,7 +28,8 @@ $(STAMP): pyproject.toml
 	touch $@
 
 demo: $(STAMP)
-	test -f data/shakespeare/index.json || $(VENV)/bin/hpcmega data prepare --source shakespeare --out data/shakespeare
+	grep -qs val_shards data/shakespeare/index.json || \
+	  $(VENV)/bin/hpcmega data prepare --source shakespeare --out data/shakespeare --force
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(VENV)/bin/hpcmega run --nproc 2 --config launch/shakespeare-tiny.toml \
 	  --run-dir runs/shakespeare-tiny $(DEMO_ARGS)
 

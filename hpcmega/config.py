@@ -119,6 +119,9 @@ class TrainConfig:
     precision: str = setting("fp32", "Compute precision.", choices=PRECISIONS)
     data: str = setting("synthetic", "'synthetic' (tokens from the seed) or the fsspec URL of shards from "
                                      "`hpcmega data prepare`.")
+    eval_every: int = setting(0, "Compute val_loss on the held-out split every N steps (and at the last step).",
+                              ge=0, zero="no evaluation")
+    eval_batches: int = setting(4, "Held-out global batches per evaluation (the same ones every time).", ge=1)
 
 
 @dataclass

@@ -83,6 +83,7 @@ def format_line(record: dict[str, Any], total_steps: int) -> str:
     parts = [
         f"[bold]step {record['step']}/{total_steps}[/bold]",
         f"loss [cyan]{record['loss']:.4f}[/cyan]",
+        *([f"val_loss [magenta]{record['val_loss']:.4f}[/magenta]"] if "val_loss" in record else []),
         f"lr {record['lr']:.2e}",
         f"gnorm {record['grad_norm']:.3f}",
         f"{_si(record['tokens_per_s'])} tok/s",

@@ -9,7 +9,8 @@ checkpoint/resume and preemption code can plug in at step boundaries without tou
 - ``state_for_checkpoint()`` -- the objects a checkpoint must capture;
 - ``after_backward_hooks`` -- called as ``hook(trainer)`` once gradients are final (reduced, clipped), before the
   optimizer step; ``step_end_hooks`` -- called as ``hook(trainer, record)`` on every rank after each step;
-- ``request_stop()`` -- finish after the current step (every rank must call it at the same step).
+- ``request_stop()`` -- finish after the current step (every rank must call it at the same step);
+- ``evaluate()`` -- ``val_loss`` on the held-out split (``train.eval_every``), added to that step's record.
 """
 from __future__ import annotations
 
@@ -22,17 +23,18 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
 from hpcmega.config import Config, ConfigError
+from hpcmega.engine.evaluate import forward_loss
 from hpcmega.engine.parallelize import build_model_parts, mesh_sizes
 from hpcmega.engine.pipeline import GradAccumulation, PipelineRunner
 from hpcmega.metrics import ConsoleLogger, MetricsWriter, model_flops_per_step, peak_tflops, step_record
 from hpcmega.optim import CosineWithWarmup, build_optimizer, clip_grad_norm_, make_grads_replicate
 
 
-def build_data_loader(cfg: Config):
+def build_data_loader(cfg: Config, split: str = "train"):
     """Synthetic stream or prepared shards, by ``train.data`` (see hpcmega.data)."""
     from hpcmega.data import build_loader
 
-    return build_loader(cfg)
+    return build_loader(cfg, split)
 
 
 def microbatches_per_rank(cfg: Config, dp: int) -> int:
@@ -77,6 +79,7 @@ class Trainer:
         self.optimizers = [build_optimizer(part, cfg.train) for part in self.model_parts]
         self.lr_scheduler = CosineWithWarmup(cfg.train.lr, cfg.train.min_lr, cfg.train.warmup_steps, cfg.train.steps)
         self.loader = build_data_loader(cfg)
+        self.val_loader = build_data_loader(cfg, "val") if cfg.train.eval_every else None
         if self.pp > 1:
             self.runner: GradAccumulation | PipelineRunner = PipelineRunner(
                 self.model, mesh["pp"], cfg.parallel.schedule, self.n_microbatches, self.tp, cfg.parallel.compile
@@ -117,8 +120,9 @@ class Trainer:
         return list(self.model.parameters())
 
     # -- one optimizer step -------------------------------------------------------------------------------------
-    def _local_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = self.loader.global_batch(self.step)
+    def _local_batch(self, loader=None, index: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """This DP rank's rows of global batch ``index`` (default: the training batch of the current step)."""
+        batch = (loader or self.loader).global_batch(self.step if index is None else index)
         rows = batch.shape[0] // self.dp
         local = batch[self.dp_rank * rows : (self.dp_rank + 1) * rows].to(self.device)
         return local[:, :-1].contiguous(), local[:, 1:].contiguous()
@@ -165,6 +169,20 @@ class Trainer:
             peak=self.peak_tflops,
         )
 
+    # -- evaluation ---------------------------------------------------------------------------------------------
+    def eval_due(self) -> bool:
+        every = self.cfg.train.eval_every
+        return bool(every) and (self.step % every == 0 or self.step == self.cfg.train.steps)
+
+    def evaluate(self) -> float:
+        """Mean loss over the first ``train.eval_batches`` global batches of the validation split (the same batches
+        every time, so values are comparable along the run), forward only; the same on every rank."""
+        losses = []
+        for index in range(self.cfg.train.eval_batches):
+            inputs, targets = self._local_batch(self.val_loader, index)
+            losses.append(self._global_loss(forward_loss(self.runner, inputs, targets, self.n_microbatches)))
+        return sum(losses) / len(losses)
+
     # -- the loop -----------------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg
@@ -177,6 +195,8 @@ class Trainer:
         history: dict[str, list] = {"steps": [], "losses": [], "grad_norms": [], "lrs": [], "step_times": []}
         while self.step < cfg.train.steps and not self._stop:
             record = self.train_step()
+            if self.eval_due():
+                record["val_loss"] = self.evaluate()
             for key, field in (
                 ("steps", "step"),
                 ("losses", "loss"),
@@ -187,7 +207,8 @@ class Trainer:
                 history[key].append(record[field])
             if self.metrics:
                 self.metrics.write(record)
-            if self.console and (record["step"] % max(1, cfg.logging.log_every) == 0 or self.step == cfg.train.steps):
+            if self.console and (record["step"] % max(1, cfg.logging.log_every) == 0 or self.step == cfg.train.steps
+                                 or "val_loss" in record):
                 self.console.step(record)
             for hook in self.step_end_hooks:
                 hook(self, record)

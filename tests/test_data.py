@@ -44,9 +44,11 @@ def test_prepared_shards_round_trip_to_the_text(two_plays, tmp_path, scheme):
     info = prepare(str(two_plays), out, shard_tokens=50_000)
     assert len(info["shards"]) > 1
     cfg = load_config(overrides={"train.data": out, "model.vocab_size": 50304, "train.seq_len": 64})
-    loader = TokenShardLoader(cfg)
+    train, val = TokenShardLoader(cfg), TokenShardLoader(cfg, split="val")
     texts = [p.read_text(encoding="utf-8") for p in sorted(two_plays.glob("*.txt"))]
-    assert decode(loader.tokens.tolist()) == "".join(t + "<|endoftext|>" for t in texts)
+    # training split then the held-out 1% at the end of the stream: together, exactly the text
+    assert decode(train.tokens.tolist() + val.tokens.tolist()) == "".join(t + "<|endoftext|>" for t in texts)
+    assert len(val.tokens) == info["val_tokens"] == int(0.01 * (len(train.tokens) + len(val.tokens)))
 
 
 def test_loader_is_deterministic_by_sample_index(two_plays, tmp_path):
@@ -75,6 +77,20 @@ def test_loader_errors_name_the_fix(two_plays, tmp_path):
     prepare(str(two_plays), out)
     with pytest.raises(ConfigError, match="--vocab-size 50304"):
         TokenShardLoader(load_config(overrides={"train.data": out}))  # tiny preset: vocab 256
+
+
+def test_a_dataset_prepared_before_the_val_split_still_trains_and_eval_names_the_fix(two_plays, tmp_path):
+    out = tmp_path / "ds"
+    prepare(str(two_plays), str(out), val_fraction=0.0)
+    index = json.loads((out / "index.json").read_text())
+    assert index["val_shards"] == []
+    for key in ("val_shards", "val_tokens"):  # the index format of before: no val keys at all
+        del index[key]
+    (out / "index.json").write_text(json.dumps(index))
+    cfg = load_config(overrides={"train.data": str(out), "model.vocab_size": 50304, "train.seq_len": 64})
+    assert TokenShardLoader(cfg).global_batch(0).shape == (8, 65)
+    with pytest.raises(ConfigError, match=f"has no val split.*--out {out} --force"):
+        TokenShardLoader(cfg, split="val")
 
 
 def test_prepare_cli_refuses_to_overwrite_without_force(two_plays, tmp_path):

@@ -13,18 +13,21 @@ def data_group() -> None:
 @click.option("--source", required=True, help="'shakespeare' (bundled corpus), a .txt file, a folder or a glob.")
 @click.option("--out", required=True, help="Output fsspec URL (path, file://, memory://, s3://).")
 @click.option("--shard-tokens", type=click.IntRange(min=1024), default=10_000_000, show_default=True)
+@click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.01, show_default=True,
+              help="Share of the tokens (the end of the stream) held out as the validation split.")
 @click.option("--force", is_flag=True, help="Overwrite a prepared dataset at --out.")
-def prepare_cmd(source: str, out: str, shard_tokens: int, force: bool) -> None:
+def prepare_cmd(source: str, out: str, shard_tokens: int, val_fraction: float, force: bool) -> None:
     """Tokenize SOURCE with GPT-2's BPE (offline) into uint16 shards + index.json at OUT."""
     from hpcmega.config import ConfigError
     from hpcmega.data.prepare import prepare
 
     try:
-        info = prepare(source, out, shard_tokens=shard_tokens, force=force)
+        info = prepare(source, out, shard_tokens=shard_tokens, force=force, val_fraction=val_fraction)
     except ConfigError as e:
         raise click.UsageError(str(e)) from None
-    click.echo(f"prepared {len(info['documents'])} documents, {info['tokens']:,} tokens in "
-               f"{len(info['shards'])} shard(s) at {out} ({info['seconds']:.1f}s)")
+    click.echo(f"prepared {len(info['documents'])} documents: {info['tokens']:,} training tokens in "
+               f"{len(info['shards'])} shard(s) + {info['val_tokens']:,} validation tokens at {out} "
+               f"({info['seconds']:.1f}s)")
 
 
 def register(main: click.Group) -> None:

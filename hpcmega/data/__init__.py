@@ -1,14 +1,20 @@
 """Training data: a synthetic stream (benchmarks, tests) or prepared GPT-2 token shards (`hpcmega data prepare`).
 
-Both loaders serve ``global_batch(step) -> LongTensor[global_batch, seq_len + 1]`` by global sample index."""
+Both loaders serve ``global_batch(step) -> LongTensor[global_batch, seq_len + 1]`` by global sample index, from
+the training split or the held-out validation split (``split="val"``, for ``train.eval_every``)."""
 from __future__ import annotations
 
 
-def build_loader(cfg):
+SPLITS = ("train", "val")
+
+
+def build_loader(cfg, split: str = "train"):
+    if split not in SPLITS:
+        raise ValueError(f"unknown data split {split!r}; one of {SPLITS}")
     if cfg.train.data == "synthetic":
         from hpcmega.data.synthetic import SyntheticLoader
 
-        return SyntheticLoader(cfg)
+        return SyntheticLoader(cfg, split)
     from hpcmega.data.loader import TokenShardLoader
 
-    return TokenShardLoader(cfg)
+    return TokenShardLoader(cfg, split=split)

@@ -3,7 +3,8 @@
 Sample ``i`` is a window of ``seq_len + 1`` tokens; windows are the non-overlapping chunks of the token stream,
 visited in a seeded random order that is reshuffled each epoch. The global batch of step ``s`` is samples
 ``[s*B, (s+1)*B)`` -- the same on every rank whatever the layout; each DP rank takes its rows. The loader's
-state is only the next sample index, so a checkpoint written with one layout resumes in another.
+state is only the next sample index, so a checkpoint written with one layout resumes in another. ``split="val"``
+reads the held-out ``val_shards`` the same way.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from hpcmega.data.prepare import INDEX
 
 
 class TokenShardLoader:
-    def __init__(self, cfg: Config, storage_options: dict | None = None) -> None:
+    def __init__(self, cfg: Config, storage_options: dict | None = None, split: str = "train") -> None:
         import fsspec
         from fsspec.implementations.local import LocalFileSystem
 
@@ -31,8 +32,12 @@ class TokenShardLoader:
         if self.vocab_size > cfg.model.vocab_size:
             raise ConfigError(f"the data's vocabulary has {self.vocab_size} tokens but model.vocab_size="
                               f"{cfg.model.vocab_size}; use --vocab-size 50304")
+        shards = self.index.get("shards" if split == "train" else f"{split}_shards")
+        if not shards:
+            raise ConfigError(f"{url} has no {split} split (prepared without one); run `hpcmega data prepare "
+                              f"--source {self.index.get('source', 'SOURCE')} --out {url} --force` or drop --eval-every")
         parts = []
-        for shard in self.index["shards"]:
+        for shard in shards:
             path = root.rstrip("/") + "/" + shard["file"]
             if isinstance(fs, LocalFileSystem):  # memory-map: no copy, pages shared by the ranks of a node
                 parts.append(np.memmap(path, dtype=np.uint16, mode="r"))
@@ -42,7 +47,8 @@ class TokenShardLoader:
         self.seq_len, self.batch, self.seed = cfg.train.seq_len, cfg.train.global_batch, cfg.train.seed
         self.windows = (len(self.tokens) - 1) // (self.seq_len + 1)
         if self.windows < 1:
-            raise ConfigError(f"{url} has {len(self.tokens)} tokens, fewer than one sequence of {self.seq_len + 1}")
+            raise ConfigError(f"the {split} split of {url} has {len(self.tokens)} tokens, fewer than one sequence of "
+                              f"{self.seq_len + 1}; lower --seq-len or prepare more data (or a larger --val-fraction)")
         self.next_index = 0
         self._epoch, self._order = -1, None
 

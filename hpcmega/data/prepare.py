@@ -1,6 +1,10 @@
 """`hpcmega data prepare`: text -> GPT-2 token shards (uint16) + ``index.json`` on any fsspec URL.
 
 ``index.json`` is written last and is the commit marker: a folder without it is never read by the loader.
+
+The last ``val_fraction`` of the token stream is held out as the validation split (``val-*.bin`` shards listed
+under ``val_shards``); ``shards`` and ``tokens`` describe the training split only. An index written before the split
+existed has no ``val_shards`` and still trains; only evaluation asks for it to be prepared again.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from hpcmega.config import ConfigError
 from hpcmega.data.tokenizer import EOT_ID, GPT2_VOCAB_SIZE, encode
 
 INDEX = "index.json"
+VAL_FRACTION = 0.01  # default share of the tokens held out for validation (the end of the stream)
 
 
 def shakespeare_files() -> list[Path]:
@@ -58,24 +63,33 @@ def tokenize_documents(files: list[Path]) -> tuple[np.ndarray, list[dict]]:
     return np.concatenate(parts), docs
 
 
+def write_shards(fs, root: str, tokens: np.ndarray, prefix: str, shard_tokens: int) -> list[dict]:
+    shards = []
+    for i, lo in enumerate(range(0, len(tokens), shard_tokens)):
+        data = tokens[lo: lo + shard_tokens].tobytes()
+        name = f"{prefix}-{i:05d}.bin"
+        fs.pipe_file(root.rstrip("/") + "/" + name, data)
+        shards.append({"file": name, "tokens": len(data) // 2, "sha256": hashlib.sha256(data).hexdigest()})
+    return shards
+
+
 def prepare(source: str, out: str, shard_tokens: int = 10_000_000, force: bool = False,
-            storage_options: dict | None = None) -> dict:
+            storage_options: dict | None = None, val_fraction: float = VAL_FRACTION) -> dict:
     import fsspec
 
+    if not 0 <= val_fraction < 1:
+        raise ConfigError(f"--val-fraction {val_fraction} must be in [0, 1); e.g. 0.01")
     fs, root = fsspec.core.url_to_fs(out, **(storage_options or {}))
     if fs.exists(root.rstrip("/") + "/" + INDEX) and not force:
         raise ConfigError(f"{out} already holds a prepared dataset; pass --force to overwrite it")
     files = source_files(source)
     start = time.perf_counter()
     tokens, docs = tokenize_documents(files)
+    split = len(tokens) - int(len(tokens) * val_fraction)
     fs.makedirs(root, exist_ok=True)
-    shards = []
-    for i, lo in enumerate(range(0, len(tokens), shard_tokens)):
-        data = tokens[lo: lo + shard_tokens].tobytes()
-        name = f"shard-{i:05d}.bin"
-        fs.pipe_file(root.rstrip("/") + "/" + name, data)
-        shards.append({"file": name, "tokens": len(data) // 2, "sha256": hashlib.sha256(data).hexdigest()})
     index = {"format": 1, "tokenizer": "gpt2", "vocab_size": GPT2_VOCAB_SIZE, "dtype": "uint16", "eot_id": EOT_ID,
-             "tokens": int(len(tokens)), "shards": shards, "documents": docs, "source": source}
+             "tokens": split, "shards": write_shards(fs, root, tokens[:split], "shard", shard_tokens),
+             "val_tokens": len(tokens) - split, "val_shards": write_shards(fs, root, tokens[split:], "val", shard_tokens),
+             "documents": docs, "source": source}
     fs.pipe_file(root.rstrip("/") + "/" + INDEX, json.dumps(index, indent=1).encode())  # commit: last
     return {**index, "seconds": time.perf_counter() - start}

@@ -2,7 +2,8 @@
 
 Sample ``i`` depends only on (seed, i), so any layout, any DP degree and any resume point see the same data. The
 sequences are learnable -- an arithmetic progression modulo the vocabulary with a per-sample start and stride, and
-10% of tokens replaced by noise -- so the loss visibly falls in a demo, while staying far from trivially zero.
+10% of tokens replaced by noise -- so the loss visibly falls in a demo, while staying far from trivially zero. The validation split draws its samples from (seed, "val", i): the same
+kind of sequences, never the training ones.
 """
 from __future__ import annotations
 
@@ -19,8 +20,9 @@ MAX_STRIDE = 7
 class SyntheticLoader:
     """``global_batch(step)`` holds samples ``step * global_batch ... + global_batch - 1``; state = next index."""
 
-    def __init__(self, cfg: Config) -> None:
-        self.seed = cfg.train.seed
+    def __init__(self, cfg: Config, split: str = "train") -> None:
+        # The training stream keeps its original seeds "<seed>:<i>"; validation samples are "<seed>:val:<i>".
+        self.stream = f"{cfg.train.seed}" if split == "train" else f"{cfg.train.seed}:{split}"
         self.batch_size = cfg.train.global_batch
         self.seq_len = cfg.train.seq_len
         self.vocab_size = cfg.model.vocab_size
@@ -28,7 +30,7 @@ class SyntheticLoader:
 
     def sample(self, index: int) -> torch.Tensor:
         """Token ids of one sample, ``[seq_len + 1]`` (inputs and shifted targets)."""
-        gen = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}:{index}".encode()))
+        gen = torch.Generator().manual_seed(zlib.crc32(f"{self.stream}:{index}".encode()))
         n = self.seq_len + 1
         start = int(torch.randint(self.vocab_size, (), generator=gen))
         stride = int(torch.randint(1, MAX_STRIDE + 1, (), generator=gen))
