@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.util
-import json
 import os
 import re
 import socket
@@ -25,6 +24,7 @@ from typing import Any
 
 from hpcmega.config import Config, ConfigError, load_config
 from hpcmega.distenv import DistEnv, from_environment
+from hpcmega.runs.files import CONFIG, LAYOUT, RunFolder, attempt_marker, job_key
 
 # How long a rank waits for its peers at the rendezvous and in any collective before giving up. Long enough for a
 # slow first NCCL collective on a big job; a dead peer is normally noticed much sooner (the launcher and
@@ -48,12 +48,6 @@ def _as_config(cfg: Config | dict[str, Any]) -> Config:
     if isinstance(cfg, dict):
         return Config.from_dict(cfg)
     raise TypeError(f"run_rank needs a Config or a dict, got {type(cfg).__name__}")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _free_port() -> int:
@@ -184,6 +178,8 @@ def run_rank(cfg: Config | dict[str, Any], run_dir: str) -> dict[str, Any]:
 
     # First thing: a stop signal during start-up is remembered (and acted on at the first step), not fatal.
     stop_flag = StopFlag().install(stop_signals(under_slurm=bool(env.job_id)))
+    # every rank's log starts the attempt's section with this line (`hpcmega logs --attempt K` cuts there)
+    print(attempt_marker(str(job_key()), env.restart_count, env.rank), flush=True)
     if env.world_size != cfg.world_size:
         raise ConfigError(
             f"the job has {env.world_size} ranks but the config expects nodes={cfg.cluster.nodes} x "
@@ -225,14 +221,13 @@ def run_rank(cfg: Config | dict[str, Any], run_dir: str) -> dict[str, Any]:
 
         mesh = DeviceMesh(device_type, layout.mesh_grid(), mesh_dim_names=("pp", "dp", "tp"))
         if env.rank == 0:
-            run_path.mkdir(parents=True, exist_ok=True)
-            _write_atomic(run_path / "config.toml", cfg.to_toml())
-            _write_atomic(run_path / "layout.json", json.dumps(layout.to_json(), indent=2) + "\n")
-            with open(run_path / "attempts.jsonl", "a") as f:  # one line per start: requeues are visible
-                f.write(json.dumps({"job_id": env.job_id, "restart_count": env.restart_count,
-                                    "world_size": env.world_size, "nodes": nodes, "time": time.time()}) + "\n")
-            _say(env, f"wrote {run_path / 'config.toml'} and {run_path / 'layout.json'} "
-                      f"({len(nodes)} node(s): {', '.join(nodes)})")
+            folder = RunFolder(run_path)
+            folder.write_config(cfg.to_toml())
+            folder.write_layout(layout.to_json())
+            folder.record_attempt({"job_id": job_key(), "restart_count": env.restart_count,  # requeues are visible
+                                   "world_size": env.world_size, "nodes": nodes,
+                                   "layout": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp}})
+            _say(env, f"wrote {folder / CONFIG} and {folder / LAYOUT} ({len(nodes)} node(s): {', '.join(nodes)})")
         selftest = collectives_self_test(mesh, layout, env.rank, device)
         _say(env, f"collectives self-test passed on tp/pp/dp groups and world (sum {selftest['world_sum']:.0f})")
 

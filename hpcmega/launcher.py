@@ -23,6 +23,7 @@ from hpcmega.config import Config
 from hpcmega.preemption import EXIT_UNFINISHED
 from hpcmega.reliability.console import Console
 from hpcmega.reliability.process import LAUNCHER_PID_ENV
+from hpcmega.runs.files import CONFIG, LOCAL_JOB_ENV, RunFolder
 
 # After the first rank fails, how long the others get to exit on SIGTERM before SIGKILL.
 TERMINATE_GRACE_S = 5.0
@@ -99,12 +100,13 @@ class LocalLauncher:
     def __init__(self, config_path: Path, run_dir: Path, nproc: int, out: IO[str] | None = None) -> None:
         self.config_path, self.run_dir, self.nproc = config_path, run_dir, nproc
         self.console = Console(out or sys.stdout)  # never blocks or fails training (hpcmega.reliability.console)
-        self.log_dir = run_dir / "logs"
+        self.folder = RunFolder(run_dir)
+        self.job_id = f"local-{os.getpid()}"
         self.procs: list[subprocess.Popen] = []
         self._stream_thread: threading.Thread | None = None
 
     def log_path(self, rank: int) -> Path:
-        return self.log_dir / f"rank{rank}.log"
+        return self.folder.local_log(rank)
 
     def _spawn(self) -> None:
         """Start the ranks with the stop signals blocked (inherited): one sent while a rank is still starting
@@ -118,20 +120,20 @@ class LocalLauncher:
             signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
     def _spawn_ranks(self) -> None:
-        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path(0).parent.mkdir(parents=True, exist_ok=True)
         port = free_port()
         node = socket.gethostname()
         cmd = [sys.executable, "-u", "-m", "hpcmega.job", "--config", str(self.config_path),
                "--run-dir", str(self.run_dir)]
         for rank in range(self.nproc):
-            env = rank_env(rank, self.nproc, port, node)
+            env = {**rank_env(rank, self.nproc, port, node), LOCAL_JOB_ENV: self.job_id}
             if rank == 0:
                 proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                         errors="replace", start_new_session=True)
                 self._stream_thread = threading.Thread(target=self._stream, args=(proc,), daemon=True)
                 self._stream_thread.start()
             else:
-                with open(self.log_path(rank), "w") as log:
+                with open(self.log_path(rank), "a") as log:  # appended across attempts (see runs.files)
                     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
                                             start_new_session=True)
             self.procs.append(proc)
@@ -139,7 +141,7 @@ class LocalLauncher:
     def _stream(self, proc: subprocess.Popen) -> None:
         """Rank 0's output goes to the console and to logs/rank0.log."""
         assert proc.stdout is not None
-        with open(self.log_path(0), "w") as log:
+        with open(self.log_path(0), "a") as log:
             for line in proc.stdout:
                 log.write(line)
                 log.flush()
@@ -163,7 +165,18 @@ class LocalLauncher:
             proc.wait()
 
     def run(self) -> int:
-        """Run to completion; returns 0 when every rank succeeded, else the first failure's status (>= 1)."""
+        """Run to completion; returns 0 when every rank succeeded, else the first failure's status (>= 1). The
+        launch and its end are recorded in the run folder's jobs.jsonl (`hpcmega ls/status` read them)."""
+        self.folder.record_job({"job_id": self.job_id, "kind": "local", "pid": os.getpid(),
+                                "host": socket.gethostname(), "nproc": self.nproc})
+        code = 1
+        try:
+            code = self._run()
+        finally:
+            self.folder.record_job({"job_id": self.job_id, "end": time.time(), "exit_code": code})
+        return code
+
+    def _run(self) -> int:
         received: list[int] = []
         previous = {}
 
@@ -223,6 +236,7 @@ def launch_local(cfg: Config, nproc: int, run_dir: Path, out: IO[str] | None = N
     """Write the resolved config into ``run_dir`` and run ``nproc`` local ranks on it."""
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = dataclasses.replace(cfg, run_dir=str(run_dir.absolute()))
-    config_path = run_dir / "config.toml"
-    config_path.write_text(cfg.to_toml())
+    folder = RunFolder(run_dir)
+    folder.write_config(cfg.to_toml())
+    config_path = folder / CONFIG
     return LocalLauncher(config_path, run_dir, nproc, out).run()

@@ -15,13 +15,13 @@ import shutil
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from hpcmega.config import Config, ConfigError
+from hpcmega.runs.files import RunFolder
 from hpcmega.reliability.sbatch_options import check_cluster_values, check_run_folder, parse_sbatch_extra
 
 # sacct states after which a job will not run again (a requeued job shows REQUEUED/PENDING instead).
@@ -66,10 +66,7 @@ def executor_parameters(cfg: Config) -> dict[str, Any]:
 
 
 def submission_folder(run_dir: str | Path) -> Path:
-    """A fresh folder per submission inside the run folder: SLURM job ids restart at 1 on a new cluster, and
-    submitit must never find another job's pickles or logs under the same id."""
-    stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    return Path(run_dir).absolute() / "slurm" / stamp
+    return RunFolder(run_dir).submission_folder()
 
 
 def submitit_command(folder: Path, python: str | None = None) -> str:
@@ -133,6 +130,9 @@ def submit(cfg: Config, run_dir: str | Path) -> SubmittedJob:
         message = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
         _remove_empty_submission(folder, run_dir)
         raise SubmitError(f"sbatch refused the job: {message}") from None
+    run = RunFolder(run_dir)
+    run.write_config(cfg.to_toml())  # readable by `status`/`resume` while the job waits in the queue
+    run.record_job({"job_id": str(job.job_id), "kind": "slurm", "folder": str(folder), "tasks": cfg.world_size})
     return SubmittedJob(str(job.job_id), folder)
 
 

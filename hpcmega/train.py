@@ -28,6 +28,7 @@ from hpcmega.engine.parallelize import build_model_parts, mesh_sizes
 from hpcmega.engine.pipeline import GradAccumulation, PipelineRunner
 from hpcmega.metrics import ConsoleLogger, MetricsWriter, model_flops_per_step, peak_tflops, step_record
 from hpcmega.optim import CosineWithWarmup, build_optimizer, clip_grad_norm_, make_grads_replicate
+from hpcmega.runs import files
 
 
 def build_data_loader(cfg: Config, split: str = "train"):
@@ -99,7 +100,7 @@ class Trainer:
         device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None
         self.peak_tflops = peak_tflops(device_name, cfg.train.precision)
         self.is_logging_rank = dist.get_rank() == 0
-        self.metrics = MetricsWriter(os.path.join(run_dir, "metrics.jsonl")) if self.is_logging_rank else None
+        self.metrics = MetricsWriter(os.path.join(run_dir, files.METRICS)) if self.is_logging_rank else None
         self.console = ConsoleLogger(cfg.train.steps) if self.is_logging_rank else None
 
     # -- pieces for checkpointing and other step-boundary plug-ins -----------------------------------------------
@@ -264,8 +265,7 @@ def train(cfg: Config, mesh: DeviceMesh, run_dir: str, stop_flag=None, on_step=N
     def save(t: Trainer) -> None:
         nonlocal last_saved
         if last_saved != t.step:
-            run_id_file = os.path.join(run_dir, "wandb_run_id")
-            wandb_id = open(run_id_file).read().strip() if os.path.exists(run_id_file) else None
+            wandb_id = files.RunFolder(run_dir).wandb_id()
             meta = {"layout": layout_meta, "wandb_run_id": wandb_id, "config": cfg.to_dict()}
             info = ckpt.save(t.step, app_state, meta)
             last_saved = t.step

@@ -13,7 +13,7 @@ import secrets
 from pathlib import Path
 from typing import Any
 
-RUN_ID_FILE = "wandb_run_id"
+from hpcmega.runs.files import WANDB_ID as RUN_ID_FILE
 
 
 def run_id_for(run_dir: str | os.PathLike) -> str:

@@ -7,6 +7,7 @@ Every flag defaults to None, meaning "not given", so files and presets keep thei
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 from typing import Any, Callable
 
 import click
@@ -71,10 +72,12 @@ def flag_layer(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 def resolve(site: str | None, config_paths: tuple[str, ...], flags: dict[str, Any],
-            set_items: tuple[str, ...] = ()) -> Resolved:
-    """Resolve all layers, turning ConfigError into a clean exit 2 (click.UsageError) with the fix."""
+            set_items: tuple[str, ...] = (), base: tuple[str | Path, ...] = ()) -> Resolved:
+    """Resolve all layers (``base`` files first: `resume` starts from the run's saved config), turning ConfigError
+    into a clean exit 2 (click.UsageError) with the fix."""
     try:
-        layers = [(str(site_path(site)), read_toml(site_path(site)))] if site else []
+        layers = [(str(p), read_toml(p)) for p in base]
+        layers += [(str(site_path(site)), read_toml(site_path(site)))] if site else []
         layers += [(str(p), read_toml(p)) for p in config_paths]
         layers += [(f"flag {FIELDS[k].flag}", {k: v}) for k, v in flags.items()]
         layers.append(("--set", parse_set(set_items)))

@@ -33,16 +33,22 @@ def submit(cfg, run_dir: str | None, dry_run: bool, wait_: bool, no_memory_check
     hpcmega submit --nodes 4 --gpus-per-node 8 --tp 8 --pp 2 --model gpt-7b --partition gpu --dry-run
     hpcmega submit --site example --config launch/gpt2-124m-4node.toml --time 02:00:00 --wait
     """
+    from hpcmega.launcher import default_run_dir
+
+    path = Path(run_dir).absolute() if run_dir else default_run_dir(cfg).absolute()
+    queue(cfg, path, dry_run, wait_, no_memory_check)
+
+
+def queue(cfg, path: Path, dry_run: bool, wait_: bool, no_memory_check: bool = False) -> None:
+    """Validate, then show (--dry-run) or queue the job for run folder ``path`` (shared by `submit` and `resume`)."""
     from hpcmega import slurm
     from hpcmega.commands.plan import _print_table, build_plan, config_summary, memory_check, print_estimate
     from hpcmega.config import ConfigError
-    from hpcmega.launcher import default_run_dir
     from hpcmega.reliability.preflight import preflight
     from hpcmega.reliability.sbatch_options import check_run_folder
 
     layout, warnings = build_plan(cfg)  # validation (incl. every sbatch value) + layout: exit 2 before writing
     est, notes = memory_check(cfg, no_memory_check)  # and a layout that cannot fit its GPUs
-    path = Path(run_dir).absolute() if run_dir else default_run_dir(cfg).absolute()
     try:
         check_run_folder(str(path))
         preflight(cfg, path, probe=not dry_run)  # data, resume target, storage, credentials, writable location
@@ -70,7 +76,9 @@ def submit(cfg, run_dir: str | None, dry_run: bool, wait_: bool, no_memory_check
     click.echo(f"submitted job {job.job_id}: {c.nodes} node(s) x {c.gpus_per_node} {kind}"
                + (f", partition {c.partition}" if c.partition else ""))
     click.echo(f"run folder: {path}")
-    click.echo(f"follow:     squeue -j {job.job_id}\n"
+    click.echo(f"follow:     hpcmega logs -f {path}\n"
+               f"            hpcmega status {path}\n"
+               f"            squeue -j {job.job_id}\n"
                f"            tail -f {job.log(0, 'out')}\n"
                f"            sacct -j {job.job_id}")
     if not wait_:

@@ -19,7 +19,9 @@ _AWS_ENV = ("AWS_ACCESS_KEY_ID", "AWS_PROFILE", "AWS_WEB_IDENTITY_TOKEN_FILE", "
 
 def checkpoint_location(cfg: Config, run_dir: str | Path) -> str:
     """Where this run's checkpoints go (checkpoint.url, else RUN_DIR/checkpoints): the one owner of that rule."""
-    return cfg.checkpoint.url or os.path.join(str(Path(run_dir).absolute()), "checkpoints")
+    from hpcmega.runs.files import RunFolder
+
+    return RunFolder(run_dir).checkpoint_url(cfg)
 
 
 def _filesystem(url: str, what: str):

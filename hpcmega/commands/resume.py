@@ -1,0 +1,78 @@
+"""`hpcmega resume RUN`: start a run again from its saved config and its last complete checkpoint, on the same or
+a different layout (DCP reshards the checkpoint on load), as a new SLURM job or a new local launch."""
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+from hpcmega.commands.options import config_options, flag_layer, resolve
+
+
+def _layout_text(cfg) -> str:
+    return (f"tp={cfg.parallel.tp} pp={cfg.parallel.pp} dp={cfg.dp} on {cfg.cluster.nodes} node(s) x "
+            f"{cfg.cluster.gpus_per_node}" + (" (CPU)" if cfg.cluster.cpu else ""))
+
+
+@click.command("resume")
+@click.argument("run", type=click.Path(exists=True, file_okay=False))
+@click.option("--nproc", type=click.IntRange(min=1), help="Local runs: ranks on this machine (default: as before).")
+@click.option("--dry-run", is_flag=True, help="Show the old and new layout and the sbatch script; start nothing.")
+@click.option("--wait", "wait_", is_flag=True, help="SLURM runs: block until the job ends.")
+@click.option("--no-memory-check", is_flag=True, help="Do not refuse a layout that does not fit GPU memory.")
+@config_options(with_cluster=True)
+def resume(run: str, nproc: int | None, dry_run: bool, wait_: bool, no_memory_check: bool, site: str | None,
+           config_paths: tuple[str, ...], set_items: tuple[str, ...], **kwargs: Any) -> None:
+    """Resume RUN from its last checkpoint; flags change the layout or the job (--nodes, --tp, --pp, --time, ...).
+
+    \b
+    hpcmega resume runs/my-run                       # same layout, new job
+    hpcmega resume runs/my-run --tp 1 --time 02:00:00 # another layout: the checkpoint is resharded on load
+    """
+    from hpcmega.checkpoint import list_checkpoints
+    from hpcmega.commands.runs import run_folder_arg
+    from hpcmega.runs.state import ACTIVE, run_status
+
+    folder = run_folder_arg(run)
+    s = run_status(folder)
+    if s.job is not None and s.state in ACTIVE:
+        raise click.UsageError(f"job {s.job.job_id} of {folder.name} is still {s.state}; stop it first with "
+                               f"`hpcmega cancel {folder.path}`")
+    old = resolve(None, (), {}, base=(folder / "config.toml",)).config
+    flags = {"checkpoint.resume": "auto", **flag_layer(kwargs)}
+    cfg = resolve(site, config_paths, flags, set_items, base=(folder / "config.toml",)).config
+    cfg.run_dir = str(folder.path)
+    local = s.job is not None and s.job.kind == "local"
+    if local:
+        from hpcmega.launcher import local_config
+
+        cfg = local_config(cfg, nproc or old.world_size, cpu=old.cluster.cpu)
+    ckpts = [c for c in list_checkpoints(folder.checkpoint_url(cfg)) if c.complete] \
+        if cfg.checkpoint.resume == "auto" else []
+    click.echo(f"layout: {_layout_text(old)}  ->  {_layout_text(cfg)}")
+    click.echo(f"resume from: {ckpts[-1].url} (step {ckpts[-1].step}, written with {ckpts[-1].layout})" if ckpts
+               else f"resume from: {cfg.checkpoint.resume}" if cfg.checkpoint.resume not in ("auto", "none")
+               else "resume from: no complete checkpoint yet, training starts at step 0")
+    if local:
+        _resume_local(cfg, folder, dry_run)
+        return
+    from hpcmega.commands.submit import queue
+
+    queue(cfg, folder.path, dry_run, wait_, no_memory_check)
+
+
+def _resume_local(cfg, folder, dry_run: bool) -> None:
+    from hpcmega.commands.plan import build_plan
+    from hpcmega.launcher import launch_local
+
+    _, warnings = build_plan(cfg)
+    for w in warnings:
+        click.echo(f"warning: {w}", err=True)
+    if dry_run:
+        return
+    sys.exit(launch_local(cfg, cfg.cluster.gpus_per_node, folder.path))
+
+
+def register(main: click.Group) -> None:
+    main.add_command(resume)

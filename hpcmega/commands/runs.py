@@ -1,0 +1,191 @@
+"""`hpcmega ls | status | logs | cancel`: living with runs, from their run folders (local and SLURM alike)."""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import click
+
+_RUN = click.argument("run", type=click.Path(exists=True, file_okay=False))
+
+
+def run_folder_arg(path: str):
+    from hpcmega.runs.files import RunFolder
+
+    run = RunFolder(path)
+    if not run.is_run():
+        raise click.UsageError(f"{path} is not a run folder (no config.toml or jobs.jsonl); `hpcmega ls` lists runs")
+    return run
+
+
+def _loss(value) -> str:
+    return f"{value:.4f}" if isinstance(value, (int, float)) else "-"
+
+
+@click.command("ls")
+@click.argument("runs_dir", default="runs", type=click.Path(file_okay=False))
+def ls(runs_dir: str) -> None:
+    """One line per run under RUNS_DIR (default: runs): job, state, progress, loss, attempt, last update."""
+    from hpcmega.runs.files import find_runs
+    from hpcmega.runs.state import Job, ago, duration, refresh_slurm_states, run_status
+
+    runs = find_runs(runs_dir) if Path(runs_dir).is_dir() else []
+    if not runs:
+        raise click.UsageError(f"no run folders under {runs_dir}; start one with `hpcmega run` or `hpcmega submit`")
+    refresh_slurm_states([Job(r.jobs()[-1]) for r in runs if r.jobs()])
+    rows = [("RUN", "JOB", "STATE", "STEP", "LOSS", "ATTEMPT", "ELAPSED", "ETA", "UPDATED")]
+    for run in runs:
+        s = run_status(run, refresh=False)
+        name = str(run.path.relative_to(Path(runs_dir).absolute())) if run.path != Path(runs_dir).absolute() \
+            else run.name
+        rows.append((name, s.job.job_id if s.job else "-", s.state, f"{s.step}/{s.steps}", _loss(s.loss),
+                     str(s.attempt), duration(s.elapsed_s), duration(s.eta_s), ago(s.updated)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+
+
+@click.command("status")
+@_RUN
+def status(run: str) -> None:
+    """Job state, exit code, attempts, progress, last checkpoint, W&B run and layout of RUN."""
+    from hpcmega.checkpoint import list_checkpoints
+    from hpcmega.runs.state import duration, run_status
+
+    folder = run_folder_arg(run)
+    s = run_status(folder)
+    rows: list[tuple[str, str]] = [("run", str(folder.path))]
+    if s.job:
+        code = s.job.exit_code()
+        rows.append(("job", f"{s.job.job_id} ({s.job.kind}) {s.state}" + (f", exit code {code}" if code else "")))
+    else:
+        rows.append(("job", "none recorded"))
+    requeues = sum(1 for a in s.attempts if a.get("restart_count", 0) > 0)
+    rows.append(("attempts", f"{s.attempt} ({requeues} requeue(s), {len(folder.jobs())} submission(s))"))
+    if s.attempts:
+        a = s.attempts[-1]
+        lay = a.get("layout") or {}
+        rows.append(("latest", f"job {a.get('job_id')} restart {a.get('restart_count', 0)} on "
+                               f"{', '.join(a.get('nodes', []))}" + (f" tp={lay['tp']} pp={lay['pp']} dp={lay['dp']}"
+                                                                      if lay else "")))
+    rows.append(("progress", f"step {s.step}/{s.steps}, loss {_loss(s.loss)}, elapsed {duration(s.elapsed_s)}, "
+                             f"ETA {duration(s.eta_s)}"))
+    try:
+        cfg = folder.config()
+        ckpts = [c for c in list_checkpoints(folder.checkpoint_url(cfg)) if c.complete]
+        rows.append(("checkpoint", f"step {ckpts[-1].step} ({ckpts[-1].layout}) {ckpts[-1].url}" if ckpts
+                     else "none yet"))
+        rows.append(("plan", f"{cfg.model.preset} ({cfg.model.n_layers} layers), {cfg.cluster.nodes} node(s) x "
+                             f"{cfg.cluster.gpus_per_node}, tp={cfg.parallel.tp} pp={cfg.parallel.pp} dp={cfg.dp}, "
+                             f"global_batch={cfg.train.global_batch}"))
+        wandb_id = folder.wandb_id()
+        rows.append(("W&B", f"{cfg.logging.wandb}" + (f", run id {wandb_id}" if wandb_id else "")
+                     + (f" (upload: hpcmega sync {folder.path})" if cfg.logging.wandb == "offline" and wandb_id
+                        else "")))
+    except Exception as e:  # noqa: BLE001 - a folder without a readable config still has a state
+        rows.append(("config", f"unreadable ({e})"))
+    for key, value in rows:
+        click.echo(f"{key:<11}{value}")
+
+
+def _attempt_job(folder, attempt: int | None):
+    """-> (Job, restart count) of attempt K (1-based; default: the latest submission, at its latest restart)."""
+    from hpcmega.runs.state import Job
+
+    jobs = {str(j.get("job_id")): Job(j) for j in folder.jobs()}
+    if not jobs:
+        raise click.UsageError(f"{folder.name} records no job ({folder.path / 'jobs.jsonl'} is missing)")
+    attempts = folder.attempts()
+    if attempt is not None:
+        if not 1 <= attempt <= len(attempts):
+            raise click.UsageError(f"--attempt {attempt}: {folder.name} has {len(attempts)} attempt(s)"
+                                   + (f"; use 1..{len(attempts)}" if attempts else " so far"))
+        a = attempts[attempt - 1]
+        job = jobs.get(str(a.get("job_id")))
+        if job is None:
+            raise click.UsageError(f"attempt {attempt} ran as job {a.get('job_id')}, which jobs.jsonl does not list")
+        return job, int(a.get("restart_count", 0))
+    latest = list(jobs.values())[-1]
+    mine = [a for a in attempts if str(a.get("job_id")) == latest.job_id]
+    return latest, int(mine[-1].get("restart_count", 0)) if mine else 0
+
+
+@click.command("logs")
+@_RUN
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new lines until the job ends (Ctrl-C stops).")
+@click.option("--rank", type=click.IntRange(min=0), default=0, show_default=True, help="Global rank.")
+@click.option("--attempt", type=click.IntRange(min=1), help="Attempt number (see `status`); default: the latest.")
+@click.option("--err", "stderr", is_flag=True, help="SLURM runs: the rank's stderr instead of stdout.")
+def logs(run: str, follow: bool, rank: int, attempt: int | None, stderr: bool) -> None:
+    """Print one rank's log of one attempt of RUN (rank 0 of the latest attempt by default)."""
+    from hpcmega.runs.files import log_section
+    from hpcmega.runs.state import ACTIVE
+
+    folder = run_folder_arg(run)
+    job, restart = _attempt_job(folder, attempt)
+    job_id = job.job_id
+    world = int(job.record.get("tasks") or job.record.get("nproc") or 1)
+    if rank >= world:
+        raise click.UsageError(f"--rank {rank}: job {job_id} has {world} rank(s); use 0..{world - 1}")
+    path = job.log_path(rank, "err" if stderr else "out", folder)
+    text = path.read_text(errors="replace") if path.exists() else ""
+    shown = log_section(text, job_id, restart) if text else ""
+    click.echo(shown, nl=False)
+    if not follow:
+        if not path.exists():
+            click.echo(f"(no log yet: {path}; job {job_id} is {job.state()})", err=True)
+        return
+    offset = len(text.encode())
+    try:
+        while True:
+            offset = _print_new(path, offset)
+            from hpcmega.runs.state import refresh_slurm_states
+
+            refresh_slurm_states([job])
+            if job.state() not in ACTIVE:
+                _print_new(path, offset)
+                click.echo(f"(job {job_id} ended: {job.state()})", err=True)
+                return
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        return
+
+
+def _print_new(path: Path, offset: int) -> int:
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            chunk = f.read()
+    except OSError:
+        return offset
+    end = chunk.rfind(b"\n") + 1  # whole lines only
+    if end:
+        click.echo(chunk[:end].decode(errors="replace"), nl=False)
+        sys.stdout.flush()
+    return offset + end
+
+
+@click.command("cancel")
+@_RUN
+def cancel(run: str) -> None:
+    """Cancel RUN's current job (SLURM job or local launch). The run folder stays resumable: `hpcmega resume RUN`
+    continues from its last checkpoint."""
+    from hpcmega.runs.state import ACTIVE, run_status
+
+    folder = run_folder_arg(run)
+    s = run_status(folder)
+    if s.job is None or s.state not in ACTIVE:
+        raise click.UsageError(f"{folder.name}: nothing to cancel (job {s.job.job_id if s.job else '-'} is "
+                               f"{s.state})")
+    try:
+        s.job.cancel()
+    except Exception as e:  # scancel refused (not your job, ...) or the local launcher is elsewhere
+        raise click.ClickException(f"could not cancel job {s.job.job_id}: {e}") from None
+    click.echo(f"cancelled job {s.job.job_id} ({s.job.kind}, was {s.state}); resume with: hpcmega resume "
+               f"{folder.path}")
+
+
+def register(main: click.Group) -> None:
+    for command in (ls, status, logs, cancel):
+        main.add_command(command)

@@ -1,0 +1,199 @@
+"""The run folder and the names of everything in it (one owner: nothing else spells these names).
+
+A run folder is created by `hpcmega run` or `hpcmega submit` and holds a run across all its attempts:
+
+    config.toml      the resolved config (written at submission, rewritten by rank 0 at every start)
+    layout.json      the layout of the latest attempt (rank 0)
+    jobs.jsonl       one line per submission: SLURM job (id, submitit folder) or local launch (pid, host); a local
+                     launch adds a line with its exit code when it ends
+    attempts.jsonl   one line per start of the ranks (requeues and resumes included): job id, restart count, nodes
+    metrics.jsonl    one line per step (rank 0), plus {"event": "restart", ...} lines marking each new attempt
+    checkpoints/     DCP checkpoints (unless checkpoint.url points elsewhere)
+    logs/rankN.log   local runs: each rank's output, appended across attempts
+    slurm/<stamp>/   SLURM runs: submitit's folder per submission (scripts, <jobid>_<rank>_log.out/.err, results)
+    wandb_run_id     the W&B run id shared by every attempt; wandb/ holds the offline W&B files
+
+Every log section of an attempt starts with the line from ``attempt_marker`` (printed by each rank), so `logs
+--attempt K` can cut one attempt out of a log file that SLURM appends across requeues.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+CONFIG = "config.toml"
+LAYOUT = "layout.json"
+JOBS = "jobs.jsonl"
+ATTEMPTS = "attempts.jsonl"
+METRICS = "metrics.jsonl"
+CHECKPOINTS = "checkpoints"
+LOGS = "logs"
+SLURM = "slurm"
+WANDB_ID = "wandb_run_id"
+WANDB_DIR = "wandb"
+
+# Set by the local launcher for its ranks: the id of a local launch ("local-<launcher pid>").
+LOCAL_JOB_ENV = "HPCMEGA_LOCAL_JOB"
+_MARKER = "==> hpcmega attempt: job={job} restart={restart} rank={rank} <=="
+_MARKER_RE = re.compile(r"^==> hpcmega attempt: job=(\S+) restart=(\d+) rank=(\d+) <==$", re.M)
+
+
+def attempt_marker(job: str, restart: int, rank: int) -> str:
+    return _MARKER.format(job=job, restart=restart, rank=rank)
+
+
+def job_key(environ: dict[str, str] | None = None) -> str | None:
+    """The id this attempt's job has in jobs.jsonl: submitit's (``<array>_<index>`` inside a job array), the local
+    launch's, or None outside both."""
+    env = os.environ if environ is None else environ
+    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    return env.get("SLURM_JOB_ID") or env.get(LOCAL_JOB_ENV)
+
+
+def log_section(text: str, job: str, restart: int) -> str:
+    """The part of a log that one attempt (job, restart count) wrote; the whole text if it has no markers."""
+    marks = list(_MARKER_RE.finditer(text))
+    if not marks:
+        return text
+    for i, m in enumerate(marks):
+        if m.group(1) == job and int(m.group(2)) == restart:
+            end = marks[i + 1].start() if i + 1 < len(marks) else len(text)
+            return text[m.start():end]
+    return ""
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Every complete JSON line (a line cut by a killed writer is skipped)."""
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class RunFolder:
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path).absolute()
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def is_run(self) -> bool:
+        return (self.path / CONFIG).is_file() or (self.path / JOBS).is_file()
+
+    # -- what the run wrote ------------------------------------------------------------------------------------------
+    def config(self):
+        from hpcmega.config import load_config
+
+        return load_config(self.path / CONFIG)
+
+    def layout(self) -> dict[str, Any] | None:
+        try:
+            return json.loads((self.path / LAYOUT).read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+
+    def jobs(self) -> list[dict[str, Any]]:
+        """Submissions, oldest first, with a local launch's end record merged into its start record."""
+        merged: dict[str, dict[str, Any]] = {}
+        for rec in read_jsonl(self.path / JOBS):
+            merged.setdefault(str(rec.get("job_id")), {}).update(rec)
+        return list(merged.values())
+
+    def attempts(self) -> list[dict[str, Any]]:
+        return read_jsonl(self.path / ATTEMPTS)
+
+    def metrics(self) -> list[dict[str, Any]]:
+        return read_jsonl(self.path / METRICS)
+
+    def steps(self) -> list[dict[str, Any]]:
+        """Step records (no event lines); after a restart from an earlier step, the later record of a step wins."""
+        by_step: dict[int, dict[str, Any]] = {}
+        for rec in self.metrics():
+            if "step" in rec and "event" not in rec:
+                by_step[int(rec["step"])] = rec
+        return [by_step[s] for s in sorted(by_step)]
+
+    def wandb_id(self) -> str | None:
+        try:
+            return (self.path / WANDB_ID).read_text().strip() or None
+        except OSError:
+            return None
+
+    def checkpoint_url(self, cfg=None) -> str:
+        cfg = cfg if cfg is not None else self.config()
+        return cfg.checkpoint.url or str(self.path / CHECKPOINTS)
+
+    def local_log(self, rank: int) -> Path:
+        return self.path / LOGS / f"rank{rank}.log"
+
+    def submission_folder(self) -> Path:
+        """A fresh folder per submission: SLURM job ids restart at 1 on a new cluster, and submitit must never
+        find another job's pickles or logs under the same id."""
+        import uuid
+
+        return self.path / SLURM / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+    def updated(self) -> float:
+        """When the run last wrote anything we read (metrics, attempts, jobs)."""
+        times = [p.stat().st_mtime for p in (self.path / METRICS, self.path / ATTEMPTS, self.path / JOBS)
+                 if p.exists()]
+        return max(times, default=self.path.stat().st_mtime if self.path.exists() else 0.0)
+
+    # -- what the launchers write ----------------------------------------------------------------------------------
+    def record_job(self, record: dict[str, Any]) -> None:
+        append_jsonl(self.path / JOBS, {"time": time.time(), **record})
+
+    def record_attempt(self, record: dict[str, Any]) -> None:
+        append_jsonl(self.path / ATTEMPTS, {"time": time.time(), **record})
+
+    def write_config(self, text: str) -> None:
+        write_atomic(self.path / CONFIG, text)
+
+    def write_layout(self, data: dict[str, Any]) -> None:
+        write_atomic(self.path / LAYOUT, json.dumps(data, indent=2) + "\n")
+
+
+def find_runs(root: str | os.PathLike, depth: int = 2) -> list[RunFolder]:
+    """Run folders under ``root`` (itself, its children, and theirs: a sweep keeps its points in one folder)."""
+    base = Path(root)
+    found: list[RunFolder] = []
+    frontier = [base]
+    for _ in range(depth + 1):
+        nxt = []
+        for d in frontier:
+            run = RunFolder(d)
+            if run.is_run():
+                found.append(run)
+            elif d.is_dir():
+                nxt += sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith("."))
+        frontier = nxt
+    return sorted(found, key=lambda r: r.path)
