@@ -140,7 +140,7 @@ class ClusterConfig:
     time: str = setting("01:00:00", "SLURM time limit, [D-]HH:MM:SS or minutes.")
     constraint: str = setting("", "SLURM node features, e.g. 'h100&ib'.")
     exclusive: bool = setting(False, "Whole nodes only.")
-    job_name: str = setting("hpcmega", "SLURM job name.")
+    job_name: str = setting("", "SLURM job name; empty = the run folder's name.")
     mem: str = setting("", "Memory per node, e.g. 64G, or 0 for all; empty = site default.")
     cpus_per_task: int = setting(0, "CPUs per task (per GPU).", ge=0, zero="site default")
     sbatch_extra: list[str] = setting(help="Extra sbatch option, passed through (repeatable; flags add to the "
@@ -150,6 +150,18 @@ class ClusterConfig:
                                   ge=0)
     max_requeues: int = setting(3, "Preemptions / time limits survived by requeueing.", ge=0)
     master_port: int = setting(0, "Rendezvous TCP port.", ge=0, le=65535, zero="derived from the job id")
+    requeue: bool = setting(True, "Let SLURM requeue the job after preemption / time limit / node failure "
+                                  "(sbatch --requeue or --no-requeue); with --no-requeue a stopped job only saves.")
+    setup: list[str] = setting(help="Shell line run before the ranks start, e.g. 'module load cuda/12.4' or "
+                                    "'source venv/bin/activate' (repeatable).", factory=list)
+    env: dict[str, str] = setting(help="Environment variable for every rank: --env NCCL_DEBUG=INFO (repeatable; "
+                                       "[cluster.env] in TOML).", factory=dict)
+    container_image: str = setting("", "Run the ranks in this container image (pyxis: an image name; apptainer: "
+                                       "a .sif file); empty = no container.", flag="--container")
+    container_runtime: str = setting("pyxis", "How the container is started: pyxis (srun --container-image) or "
+                                              "apptainer (apptainer exec).", choices=("pyxis", "apptainer"))
+    container_mounts: list[str] = setting(help="Bind mount SRC:DST into the container (repeatable; the run folder "
+                                               "is always mounted).", factory=list, flag="--container-mount")
 
 
 @dataclass
@@ -159,6 +171,9 @@ class LoggingConfig:
     project: str = setting("hpcmega", "W&B project.", flag="--wandb-project")
     entity: str = setting("", "W&B entity (team or user); empty = your default.", flag="--wandb-entity")
     run_name: str = setting("", "Run name (run folder and W&B); empty = the model preset.")
+    group: str = setting("", "W&B group (a sweep's points share one; default for a sweep: the sweep folder's "
+                             "name).", flag="--wandb-group")
+    tags: list[str] = setting(help="W&B tag (repeatable).", factory=list, flag="--wandb-tags")
     log_every: int = setting(1, "Print and log every N steps.", ge=1)
 
 
@@ -338,6 +353,10 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
                 return [value]
             return [str(v) for v in value]
         if origin is dict:
+            if isinstance(value, (list, tuple)):  # repeatable KEY=VALUE flags
+                if not all(isinstance(v, str) and "=" in v for v in value):
+                    raise ValueError(value)
+                value = dict(v.split("=", 1) for v in value)
             if not isinstance(value, dict):
                 raise ValueError(value)
             return {str(k): str(v) for k, v in value.items()}
@@ -395,6 +414,10 @@ def parse_set(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
         key = key.strip()
         if not eq or not key:
             raise ConfigError(f"--set {item!r}: write section.key=value, e.g. --set train.lr=3e-4")
+        parent, _, leaf = key.rpartition(".")
+        if key not in FIELDS and parent in FIELDS and FIELDS[parent].is_dict:  # --set cluster.env.NCCL_DEBUG=INFO
+            out[parent] = {**out.get(parent, {}), leaf: text}
+            continue
         if key not in FIELDS:
             raise _unknown_key("--set", key)
         value: Any = text

@@ -155,7 +155,8 @@ def _stop_for_requeue(cfg: Config, env: DistEnv, train: dict[str, Any], signum: 
     from hpcmega.preemption import decide_requeue, requeue, slurm_job_id
 
     job_id = slurm_job_id() if env.job_id else None
-    decision = decide_requeue(job_id, env.restart_count, cfg.cluster.max_requeues, signum or signal.SIGUSR2)
+    decision = decide_requeue(job_id, env.restart_count, cfg.cluster.max_requeues if cfg.cluster.requeue else 0,
+                              signum or signal.SIGUSR2)
     _say(env, f"stop signal: checkpoint saved; {decision.reason}")
     if not decision.requeue:
         raise TrainingUnfinished(
@@ -227,6 +228,10 @@ def run_rank(cfg: Config | dict[str, Any], run_dir: str) -> dict[str, Any]:
             folder.record_attempt({"job_id": job_key(), "restart_count": env.restart_count,  # requeues are visible
                                    "world_size": env.world_size, "nodes": nodes,
                                    "layout": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp}})
+            attempt = len(folder.attempts())
+            if attempt > 1:  # metrics.jsonl says where an attempt starts; a step repeated after it replaces the old one
+                folder.mark_restart({"attempt": attempt, "job_id": job_key(), "restart_count": env.restart_count,
+                                     "last_step_before": max((r["step"] for r in folder.steps()), default=0)})
             _say(env, f"wrote {folder / CONFIG} and {folder / LAYOUT} ({len(nodes)} node(s): {', '.join(nodes)})")
         selftest = collectives_self_test(mesh, layout, env.rank, device)
         _say(env, f"collectives self-test passed on tp/pp/dp groups and world (sum {selftest['world_sum']:.0f})")
@@ -247,11 +252,12 @@ def run_rank(cfg: Config | dict[str, Any], run_dir: str) -> dict[str, Any]:
             if env.rank == 0:
                 from hpcmega.wandb_logger import WandbLogger
 
-                logger = WandbLogger(cfg, str(run_path), {"world_size": env.world_size, "layout": layout.to_json()})
-                if logger.url:
-                    _say(env, f"W&B run: {logger.url}")
-                elif logger.run is not None:
-                    _say(env, f"W&B {logger.mode} run {logger.run_id}: `hpcmega sync {run_path}` uploads it")
+                logger = WandbLogger(cfg, str(run_path), {
+                    "world_size": env.world_size, "nodes": nodes, "slurm_job_id": env.job_id and job_key(),
+                    "attempt": attempt, "restart_count": env.restart_count,
+                    "layout": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp}})
+                if logger.describe():
+                    _say(env, logger.describe())
             try:
                 result["train"] = train(cfg, mesh, str(run_path), stop_flag=stop_flag,
                                         on_step=logger.log if logger else None)

@@ -9,6 +9,7 @@ the executor gets, so the preview is the script that would be queued (tests comp
 """
 from __future__ import annotations
 
+import dataclasses
 import pickle
 import shlex
 import shutil
@@ -41,13 +42,13 @@ def executor_parameters(cfg: Config) -> dict[str, Any]:
     c = cfg.cluster
     check_cluster_values(c)  # validate() already refused these; a script is never rendered from unchecked values
     params: dict[str, Any] = {
-        "job_name": c.job_name,
+        "job_name": c.job_name or (Path(cfg.run_dir).name if cfg.run_dir else "hpcmega"),
         "time": parse_slurm_time(c.time),
         "nodes": c.nodes,
         "ntasks_per_node": c.gpus_per_node,  # one task per GPU (with --cpu: per CPU rank)
         "signal_delay_s": c.signal_grace_s,  # -> --signal=USR2@<grace>: time to save before the limit
-        "srun_args": ["--kill-on-bad-exit=1"],
-        "setup": list(SETUP_LINES),
+        "srun_args": ["--kill-on-bad-exit=1", *container_srun_args(cfg)],
+        "setup": job_setup(cfg),
         "wckey": None,  # submitit would tag every job "submitit"; leave the site's default
     }
     if not c.cpu:
@@ -59,10 +60,43 @@ def executor_parameters(cfg: Config) -> dict[str, Any]:
         params["cpus_per_task"] = c.cpus_per_task
     if c.exclusive:
         params["exclusive"] = True
-    extra = parse_sbatch_extra(c.sbatch_extra)
-    if extra:
-        params["additional_parameters"] = extra
+    params["additional_parameters"] = {"requeue" if c.requeue else "no-requeue": True,
+                                       **parse_sbatch_extra(c.sbatch_extra)}
     return params
+
+
+def job_setup(cfg: Config) -> list[str]:
+    """The script's set-up: ``[cluster.env]`` exports, then the user's lines (module loads, venv activation; they
+    may use those variables), then hpcmega's defaults (which keep a value already set). srun passes the batch
+    script's environment on to every task."""
+    exports = [f"export {key}={shlex.quote(value)}" for key, value in cfg.cluster.env.items()]
+    return [*exports, *cfg.cluster.setup, *SETUP_LINES]
+
+
+def container_srun_args(cfg: Config) -> list[str]:
+    """pyxis: srun runs every task in the image, with the run folder (and the given mounts) bind-mounted."""
+    c = cfg.cluster
+    if not c.container_image or c.container_runtime != "pyxis":
+        return []
+    mounts = ",".join(_mounts(cfg))
+    return [f"--container-image={c.container_image}", f"--container-mounts={mounts}",
+            f"--container-workdir={Path.cwd()}"]
+
+
+def _mounts(cfg: Config) -> list[str]:
+    run = str(Path(cfg.run_dir).absolute()) if cfg.run_dir else ""
+    return ([f"{run}:{run}"] if run else []) + list(cfg.cluster.container_mounts)
+
+
+def python_command(cfg: Config) -> str:
+    """What runs submitit's entry point: this interpreter, or the container's ``python3`` (apptainer wraps it)."""
+    c = cfg.cluster
+    if not c.container_image:
+        return shlex.quote(sys.executable)
+    if c.container_runtime == "pyxis":
+        return "python3"
+    binds = "".join(f" --bind {shlex.quote(m)}" for m in _mounts(cfg))
+    return f"apptainer exec{'' if c.cpu else ' --nv'}{binds} {shlex.quote(c.container_image)} python3"
 
 
 def submission_folder(run_dir: str | Path) -> Path:
@@ -74,13 +108,19 @@ def submitit_command(folder: Path, python: str | None = None) -> str:
     return " ".join([python or shlex.quote(sys.executable), "-u -m submitit.core._submit", shlex.quote(str(folder))])
 
 
-def sbatch_script(cfg: Config, folder: Path) -> str:
-    """The sbatch script ``submit`` would queue, rendered by submitit's script builder. Writes nothing."""
+def sbatch_script(cfg: Config, folder: Path, count: int = 1, after: str | None = None) -> str:
+    """The sbatch script ``submit`` would queue (a job array of ``count`` tasks when count > 1), rendered by
+    submitit's script builder from the parameters the executor gets. Writes nothing."""
     from submitit.slurm.slurm import _make_sbatch_string
 
     folder = Path(folder).absolute()
     check_run_folder(str(folder))
-    return _make_sbatch_string(command=submitit_command(folder), folder=folder, **executor_parameters(cfg))
+    root = Path(cfg.run_dir) if cfg.run_dir else folder.parents[1]
+    params = array_parameters(cfg, root, after)
+    if count > 1:
+        params["map_count"] = count
+    python = python_command(dataclasses.replace(cfg, run_dir=str(root)))
+    return _make_sbatch_string(command=submitit_command(folder, python), folder=folder, **params)
 
 
 class SubmitError(RuntimeError):
@@ -107,33 +147,57 @@ class SubmittedJob:
             return None
 
 
-def submit(cfg: Config, run_dir: str | Path) -> SubmittedJob:
+def submit(cfg: Config, run_dir: str | Path, after: str | None = None) -> SubmittedJob:
     """Queue the job: every task calls ``hpcmega.job.run_rank(cfg_dict, run_dir)``. The config travels as a plain
     dict (the resolved Config, which holds no secrets: API keys stay in the environment)."""
+    return submit_array([(cfg, Path(run_dir))], Path(run_dir), after)[0]
+
+
+def array_parameters(cfg: Config, root: Path, after: str | None = None) -> dict[str, Any]:
+    """The executor parameters of a submission whose run folders live under ``root`` (a sweep folder for an
+    array): the job name and container mounts follow ``root``; ``after`` adds ``--dependency=afterok:<id>``."""
+    params = executor_parameters(dataclasses.replace(cfg, run_dir=str(root)))
+    if after:
+        params["dependency"] = f"afterok:{after}"
+    return params
+
+
+def submit_array(points: list[tuple[Config, Path]], root: Path, after: str | None = None) -> list[SubmittedJob]:
+    """One sbatch: a single job, or -- for several points -- one job array with one array task per point
+    (submitit's ``executor.batch()``), all with the first point's executor parameters (the caller checks that
+    every point has the same ones). Each point's run folder gets its config and its job record."""
     import submitit
 
     from hpcmega.job import run_rank
 
-    run_dir = Path(run_dir).absolute()
-    folder = submission_folder(run_dir)
+    root = Path(root).absolute()
+    folder = submission_folder(root)
     check_run_folder(str(folder))
-    cfg_dict = cfg.to_dict()
-    cfg_dict["run_dir"] = str(run_dir)
+    first = points[0][0]
     try:
-        executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=cfg.cluster.max_requeues)
+        executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=first.cluster.max_requeues,
+                                          python=python_command(dataclasses.replace(first, run_dir=str(root))))
     except RuntimeError as e:  # no srun on PATH
         raise ConfigError(f"{e} -- run `hpcmega submit` on a SLURM login node, or `hpcmega run` locally") from None
-    executor.update_parameters(**executor_parameters(cfg))
+    executor.update_parameters(**array_parameters(first, root, after))
+    calls = [(dataclasses.replace(cfg, run_dir=str(Path(d).absolute())).to_dict(), str(Path(d).absolute()))
+             for cfg, d in points]
     try:
-        job = executor.submit(run_rank, cfg_dict, str(run_dir))
+        if len(calls) == 1:
+            jobs = [executor.submit(run_rank, *calls[0])]
+        else:
+            with executor.batch():
+                jobs = [executor.submit(run_rank, *call) for call in calls]
     except (submitit.core.utils.FailedJobError, subprocess.CalledProcessError) as e:
         message = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
-        _remove_empty_submission(folder, run_dir)
+        _remove_empty_submission(folder, root)
         raise SubmitError(f"sbatch refused the job: {message}") from None
-    run = RunFolder(run_dir)
-    run.write_config(cfg.to_toml())  # readable by `status`/`resume` while the job waits in the queue
-    run.record_job({"job_id": str(job.job_id), "kind": "slurm", "folder": str(folder), "tasks": cfg.world_size})
-    return SubmittedJob(str(job.job_id), folder)
+    for (cfg, run_dir), job in zip(points, jobs):
+        run = RunFolder(run_dir)
+        run.write_config(dataclasses.replace(cfg, run_dir=str(run.path)).to_toml())  # readable while queued
+        run.record_job({"job_id": str(job.job_id), "kind": "slurm", "folder": str(folder),
+                        "tasks": cfg.world_size, **({"after": after} if after else {})})
+    return [SubmittedJob(str(job.job_id), folder) for job in jobs]
 
 
 def _remove_empty_submission(folder: Path, run_dir: Path) -> None:

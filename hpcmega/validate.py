@@ -131,8 +131,15 @@ def _check_values(cfg: Config) -> None:
     check_text("logging.run_name", cfg.logging.run_name, extra_forbidden="/%")  # names the default run folder
     if c.mem and not re.fullmatch(r"\d+[KMGT]?", c.mem, re.IGNORECASE):
         raise ConfigError(f"cluster.mem={c.mem!r} is not a SLURM memory size; write e.g. 64G, 64000M or 0 (all)")
-    if not c.job_name.strip() or any(ch.isspace() for ch in c.job_name):
-        raise ConfigError(f"cluster.job_name={c.job_name!r} must be a non-empty word without spaces")
+    if any(ch.isspace() for ch in c.job_name):
+        raise ConfigError(f"cluster.job_name={c.job_name!r} must be a word without spaces (or empty: the run "
+                          "folder's name)")
+    for key in c.env:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            raise ConfigError(f"cluster.env key {key!r} is not an environment variable name; use letters, digits "
+                              "and _ (e.g. NCCL_DEBUG)")
+    if any(ch.isspace() for ch in c.container_image) or any(ch.isspace() for m in c.container_mounts for ch in m):
+        raise ConfigError("cluster.container_image and cluster.container_mounts must not contain spaces")
     minutes = parse_slurm_time(c.time)
     if minutes * 60 <= c.signal_grace_s:
         raise ConfigError(f"cluster.time={c.time} ({minutes} min) is not longer than signal_grace_s="

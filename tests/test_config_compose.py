@@ -136,3 +136,11 @@ def test_config_round_trips_through_the_run_folders_toml():
     again = Config.from_dict(tomllib.loads(cfg.to_toml()))
     assert again == cfg
     assert validate(again) == []
+
+
+def test_dict_fields_merge_key_by_key_across_sources(tmp_path):
+    conf = tmp_path / "c.toml"
+    conf.write_text('[cluster.env]\nA = "1"\nB = "2"\n')
+    code, out = show(["--config", str(conf), "--env", "B=3", "--set", "cluster.env.C=4 5"])
+    assert code == 0, out
+    assert tomllib.loads(out)["cluster"]["env"] == {"A": "1", "B": "3", "C": "4 5"}

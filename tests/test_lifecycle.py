@@ -77,7 +77,7 @@ def test_submit_ls_status_logs_cancel_resume_on_slurm(slurm_cluster, tmp_path):
     out = resumed.stdout + resumed.stderr
     assert resumed.returncode == 0, out
     assert "layout: tp=2 pp=1 dp=1 on 1 node(s) x 2 (CPU)  ->  tp=1 pp=1 dp=2 on 1 node(s) x 2 (CPU)" in out
-    assert f"step-{last_ckpt:08d} (step {last_ckpt}, written with pp=1 dp=1 tp=2)" in out
+    assert f"step-{last_ckpt:08d} (step {last_ckpt}, written with pp=1 dp=1 tp=2)" in out, out
     assert "finished: COMPLETED" in out
     status = _status(run_dir)
     assert "COMPLETED" in status and f"step {steps}/{steps}" in status and "2 submission(s)" in status

@@ -53,3 +53,40 @@ def read_history(wandb_file: Path) -> tuple[str, list[dict]]:
             rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
                          for item in record.history.item})
     return run_id, rows
+
+
+def read_run(wandb_file: Path) -> dict:
+    """-> {"run_id", "group", "tags", "config", "resume_from"...}: the run record and every config update, as wandb
+    wrote them (config values decoded from JSON; later updates win)."""
+    from wandb.proto import wandb_internal_pb2
+
+    out: dict = {"config": {}}
+    for payload in _payloads(Path(wandb_file).read_bytes()):
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(payload)
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            run = record.run
+            out.update(run_id=run.run_id, group=run.run_group, tags=list(run.tags))
+            updates = run.config.update
+        elif kind == "config":
+            updates = record.config.update
+        else:
+            continue
+        for item in updates:
+            value = json.loads(item.value_json)
+            out["config"][item.key or "/".join(item.nested_key)] = value.get("value", value) \
+                if isinstance(value, dict) and set(value) <= {"value", "desc"} else value
+    return out
+
+
+def effective_history(wandb_files: list[Path]) -> list[dict]:
+    """The history W&B ends up with after syncing a run's attempts in order: an attempt started with
+    ``resume_from="<id>?_step=k"`` (branch point k in its config) first truncates the history to steps <= k."""
+    rows: list[dict] = []
+    for path in wandb_files:
+        point = read_run(path)["config"].get("_wandb", {}).get("branch_point")
+        if point is not None:
+            rows = [r for r in rows if r["_step"] <= point["step"]]
+        rows += read_history(path)[1]
+    return rows

@@ -35,6 +35,8 @@ def _option(info: FieldInfo) -> Callable:
         kwargs["type"] = click.Choice(list(info.spec.choices))
     elif info.is_list:
         kwargs.update(multiple=True, default=(), metavar="TEXT")
+    elif info.is_dict:
+        kwargs.update(multiple=True, default=(), metavar="KEY=VALUE")
     elif info.type is not bool:
         kwargs["type"] = info.type
     return click.option(info.decls, _param(info), **kwargs)

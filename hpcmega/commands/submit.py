@@ -1,6 +1,8 @@
 """`hpcmega submit`: validate, then queue the job on SLURM through submitit (or show the sbatch script)."""
 from __future__ import annotations
 
+import dataclasses
+import re
 import sys
 import time
 from pathlib import Path
@@ -25,21 +27,33 @@ def _tail(path: Path, lines: int = _TAIL_LINES) -> str:
 @click.option("--dry-run", is_flag=True, help="Print the plan and the sbatch script; submit and write nothing.")
 @click.option("--wait", "wait_", is_flag=True, help="Block until the job ends; exit non-zero unless it completed.")
 @click.option("--no-memory-check", is_flag=True, help="Do not refuse a layout that does not fit GPU memory.")
+@click.option("--sweep", "sweeps", multiple=True, metavar="KEY=V1,V2,...",
+              help="Sweep a config field (repeatable: the cartesian product); one SLURM job array, one run folder "
+                   "per point inside the run folder, one W&B group.")
+@click.option("--after", metavar="JOBID", help="Start only after job JOBID completed successfully (afterok).")
 @pass_config
-def submit(cfg, run_dir: str | None, dry_run: bool, wait_: bool, no_memory_check: bool) -> None:
+def submit(cfg, run_dir: str | None, dry_run: bool, wait_: bool, no_memory_check: bool, sweeps: tuple[str, ...],
+           after: str | None) -> None:
     """Queue the job on SLURM: NODES x GPUS_PER_NODE tasks, one per GPU, each running hpcmega.job.run_rank.
 
     \b
     hpcmega submit --nodes 4 --gpus-per-node 8 --tp 8 --pp 2 --model gpt-7b --partition gpu --dry-run
     hpcmega submit --site example --config launch/gpt2-124m-4node.toml --time 02:00:00 --wait
+    hpcmega submit --config launch/gpt2-124m-4node.toml --sweep train.lr=3e-4,6e-4 --sweep parallel.tp=4,8
     """
     from hpcmega.launcher import default_run_dir
 
+    if after is not None and not re.fullmatch(r"\d+(_\d+)?", after):
+        raise click.UsageError(f"--after {after!r}: give a SLURM job id such as 1234 (or 1234_0 for an array task)")
     path = Path(run_dir).absolute() if run_dir else default_run_dir(cfg).absolute()
-    queue(cfg, path, dry_run, wait_, no_memory_check)
+    if sweeps:
+        queue_sweep(cfg, path, sweeps, dry_run, wait_, no_memory_check, after)
+    else:
+        queue(cfg, path, dry_run, wait_, no_memory_check, after)
 
 
-def queue(cfg, path: Path, dry_run: bool, wait_: bool, no_memory_check: bool = False) -> None:
+def queue(cfg, path: Path, dry_run: bool, wait_: bool, no_memory_check: bool = False,
+          after: str | None = None) -> None:
     """Validate, then show (--dry-run) or queue the job for run folder ``path`` (shared by `submit` and `resume`)."""
     from hpcmega import slurm
     from hpcmega.commands.plan import _print_table, build_plan, config_summary, memory_check, print_estimate
@@ -47,6 +61,7 @@ def queue(cfg, path: Path, dry_run: bool, wait_: bool, no_memory_check: bool = F
     from hpcmega.reliability.preflight import preflight
     from hpcmega.reliability.sbatch_options import check_run_folder
 
+    cfg.run_dir = str(path)  # the job name defaults to the run folder's name; containers mount it
     layout, warnings = build_plan(cfg)  # validation (incl. every sbatch value) + layout: exit 2 before writing
     est, notes = memory_check(cfg, no_memory_check)  # and a layout that cannot fit its GPUs
     try:
@@ -60,7 +75,7 @@ def queue(cfg, path: Path, dry_run: bool, wait_: bool, no_memory_check: bool = F
         print_estimate(est, notes)
         click.echo(f"\nrun folder (not created): {path}")
         click.echo("sbatch script (dry run, nothing submitted):\n")
-        click.echo(slurm.sbatch_script(cfg, slurm.submission_folder(path)))
+        click.echo(slurm.sbatch_script(cfg, slurm.submission_folder(path), after=after))
         return
 
     for w in warnings:
@@ -68,7 +83,7 @@ def queue(cfg, path: Path, dry_run: bool, wait_: bool, no_memory_check: bool = F
     for note in notes:
         click.echo(note, err=True)
     try:
-        job = slurm.submit(cfg, path)
+        job = slurm.submit(cfg, path, after)
     except (ConfigError, slurm.SubmitError) as e:  # no sbatch/srun here, or sbatch refused the job (exit 1)
         raise click.ClickException(str(e)) from None
     c = cfg.cluster
@@ -84,6 +99,79 @@ def queue(cfg, path: Path, dry_run: bool, wait_: bool, no_memory_check: bool = F
     if not wait_:
         return
     sys.exit(_wait(job))
+
+
+def _sweep_points(cfg, path: Path, sweeps: tuple[str, ...], no_memory_check: bool):
+    """-> [(name, point, cfg, layout, warnings, notes)], every point validated (exit 2 naming the point)."""
+    from hpcmega.commands.plan import build_plan, memory_check
+    from hpcmega.config import ConfigError
+    from hpcmega.runs.sweep import apply_point, parse_sweeps, point_name, points
+
+    try:
+        pts = points(parse_sweeps(sweeps))
+        out = []
+        for i, point in enumerate(pts):
+            name = point_name(i, point)
+            p_cfg = apply_point(cfg, point)
+            p_cfg.run_dir = str(path / name)
+            p_cfg.logging.group = cfg.logging.group or path.name
+            p_cfg.logging.run_name = p_cfg.logging.run_name and f"{p_cfg.logging.run_name}-{name}"
+            try:
+                layout, warnings = build_plan(p_cfg)
+                est, notes = memory_check(p_cfg, no_memory_check)
+            except click.UsageError as e:
+                raise ConfigError(f"sweep point {name}: {e.message}") from None
+            out.append((name, point, p_cfg, layout, warnings, notes))
+    except ConfigError as e:
+        raise click.UsageError(str(e)) from None
+    return out
+
+
+def queue_sweep(cfg, path: Path, sweeps: tuple[str, ...], dry_run: bool, wait_: bool, no_memory_check: bool,
+                after: str | None) -> None:
+    """All points as one SLURM job array (submitit's batch): every point must give the same sbatch options."""
+    from hpcmega import slurm
+    from hpcmega.config import ConfigError
+    from hpcmega.reliability.sbatch_options import check_run_folder
+
+    pts = _sweep_points(cfg, path, sweeps, no_memory_check)
+    try:
+        check_run_folder(str(path))
+        first = slurm.array_parameters(pts[0][2], path, after)
+        for name, _, p_cfg, *_ in pts[1:]:
+            other = slurm.array_parameters(p_cfg, path, after)
+            diff = sorted(k for k in set(first) | set(other) if first.get(k) != other.get(k))
+            if diff:
+                raise ConfigError(f"sweep point {name} changes the job's shape ({', '.join(diff)}); one job array "
+                                  "has one shape: sweep cluster.* fields with separate submits")
+    except ConfigError as e:
+        raise click.UsageError(str(e)) from None
+    click.echo(f"sweep: {len(pts)} point(s) in {path}, W&B group {pts[0][2].logging.group}")
+    for name, point, p_cfg, layout, *_ in pts:
+        click.echo(f"  {name:<28} tp={layout.tp} pp={layout.pp} dp={layout.dp}  "
+                   + " ".join(f"{k}={v}" for k, v in point.items()))
+    for note in dict.fromkeys(n for p in pts for n in p[4] + p[5]):  # each warning once
+        click.echo(f"warning: {note}" if any(note in p[4] for p in pts) else note, err=True)
+    if dry_run:
+        click.echo("sbatch script (dry run, nothing submitted):\n")
+        click.echo(slurm.sbatch_script(dataclasses.replace(pts[0][2], run_dir=str(path)),
+                                       slurm.submission_folder(path), count=len(pts), after=after))
+        return
+    try:
+        jobs = slurm.submit_array([(p[2], path / p[0]) for p in pts], path, after)
+    except (ConfigError, slurm.SubmitError) as e:
+        raise click.ClickException(str(e)) from None
+    array_id = jobs[0].job_id.split("_")[0]
+    click.echo(f"submitted job array {array_id}: {len(jobs)} task(s) of {cfg.cluster.nodes} node(s) x "
+               f"{cfg.cluster.gpus_per_node}")
+    for job, (name, *_) in zip(jobs, pts):
+        click.echo(f"  {job.job_id:<10} {path / name}")
+    click.echo(f"follow:     hpcmega ls {path}")
+    if wait_:
+        states = [(job.job_id, slurm.wait_for_job(job.job_id)) for job in jobs]
+        for job_id, state in states:
+            click.echo(f"job {job_id} finished: {state}")
+        sys.exit(0 if all(state == "COMPLETED" for _, state in states) else 1)
 
 
 def _wait(job) -> int:

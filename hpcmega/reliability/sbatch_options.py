@@ -28,17 +28,18 @@ MANAGED: dict[str, str] = {
     "constraint": "--constraint", "exclusive": "--exclusive", "mem": "--mem", "cpus-per-task": "--cpus-per-task",
     "job-name": "--job-name", "signal": "cluster.signal_grace_s",
     "output": _LOGS, "error": _LOGS, "input": _LOGS, "open-mode": "nothing (logs are appended across requeues)",
-    "array": "one submission per run", "wrap": "nothing (hpcmega writes the script)",
-    "no-requeue": "nothing (preempted jobs must requeue to resume)",
+    "array": "--sweep (one array task per sweep point)", "dependency": "--after JOBID",
+    "wrap": "nothing (hpcmega writes the script)",
+    "requeue": "--requeue/--no-requeue", "no-requeue": "--requeue/--no-requeue",
 }
 
 # sbatch 22.05+ options that may be passed through unchanged.
 PASS_THROUGH = frozenset("""
     batch bb bbf begin chdir cluster-constraint clusters comment container contiguous core-spec cores-per-socket
-    cpu-freq cpus-per-gpu deadline delay-boot dependency distribution exclude export export-file get-user-env
+    cpu-freq cpus-per-gpu deadline delay-boot distribution exclude export export-file get-user-env
     gpu-bind gpu-freq gres-flags hint hold ignore-pbs kill-on-invalid-dep licenses mail-type mail-user mcs-label
     mem-bind mem-per-cpu mem-per-gpu mincpus network nice no-kill nodefile nodelist overcommit oversubscribe
-    parsable power prefer priority profile propagate quiet reboot requeue reservation sockets-per-node spread-job
+    parsable power prefer priority profile propagate quiet reboot reservation sockets-per-node spread-job
     switches test-only thread-spec threads-per-core time-min tmp use-min-nodes verbose wait wckey
 """.split())
 
@@ -81,8 +82,13 @@ def parse_sbatch_extra(extra: list[str]) -> dict[str, Any]:
 
 def check_cluster_values(cluster: Any) -> None:
     """Every cluster.* string that reaches the sbatch script, plus the pass-through options."""
-    for key in ("partition", "account", "qos", "constraint", "mem", "time", "job_name"):
+    for key in ("partition", "account", "qos", "constraint", "mem", "time", "job_name", "container_image"):
         check_text(f"cluster.{key}", str(getattr(cluster, key)))
+    for key in ("setup", "container_mounts"):
+        for line in getattr(cluster, key):
+            check_text(f"cluster.{key}", line)
+    for name, value in cluster.env.items():
+        check_text(f"cluster.env.{name}", f"{name}={value}")
     parse_sbatch_extra(list(cluster.sbatch_extra))
 
 

@@ -46,13 +46,12 @@ def attempt_marker(job: str, restart: int, rank: int) -> str:
     return _MARKER.format(job=job, restart=restart, rank=rank)
 
 
-def job_key(environ: dict[str, str] | None = None) -> str | None:
-    """The id this attempt's job has in jobs.jsonl: submitit's (``<array>_<index>`` inside a job array), the local
-    launch's, or None outside both."""
-    env = os.environ if environ is None else environ
-    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
-        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
-    return env.get("SLURM_JOB_ID") or env.get(LOCAL_JOB_ENV)
+def job_key() -> str | None:
+    """The id this attempt's job has in jobs.jsonl: the SLURM job's as submitit names it (``<array>_<index>`` inside
+    a job array), the local launch's, or None outside both."""
+    from hpcmega.preemption import slurm_job_id
+
+    return slurm_job_id() or os.environ.get(LOCAL_JOB_ENV)
 
 
 def log_section(text: str, job: str, restart: int) -> str:
@@ -174,6 +173,10 @@ class RunFolder:
 
     def record_attempt(self, record: dict[str, Any]) -> None:
         append_jsonl(self.path / ATTEMPTS, {"time": time.time(), **record})
+
+    def mark_restart(self, record: dict[str, Any]) -> None:
+        """An ``{"event": "restart", ...}`` line in metrics.jsonl before a new attempt's first step."""
+        append_jsonl(self.path / METRICS, {"event": "restart", "time": time.time(), **record})
 
     def write_config(self, text: str) -> None:
         write_atomic(self.path / CONFIG, text)
