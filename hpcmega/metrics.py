@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 from typing import Any, TextIO
 
+from hpcmega.runs.progress import duration
+
 def model_flops_per_step(
     global_batch: int, seq_len: int, n_layers: int, d_model: int, vocab_size: int
 ) -> float:
@@ -92,6 +94,10 @@ def format_line(record: dict[str, Any], total_steps: int) -> str:
     if "mfu" in record:
         parts.append(f"MFU [green]{100 * record['mfu']:.1f}%[/green]")
     parts.append(f"{record['step_time_s'] * 1000:.0f} ms")
+    if "mem_peak_gib" in record:
+        parts.append(f"mem {record['mem_peak_gib']:.1f} GiB")
+    if "elapsed_s" in record:
+        parts.append(f"elapsed {duration(record['elapsed_s'])} ETA {duration(record.get('eta_s'))}")
     return " | ".join(parts)
 
 

@@ -29,6 +29,7 @@ from hpcmega.engine.pipeline import GradAccumulation, PipelineRunner
 from hpcmega.metrics import ConsoleLogger, MetricsWriter, model_flops_per_step, peak_tflops, step_record
 from hpcmega.optim import CosineWithWarmup, build_optimizer, clip_grad_norm_, make_grads_replicate
 from hpcmega.runs import files
+from hpcmega.runs.progress import Progress
 
 
 def build_data_loader(cfg: Config, split: str = "train"):
@@ -194,6 +195,7 @@ class Trainer:
                 f"microbatches={self.n_microbatches} recompute={cfg.parallel.recompute} {cfg.train.precision}"
             )
         history: dict[str, list] = {"steps": [], "losses": [], "grad_norms": [], "lrs": [], "step_times": []}
+        progress = Progress(cfg.train.steps)  # elapsed and ETA on every step record
         while self.step < cfg.train.steps and not self._stop:
             record = self.train_step()
             if self.eval_due():
@@ -206,6 +208,7 @@ class Trainer:
                 ("step_times", "step_time_s"),
             ):
                 history[key].append(record[field])
+            progress.stamp(record)
             if self.metrics:
                 self.metrics.write(record)
             if self.console and (record["step"] % max(1, cfg.logging.log_every) == 0 or self.step == cfg.train.steps

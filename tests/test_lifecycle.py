@@ -96,10 +96,12 @@ def test_submit_ls_status_logs_cancel_resume_on_slurm(slurm_cluster, tmp_path):
     assert latest.returncode == 0 and "rank=1" in latest.stdout and f"job={job_id} " not in latest.stdout
 
 
-def test_local_runs_show_in_ls_status_and_logs(tmp_path):
+def test_local_runs_show_in_ls_status_logs_ckpt_ls_and_plot(tmp_path):
     runs = tmp_path / "runs"
     r = run_cli(["run", "--nproc", "2", "--tp", "2", "--steps", "3", *TINY, "--run-dir", runs / "loc"])
     assert r.returncode == 0, r.stdout + r.stderr
+    # the step line shows elapsed time and ETA (0:00 at the last step)
+    assert re.search(r"step 3/3 \| loss .* \| elapsed \d+:\d\d ETA 0:00$", r.stdout, re.M), r.stdout
     ls = run_cli(["ls", runs])
     assert re.search(r"^loc +local-\d+ +COMPLETED +3/3 +\d+\.\d{4} +1 ", ls.stdout, re.M), ls.stdout
     status = _status(runs / "loc")
@@ -109,3 +111,12 @@ def test_local_runs_show_in_ls_status_and_logs(tmp_path):
     bad = run_cli(["logs", runs / "loc", "--attempt", "3"])
     assert bad.returncode == 2 and "has 1 attempt(s); use 1..1" in bad.stderr
     assert run_cli(["status", tmp_path]).returncode == 2  # not a run folder
+    ckpts = run_cli(["ckpt", "ls", runs / "loc"])  # a run folder lists its checkpoints
+    assert ckpts.returncode == 0 and re.search(r"^ +3 +pp=1 dp=1 tp=2 ", ckpts.stdout, re.M), ckpts.stdout
+    png = tmp_path / "loss.png"
+    plot = run_cli(["plot", runs / "loc", "--out", png])
+    assert plot.returncode == 0, plot.stdout + plot.stderr
+    assert re.search(r"^loss +[▁▂▃▄▅▆▇█]{3}  \d\.\d{4} -> \d\.\d{4}", plot.stdout, re.M), plot.stdout
+    from matplotlib.image import imread
+
+    assert imread(png).shape[:2] == (600, 900)

@@ -28,7 +28,8 @@ def _loss(value) -> str:
 def ls(runs_dir: str) -> None:
     """One line per run under RUNS_DIR (default: runs): job, state, progress, loss, attempt, last update."""
     from hpcmega.runs.files import find_runs
-    from hpcmega.runs.state import Job, ago, duration, refresh_slurm_states, run_status
+    from hpcmega.runs.progress import duration
+    from hpcmega.runs.state import Job, ago, refresh_slurm_states, run_status
 
     runs = find_runs(runs_dir) if Path(runs_dir).is_dir() else []
     if not runs:
@@ -51,7 +52,8 @@ def ls(runs_dir: str) -> None:
 def status(run: str) -> None:
     """Job state, exit code, attempts, progress, last checkpoint, W&B run and layout of RUN."""
     from hpcmega.checkpoint import list_checkpoints
-    from hpcmega.runs.state import duration, run_status
+    from hpcmega.runs.progress import duration
+    from hpcmega.runs.state import run_status
 
     folder = run_folder_arg(run)
     s = run_status(folder)

@@ -16,6 +16,7 @@ from typing import Any
 
 from hpcmega.preemption import EXIT_UNFINISHED
 from hpcmega.runs.files import RunFolder
+from hpcmega.runs.progress import eta_s
 
 # States after which a job will not run again (the same set `submit --wait` uses).
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "COMPLETING", "CONFIGURING", "RESIZING", "SUSPENDED", "REQUEUE_HOLD",
@@ -119,17 +120,12 @@ class RunStatus:
 
 
 def progress(records: list[dict[str, Any]], steps: int) -> tuple[float | None, float | None]:
-    """(elapsed, eta) in seconds from step records: elapsed from the records' own clock when present, else the
-    sum of step times; ETA from the mean time of the last 20 steps."""
+    """(elapsed, eta) in seconds from step records: the training time of every step the run kept (all attempts),
+    and the ETA the step line shows (hpcmega.runs.progress)."""
     if not records:
         return None, None
-    last = records[-1]
-    elapsed = last.get("elapsed_s")
-    if elapsed is None:
-        elapsed = sum(r.get("step_time_s", 0.0) for r in records)
-    recent = [r.get("step_time_s", 0.0) for r in records[-20:]]
-    eta = (steps - int(last["step"])) * (sum(recent) / len(recent)) if recent else None
-    return float(elapsed), eta
+    times = [float(r.get("step_time_s", 0.0)) for r in records]
+    return sum(times), eta_s(times, steps - int(records[-1]["step"]))
 
 
 def run_status(run: RunFolder, refresh: bool = True) -> RunStatus:
@@ -153,10 +149,3 @@ def run_status(run: RunFolder, refresh: bool = True) -> RunStatus:
 def ago(t: float) -> str:
     d = max(0.0, time.time() - t)
     return f"{d:.0f}s ago" if d < 120 else f"{d / 60:.0f}m ago" if d < 7200 else f"{d / 3600:.1f}h ago"
-
-
-def duration(s: float | None) -> str:
-    if s is None:
-        return "-"
-    s = int(round(s))
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
