@@ -54,8 +54,10 @@ class CheckpointInfo:
 
     @property
     def layout(self) -> str:
-        lay = self.meta.get("layout") or {}
-        return f"pp={lay.get('pp', '?')} dp={lay.get('dp', '?')} tp={lay.get('tp', '?')}" if lay else "?"
+        lay = self.meta.get("layout")
+        if not isinstance(lay, dict) or not lay:
+            return "?"
+        return f"pp={lay.get('pp', '?')} dp={lay.get('dp', '?')} tp={lay.get('tp', '?')}"
 
     @property
     def name(self) -> str:
@@ -112,7 +114,10 @@ def _read_meta(fs, marker: str) -> tuple[dict[str, Any], str]:
         meta = json.loads(fs.cat_file(marker))
     except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         return {}, f"{MARKER} is unreadable ({type(e).__name__})"
-    if not isinstance(meta, dict) or not isinstance(meta.get("manifest", {}), dict):
+    manifest = meta.get("manifest", {}) if isinstance(meta, dict) else None
+    if not isinstance(manifest, dict) or not all(
+            isinstance(v, list) and len(v) == 2 and isinstance(v[0], int) and isinstance(v[1], str)
+            for v in manifest.values()):
         return {}, f"{MARKER} is not a checkpoint record"
     return meta, ""
 

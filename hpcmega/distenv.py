@@ -99,8 +99,22 @@ def _expand_ranges(spec: str) -> list[str]:
     return out
 
 
+_RANGES = re.compile(r"\d+(-\d+)?(,\d+(-\d+)?)*")
+
+
+def _well_formed(nodelist: str) -> bool:
+    if not re.fullmatch(r"[A-Za-z0-9._,\[\]-]+", nodelist):
+        return False
+    outside = re.sub(r"\[([^\[\]]*)\]", lambda m: "" if _RANGES.fullmatch(m.group(1)) else "!", nodelist)
+    return "[" not in outside and "]" not in outside and "!" not in outside
+
+
 def parse_hostlist(nodelist: str) -> list[str]:
-    """Expand a SLURM host list ('gpu[001-003,010],login1', 'r[1-2]-n[1-2]') in SLURM's order, without SLURM."""
+    """Expand a SLURM host list ('gpu[001-003,010],login1', 'r[1-2]-n[1-2]') in SLURM's order, without SLURM.
+    ConfigError for anything else (a malformed list must not become an IndexError on every rank)."""
+    if not _well_formed(nodelist.strip()):
+        raise ConfigError(f"SLURM node list {nodelist!r} is not a SLURM host list (e.g. node[1-4],gpu07); "
+                          "run inside a SLURM job step, or fix SLURM_JOB_NODELIST")
     hosts: list[str] = []
     for part in _split_top_level(nodelist):
         expansions = [""]
@@ -111,12 +125,16 @@ def parse_hostlist(nodelist: str) -> list[str]:
             pos = m.end()
         expansions = [e + part[pos:] for e in expansions]
         hosts.extend(expansions)
+    if not hosts or not all(hosts):
+        raise ConfigError(f"SLURM node list {nodelist!r} names no hosts (an empty or reversed range); fix "
+                          "SLURM_JOB_NODELIST")
     return hosts
 
 
 def expand_nodelist(nodelist: str) -> list[str]:
     """Host names of a SLURM node list: ``scontrol show hostnames`` (SLURM's own parser) when it answers, else the
     pure-Python parser (e.g. a compute image without a configured scontrol)."""
+    parsed = parse_hostlist(nodelist)  # validates; scontrol accepts some malformed lists
     if shutil.which("scontrol"):
         try:
             out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
@@ -126,7 +144,7 @@ def expand_nodelist(nodelist: str) -> list[str]:
                 return names
         except (OSError, subprocess.SubprocessError):
             pass
-    return parse_hostlist(nodelist)
+    return parsed
 
 
 def parse_tasks_per_node(spec: str) -> list[int]:

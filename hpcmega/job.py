@@ -158,15 +158,15 @@ def _stop_for_requeue(cfg: Config, env: DistEnv, train: dict[str, Any], signum: 
     decision = decide_requeue(job_id, env.restart_count, cfg.cluster.max_requeues if cfg.cluster.requeue else 0,
                               signum or signal.SIGUSR2)
     _say(env, f"stop signal: checkpoint saved; {decision.reason}")
-    if not decision.requeue:
+    if not (decision.requeue or decision.slurm_ends):
         raise TrainingUnfinished(
             f"stopped at step {train.get('final_step')} of {cfg.train.steps} ({decision.reason}); run the same "
             "command again to continue from the last checkpoint")
-    if env.rank == 0:
+    if env.rank == 0 and decision.requeue:
         requeue(job_id)
     dist.barrier()
-    time.sleep(600)  # SLURM stops the tasks of a requeued job; waking up here means it did not
-    raise RuntimeError(f"job {job_id} was requeued but this attempt was not stopped within 600 s")
+    time.sleep(600)  # SLURM stops the tasks of a requeued / preempted job; waking up here means it did not
+    raise TrainingUnfinished(f"job {job_id}: {decision.reason}, but SLURM did not end this attempt within 600 s")
 
 
 def run_rank(cfg: Config | dict[str, Any], run_dir: str) -> dict[str, Any]:
@@ -222,6 +222,10 @@ def run_rank(cfg: Config | dict[str, Any], run_dir: str) -> dict[str, Any]:
 
         mesh = DeviceMesh(device_type, layout.mesh_grid(), mesh_dim_names=("pp", "dp", "tp"))
         if env.rank == 0:
+            if env.job_id:  # every attempt of a SLURM job (re)claims its run folder; another live holder refuses
+                from hpcmega.reliability.run_lock import acquire
+
+                acquire(run_path, job_id=env.job_id)
             folder = RunFolder(run_path)
             folder.write_config(cfg.to_toml())
             folder.write_layout(layout.to_json())

@@ -77,8 +77,9 @@ class StopFlag:
 
 @dataclass(frozen=True)
 class RequeueDecision:
-    requeue: bool
+    requeue: bool  # rank 0 runs `scontrol requeue`
     reason: str
+    slurm_ends: bool = False  # SLURM ends this attempt itself (SIGTERM): wait for it instead of exiting
 
 
 def decide_requeue(job_id: str | None, restart_count: int, max_requeues: int,
@@ -87,8 +88,10 @@ def decide_requeue(job_id: str | None, restart_count: int, max_requeues: int,
     if not job_id:
         return RequeueDecision(False, "not running under SLURM (local run): saved, stopping")
     if signum == signal.SIGTERM:
-        return RequeueDecision(False, "SIGTERM from SLURM: saved; a preempted job is requeued by SLURM itself, a "
-                                      "cancelled one stays stopped")
+        # Exiting now would end a preempted job before its grace time is up, and SLURM would record it as
+        # finished instead of requeueing it; so the ranks wait to be ended.
+        return RequeueDecision(False, "SIGTERM from SLURM: saved; waiting for SLURM to end this attempt (a "
+                                      "preempted job is requeued by SLURM, a cancelled one stays stopped)", True)
     if restart_count >= max_requeues:
         return RequeueDecision(
             False, f"requeued {restart_count} times already (max_requeues={max_requeues}): saved, not requeueing"

@@ -40,7 +40,8 @@ mkdir -p "$LAB"
 exec 9>"$LAB/.lock"
 flock -w 300 9 || die "another start-cluster.sh holds $LAB/.lock for more than 5 minutes"
 
-SETTINGS="nodes=$NODES cpus=$CPUS cred_expire=$CRED_EXPIRE"
+PREEMPT_NODES="node[$((NODES - 1))-$NODES]"   # the preemption test's partitions: the last two nodes
+SETTINGS="nodes=$NODES cpus=$CPUS cred_expire=$CRED_EXPIRE preempt=partition_prio/requeue/grace30 $PREEMPT_NODES"
 healthy() {
   alive "$LAB/run/slurmctld.pid" && alive "$LAB/run/slurmdbd.pid" && alive "$LAB/run/mysqld/mysqld.pid" || return 1
   for i in $(seq 1 "$NODES"); do alive "$LAB/run/slurmd-node$i.pid" || return 1; done
@@ -143,13 +144,20 @@ JobAcctGatherFrequency=30
 JobCompType=jobcomp/none
 MpiDefault=none
 JobRequeue=1
+# Real preemption: a job in a higher PriorityTier partition preempts lower-tier jobs on the nodes it needs; they
+# get SIGTERM, GraceTime seconds to save, then SIGKILL, and SLURM requeues them. Only "preemptible" jobs can be
+# preempted (debug and urgent have PreemptMode=OFF), so the preemption test never disturbs other jobs.
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
 ReturnToService=2
 SlurmdParameters=config_overrides
 InactiveLimit=0
 MinJobAge=600
 KillWait=5
 NodeName=node[1-$NODES] NodeHostname=localhost NodeAddr=127.0.0.1 Port=[17001-$((17000 + NODES))] CPUs=$CPUS RealMemory=4000 State=UNKNOWN
-PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP PriorityTier=1 PreemptMode=OFF
+PartitionName=preemptible Nodes=$PREEMPT_NODES MaxTime=INFINITE State=UP PriorityTier=1 PreemptMode=REQUEUE GraceTime=30
+PartitionName=urgent Nodes=$PREEMPT_NODES MaxTime=INFINITE State=UP PriorityTier=10 PreemptMode=OFF
 CONF
 if [ -e /etc/slurm/slurm.conf ] && [ "$(readlink -f /etc/slurm/slurm.conf)" != "$LAB/etc/slurm.conf" ]; then
   mv /etc/slurm/slurm.conf "/etc/slurm/slurm.conf.bak.$(date +%s)"
@@ -163,4 +171,4 @@ wait_for 60 sh -c "[ \$(sinfo -h -N -t idle -o %N | sort -u | wc -l) -ge $NODES 
   || { sinfo -N >&2 || true; die "nodes did not become idle, see $LAB/log"; }
 echo "$SETTINGS" > "$LAB/run/settings"
 sinfo
-log "up: node[1-$NODES] x $CPUS CPUs, partition debug, accounting on ($LAB)"
+log "up: node[1-$NODES] x $CPUS CPUs, partitions debug, preemptible/urgent ($PREEMPT_NODES), accounting on ($LAB)"

@@ -492,3 +492,96 @@ def test_a_console_nobody_reads_does_not_block_training(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+# -- 6. one job per run folder -------------------------------------------------------------------------------------
+def test_a_second_run_on_a_busy_run_folder_is_refused_naming_the_holder(tmp_path):
+    """While `hpcmega run` trains in a folder, a second `run` or `submit` on it exits 2 naming the holder (main:
+    both proceeded, sharing checkpoints and metrics). Once the holder is killed, its lock is stale and taken over."""
+    import signal
+
+    from conftest import popen_cli
+
+    run_dir, log = tmp_path / "run", tmp_path / "out.txt"
+    proc = popen_cli([*TINY_RUN, "--nproc", "1", "--steps", "100000", "--run-dir", run_dir], log)
+    try:
+        metrics = run_dir / "metrics.jsonl"
+        _wait_for(lambda: metrics.exists() and metrics.read_text().strip(), what="training")
+        for command in ([*TINY_RUN, "--nproc", "1", "--steps", "3"],
+                        ["submit", "--nodes", "1", "--gpus-per-node", "1", "--cpu", "--wandb", "disabled"]):
+            out = CliRunner().invoke(main, command + ["--run-dir", str(run_dir)])
+            assert out.exit_code == 2, out.output
+            assert f"in use by hpcmega run pid {proc.pid}" in out.stderr and "Traceback" not in out.output
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        _wait_for(lambda: not _rank_pids(run_dir), timeout=20, what="ranks to end")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    from hpcmega.reliability.run_lock import check_free, read
+
+    assert read(run_dir)["pid"] == proc.pid  # the killed run's lock is still there, but stale
+    check_free(run_dir)  # ... so a new run may take the folder over
+
+
+# -- 9. one line instead of a traceback --------------------------------------------------------------------------------
+@pytest.mark.parametrize("content", [b"model = 5\n", b"[[model]]\nn_layers = 2\n", b"[model]\nn_layers = 2 # \xff\n",
+                                     b"[train\nsteps = 3\n"])
+def test_malformed_config_files_give_one_line_exit_2(tmp_path, content):
+    path = tmp_path / "bad.toml"
+    path.write_bytes(content)
+    out = CliRunner().invoke(main, ["plan", "--config", str(path)])
+    assert out.exit_code == 2 and "Traceback" not in out.output and str(path) in out.stderr, out.output
+
+
+@pytest.mark.parametrize("meta", [b"", b"[]", b"null", b'{"step": 3, "manif', b"\xff\xfe", b'{"layout": 5}',
+                                  b'{"manifest": 5}', b'{"manifest": {"a": 5}}', b'{"seq": "x", "time": "y"}',
+                                  b'{"layout": {"pp": 1}, "manifest": {"f": [1, 2]}}'])
+def test_ckpt_ls_lists_damaged_markers_without_a_traceback(tmp_path, meta):
+    folder = tmp_path / "ckpt" / "step-00000003"
+    folder.mkdir(parents=True)
+    (folder / "meta.json").write_bytes(meta)
+    for args in (["ckpt", "ls", str(tmp_path / "ckpt")], ["ckpt", "ls", "--json", str(tmp_path / "ckpt")],
+                 ["ckpt", "verify", str(folder)]):
+        out = CliRunner().invoke(main, args)
+        assert out.exit_code in (0, 1) and out.exception is None or isinstance(out.exception, SystemExit), out.output
+        assert "Traceback" not in out.output
+
+
+def test_ckpt_ls_on_s3_without_credentials_is_one_line(tmp_path, monkeypatch):
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_SHARED_CREDENTIALS_FILE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    out = CliRunner().invoke(main, ["ckpt", "ls", "s3://some-bucket/ckpt"])
+    assert out.exit_code == 1 and "AWS credentials" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("out_url,code,words", [("bogus://x/data", 2, "unknown storage protocol"),
+                                                ("/proc/hpcmega-data", 1, "cannot write the dataset")])
+def test_data_prepare_to_a_bad_target_is_one_line(tmp_path, out_url, code, words):
+    src = tmp_path / "a.txt"
+    src.write_text("To be, or not to be.\n")
+    out = CliRunner().invoke(main, ["data", "prepare", "--source", str(src), "--out", out_url])
+    assert out.exit_code == code and words in out.stderr and "Traceback" not in out.output, out.output
+
+
+def test_data_prepare_of_empty_files_is_refused(tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "blank.txt").write_text("\n  \n")
+    out = CliRunner().invoke(main, ["data", "prepare", "--source", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert out.exit_code == 2 and "holds no text" in out.stderr and not (tmp_path / "o").exists(), out.output
+
+
+@pytest.mark.parametrize("nodelist", ["node[1-", "node[a-b]", "node[3-1]", ",,", "x[[1]]"])
+def test_a_bad_slurm_nodelist_is_one_line(tmp_path, nodelist):
+    import sys
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[train]\nsteps = 1\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM", "RANK", "WORLD_SIZE"))}
+    env.update(SLURM_PROCID="0", SLURM_JOB_ID="7", SLURM_NTASKS="1", SLURM_LOCALID="0", SLURM_JOB_NODELIST=nodelist,
+               SLURMD_NODENAME="node1", OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "hpcmega.job", "--config", str(cfg), "--run-dir", str(tmp_path / "r")],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "SLURM node list" in r.stderr and "Traceback" not in r.stderr, r.stderr

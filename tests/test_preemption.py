@@ -95,3 +95,89 @@ def test_usr2_saves_requeues_and_resumes_with_identical_losses(slurm_cluster, tm
     for path in run_dir.rglob("*"):
         if path.is_file():
             assert api_key.encode() not in path.read_bytes(), f"{path} contains WANDB_API_KEY"
+
+
+def test_sigterm_policy_waits_for_slurm():
+    import signal
+
+    d = decide_requeue("12", 0, 3, signal.SIGTERM)
+    assert not d.requeue and d.slurm_ends  # SLURM requeues a preempted job itself; a cancelled one stays stopped
+
+
+@pytest.mark.slurm
+def test_a_higher_priority_job_preempts_ours_which_saves_and_resumes_with_identical_losses(slurm_cluster, tmp_path):
+    """Real preemption (slurm/start-cluster.sh: preempt/partition_prio, PreemptMode=REQUEUE, GraceTime=30): an
+    "urgent" job needs our nodes, SLURM sends our tasks SIGTERM, they agree, save, and wait; SLURM requeues the
+    job, which resumes after the urgent job and ends with the losses of an uninterrupted run. (Before: SIGTERM was
+    not handled and the attempt's progress since the last checkpoint -- all of it with save_every=0 -- was lost.)"""
+    run_dir, log = tmp_path / "run", tmp_path / "submit.out"
+    steps = ["--steps", "60"]
+    model = [*MODEL[:-2], *steps]
+    proc = popen_cli(["submit", "--nodes", "2", "--gpus-per-node", "2", "--cpu", "--time", "00:15:00", *model,
+                      "--partition", "preemptible", "--wandb", "disabled", "--wait", "--run-dir", run_dir], log,
+                     cwd=tmp_path)
+    urgent = None
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            m = re.search(r"submitted job (\d+)", log.read_text())
+            metrics = run_dir / "metrics.jsonl"
+            if m and metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+                break
+            assert proc.poll() is None, log.read_text()
+            time.sleep(0.1)
+        job_id = m.group(1)
+        urgent = subprocess.run(["sbatch", "--parsable", "-p", "urgent", "-N", "2", "--exclusive", "-o", "/dev/null",
+                                 "--wrap", "sleep 2"], capture_output=True, text=True, check=True).stdout.strip()
+        signalled_at = len((run_dir / "metrics.jsonl").read_text().splitlines())
+        assert proc.wait(timeout=500) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if urgent:
+            subprocess.run(["scancel", urgent], capture_output=True)
+    out = log.read_text()
+    assert f"job {job_id} finished: COMPLETED" in out, out
+    attempts = [json.loads(x) for x in (run_dir / "attempts.jsonl").read_text().splitlines()]
+    assert [a["restart_count"] for a in attempts] == [0, 1], attempts
+    logs = "".join(p.read_text() for p in run_dir.glob("slurm/*/*_0_log.out"))
+    assert "SIGTERM from SLURM: saved" in logs, logs[-3000:]
+    ckpts = run_dir / "checkpoints"
+    saved = sorted(int(p.name.split("-")[1]) for p in ckpts.iterdir() if (p / "meta.json").exists())
+    assert saved[-1] == 60 and signalled_at <= saved[0] < 60, (saved, signalled_at)
+
+    ref_dir = tmp_path / "reference"
+    ref = run_cli(["run", "--nproc", "4", *model, "--wandb", "disabled", "--run-dir", ref_dir], cwd=tmp_path,
+                  timeout=600)
+    assert ref.returncode == 0, ref.stdout + ref.stderr
+    got, want = _losses(run_dir), _losses(ref_dir)
+    assert sorted(got) == list(range(1, 61))
+    for step in range(1, 61):
+        assert abs(got[step] - want[step]) <= 1e-5 * abs(want[step]), (step, got[step], want[step])
+
+
+@pytest.mark.slurm
+def test_a_job_out_of_requeues_fails_saying_why(slurm_cluster, tmp_path):
+    """USR2 with max_requeues=0: saved, not requeued, and the job FAILS with the reason (before: COMPLETED)."""
+    run_dir, log = tmp_path / "run", tmp_path / "submit.out"
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[cluster]\nmax_requeues = 0\n")
+    proc = popen_cli(["submit", "--config", cfg, "--nodes", "1", "--gpus-per-node", "2", "--cpu", "--time",
+                      "00:10:00", *MODEL[:-2], "--steps", "100000", "--tp", "2", "--pp", "1", "--wandb", "disabled",
+                      "--wait", "--run-dir", run_dir], log, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            m = re.search(r"submitted job (\d+)", log.read_text())
+            metrics = run_dir / "metrics.jsonl"
+            if m and metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+                break
+            assert proc.poll() is None, log.read_text()
+            time.sleep(0.1)
+        subprocess.run(["scancel", "--signal=USR2", m.group(1)], check=True)
+        assert proc.wait(timeout=300) == 1, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = log.read_text()
+    assert "finished: FAILED" in out and "max_requeues=0" in out and "stopped at step" in out, out

@@ -20,11 +20,16 @@ def prepare_cmd(source: str, out: str, shard_tokens: int, val_fraction: float, f
     """Tokenize SOURCE with GPT-2's BPE (offline) into uint16 shards + index.json at OUT."""
     from hpcmega.config import ConfigError
     from hpcmega.data.prepare import prepare
+    from hpcmega.reliability.preflight import storage_filesystem
 
     try:
+        storage_filesystem(out, "--out")  # unknown protocol, missing s3 credentials: exit 2 before any work
         info = prepare(source, out, shard_tokens=shard_tokens, force=force, val_fraction=val_fraction)
     except ConfigError as e:
         raise click.UsageError(str(e)) from None
+    except OSError as e:  # unwritable target, storage errors: one line, exit 1
+        raise click.ClickException(f"cannot write the dataset to {out}: {type(e).__name__}: "
+                                   f"{(str(e).splitlines() or [''])[0]}; choose a writable --out") from None
     click.echo(f"prepared {len(info['documents'])} documents: {info['tokens']:,} training tokens in "
                f"{len(info['shards'])} shard(s) + {info['val_tokens']:,} validation tokens at {out} "
                f"({info['seconds']:.1f}s)")

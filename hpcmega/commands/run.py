@@ -31,6 +31,7 @@ def run(cfg, nproc: int, force_cpu: bool, run_dir: str | None) -> None:
     from hpcmega.config import ConfigError
     from hpcmega.launcher import default_run_dir, launch_local, local_config
     from hpcmega.preemption import EXIT_UNFINISHED
+    from hpcmega.reliability import run_lock
     from hpcmega.reliability.preflight import preflight
 
     gpus = 0 if (force_cpu or cfg.cluster.cpu) else _cuda_devices()
@@ -44,12 +45,16 @@ def run(cfg, nproc: int, force_cpu: bool, run_dir: str | None) -> None:
     path = Path(run_dir) if run_dir else default_run_dir(cfg)
     try:
         preflight(cfg, path)  # data, resume target, storage, credentials, a writable checkpoint location
+        claim = run_lock.acquire(path)  # one job per run folder
     except ConfigError as e:
         raise click.UsageError(str(e)) from None
     device = f"{nproc} GPU(s) (nccl)" if gpus else f"{nproc} CPU rank(s) (gloo)"
     click.echo(f"run folder: {path}\nstarting {device}; rank 0 output follows, other ranks in {path / 'logs'}")
     sys.stdout.flush()
-    status = launch_local(cfg, nproc, path)
+    try:
+        status = launch_local(cfg, nproc, path)
+    finally:
+        run_lock.release(path, claim)
     try:
         if status == 0:
             click.echo(f"done. run folder: {path}")

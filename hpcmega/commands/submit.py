@@ -58,6 +58,7 @@ def queue(cfg, path: Path, dry_run: bool, wait_: bool, no_memory_check: bool = F
     from hpcmega import slurm
     from hpcmega.commands.plan import _print_table, build_plan, config_summary, memory_check, print_estimate
     from hpcmega.config import ConfigError
+    from hpcmega.reliability import run_lock
     from hpcmega.reliability.preflight import preflight
     from hpcmega.reliability.sbatch_options import check_run_folder
 
@@ -67,6 +68,7 @@ def queue(cfg, path: Path, dry_run: bool, wait_: bool, no_memory_check: bool = F
     try:
         check_run_folder(str(path))
         preflight(cfg, path, probe=not dry_run)  # data, resume target, storage, credentials, writable location
+        run_lock.check_free(path)  # one job per run folder
     except ConfigError as e:
         raise click.UsageError(str(e)) from None
 
@@ -86,6 +88,7 @@ def queue(cfg, path: Path, dry_run: bool, wait_: bool, no_memory_check: bool = F
         job = slurm.submit(cfg, path, after)
     except (ConfigError, slurm.SubmitError) as e:  # no sbatch/srun here, or sbatch refused the job (exit 1)
         raise click.ClickException(str(e)) from None
+    run_lock.acquire(path, job_id=job.job_id)  # the job's attempts keep it (same id); leaving the queue frees it
     c = cfg.cluster
     kind = "CPU task(s)" if c.cpu else "GPU task(s)"
     click.echo(f"submitted job {job.job_id}: {c.nodes} node(s) x {c.gpus_per_node} {kind}"

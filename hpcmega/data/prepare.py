@@ -84,6 +84,8 @@ def prepare(source: str, out: str, shard_tokens: int = 10_000_000, force: bool =
         raise ConfigError(f"{out} already holds a prepared dataset; pass --force to overwrite it")
     files = source_files(source)
     start = time.perf_counter()
+    if not any(path.read_text(encoding="utf-8", errors="replace").strip() for path in files):
+        raise ConfigError(f"--source {source!r} holds no text (only empty or blank files); give files with text")
     tokens, docs = tokenize_documents(files)
     split = len(tokens) - int(len(tokens) * val_fraction)
     fs.makedirs(root, exist_ok=True)

@@ -24,7 +24,9 @@ def checkpoint_location(cfg: Config, run_dir: str | Path) -> str:
     return RunFolder(run_dir).checkpoint_url(cfg)
 
 
-def _filesystem(url: str, what: str):
+def storage_filesystem(url: str, what: str):
+    """(fs, path) for ``url``; ConfigError naming ``what`` (the flag) for an unknown protocol, a missing package or
+    missing s3 credentials."""
     import fsspec
 
     protocol = url.split("://", 1)[0] if "://" in url else "file"
@@ -56,7 +58,7 @@ def check_data(cfg: Config) -> None:
         return
     from hpcmega.data.prepare import INDEX
 
-    fs, root = _filesystem(cfg.train.data, "--data")
+    fs, root = storage_filesystem(cfg.train.data, "--data")
     index = root.rstrip("/") + "/" + INDEX
     if not fs.exists(index):
         raise ConfigError(f"--data {cfg.train.data}: no prepared dataset there ({INDEX} missing); run `hpcmega data "
@@ -80,13 +82,13 @@ def check_resume(cfg: Config, location: str) -> None:
     if target == "none":
         return
     if target == "auto":
-        fs, root = _filesystem(location, "--ckpt-url")
+        fs, root = storage_filesystem(location, "--ckpt-url")
         usable = [c for c in by_save_order(list_checkpoints(location)) if c.usable] if fs.exists(root) else []
         if usable:
             check_model_matches(usable[-1].meta, cfg, usable[-1].url)
         return
     target = target if "://" in target else os.path.abspath(target)
-    fs, path = _filesystem(target, "--resume")
+    fs, path = storage_filesystem(target, "--resume")
     if not fs.exists(path.rstrip("/") + "/meta.json"):
         what = "is not a complete checkpoint (no meta.json)" if fs.exists(path) else "does not exist"
         raise ConfigError(f"--resume {target} {what}; pick one listed complete by `hpcmega ckpt ls`, or --resume "
@@ -101,7 +103,7 @@ def check_resume(cfg: Config, location: str) -> None:
 
 def probe_writable(location: str) -> None:
     """Write and delete a probe file where checkpoints will go (or the nearest existing folder above it)."""
-    fs, path = _filesystem(location, "--ckpt-url")
+    fs, path = storage_filesystem(location, "--ckpt-url")
     probe_dir = path.rstrip("/")
     if "://" not in location or location.startswith("file://"):
         while probe_dir and not os.path.exists(probe_dir):
@@ -122,7 +124,7 @@ def preflight(cfg: Config, run_dir: str | Path, probe: bool = True) -> None:
     """Everything above, in the order a user would fix it. ``probe=False`` for dry runs (they write nothing)."""
     location = checkpoint_location(cfg, run_dir)
     check_data(cfg)
-    _filesystem(location, "--ckpt-url")
+    storage_filesystem(location, "--ckpt-url")
     check_resume(cfg, location)
     if probe:
         probe_writable(location)

@@ -35,6 +35,7 @@ LOGS = "logs"
 SLURM = "slurm"
 WANDB_ID = "wandb_run_id"
 WANDB_DIR = "wandb"
+LOCK = ".hpcmega.lock"  # who uses the folder now (hpcmega.reliability.run_lock)
 
 # Set by the local launcher for its ranks: the id of a local launch ("local-<launcher pid>").
 LOCAL_JOB_ENV = "HPCMEGA_LOCAL_JOB"
