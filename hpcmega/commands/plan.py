@@ -111,11 +111,9 @@ def print_estimate(est, notes: list[str], measured: dict[str, Any] | None = None
     for r in est.ranks:
         table.add_row(str(r.stage), *(f"{x / GIB:.2f}" for x in (r.params, r.grads, r.optimizer, r.activations,
                                                                  r.buffers, r.peak)))
-    if measured:
-        for r in measured["stages"]:
-            table.add_row(f"{r['stage']} measured", *(f"{r[k]:.2f}" if r.get(k) is not None else "-" for k in (
-                "params_gib", "grads_gib", "optimizer_gib", "activations_gib", "buffers_gib", "peak_gib")))
     console.print(table)
+    if measured:
+        _print_measured(console, measured)
     per_layer = ", ".join(f"{k} {_fmt_bytes(v)}" for k, v in est.per_layer.items())
     console.print(f"activations per layer and microbatch: {per_layer}")
     sh = est.shape
@@ -177,6 +175,25 @@ def _print_auto(cfg, found) -> None:
     console.print("all of them: --json; check one: hpcmega plan <same flags> <layout flags>")
 
 
+def _print_measured(console, measured: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    keys = ("params_gib", "grads_gib", "optimizer_gib", "activations_gib", "peak_gib")
+    table = Table(title="measured on a fake process group / estimated, MiB per GPU", title_justify="left")
+    for col in ("stage", "params", "grads", "optimizer", "activations", "peak"):
+        table.add_column(col, justify="right")
+    estimated = {r["stage"]: r for r in measured["estimate_of_measured"]["stages"]}
+    for r in measured["memory"]["stages"]:
+        e = estimated[r["stage"]]
+        table.add_row(str(r["stage"]), *(f"{r[k] * 1024:.1f} / {e[k] * 1024:.1f}" for k in keys))
+    console.print(table)
+    (mode, got), = measured["activation_bytes_per_layer"].items()
+    want = measured["estimate_of_measured"]["activation_bytes_per_layer"][mode]
+    console.print(f"activations per layer ({mode}): measured {_fmt_bytes(got)}, estimated {_fmt_bytes(want)}")
+    if measured["scaled"]:
+        console.print(measured["scaled"])
+
+
 def _print_table(layout, summary: dict[str, Any], warnings: list[str]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -228,9 +245,13 @@ def _print_table(layout, summary: dict[str, Any], warnings: list[str]) -> None:
 @click.option("--node-names", help="Comma-separated node names (default node1..nodeN).")
 @click.option("--no-memory-check", is_flag=True, help="Do not refuse a layout that does not fit GPU memory.")
 @click.option("--auto", is_flag=True, help="Search tp/pp/schedule/micro-batch/recompute; list what fits, fastest first.")
+@click.option("--measure", is_flag=True, help="Run the real engine for the worst rank(s) on a fake process group "
+                                              "(CPU, a scaled copy when too big) and show measured bytes.")
+@click.option("--measure-mem-gib", type=float, default=3.0, show_default=True,
+              help="Host memory --measure may use; a bigger rank is measured as a scaled copy.")
 @pass_config
 def plan(cfg, as_json: bool, placement_kind: str, node_names: str | None, no_memory_check: bool,
-         auto: bool) -> None:
+         auto: bool, measure: bool, measure_mem_gib: float) -> None:
     """Validate a config and show its TP/PP/DP groups and the nodes each spans.
 
     \b
@@ -242,16 +263,23 @@ def plan(cfg, as_json: bool, placement_kind: str, node_names: str | None, no_mem
         return _auto(cfg, as_json)
     layout, warnings = build_plan(cfg, placement_kind, node_names)
     est, notes = memory_check(cfg, no_memory_check)
+    measured = None
+    if measure:
+        from hpcmega.planning.measure import measure as run_measure
+
+        measured = run_measure(cfg, measure_mem_gib)
     summary = config_summary(cfg, placement_kind)
     if as_json:
         data = layout.to_json()
         data["warnings"] = warnings + [n.removeprefix("warning: ") for n in notes if n.startswith("warning: ")]
         data["config"] = summary
         data.update(est.to_json())
+        if measured is not None:
+            data["measured"] = measured
         click.echo(json.dumps(data, indent=2))
     else:
         _print_table(layout, summary, warnings)
-        print_estimate(est, notes)
+        print_estimate(est, notes, measured)
 
 
 def register(main: click.Group) -> None:

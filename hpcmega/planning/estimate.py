@@ -179,6 +179,11 @@ def head_activation_bytes(sh: Shape) -> int:
     return (norm_in + sbh) * sh.compute_bytes + logits * (FP32 + kept_output)
 
 
+def boundary_bytes(sh: Shape) -> int:
+    """One microbatch's activations between two pipeline stages (sequence-sharded with SP)."""
+    return sh.tokens_per_microbatch * sh.h * sh.compute_bytes // (sh.tp if sh.sp and sh.tp > 1 else 1)
+
+
 def logits_grad_bytes(sh: Shape) -> int:
     """Transient during the last stage's backward: fp32 gradient of the logits (and its compute-dtype cast)."""
     logits = sh.tokens_per_microbatch * sh.vocab // sh.tp
@@ -229,8 +234,13 @@ def rank_memory(sh: Shape, pp_rank: int) -> RankMemory:
 
     in_flight = chunks_in_flight(sh.schedule, sh.pp, pp_rank, len(stages), sh.m)
     activations = in_flight * (n_layers / len(stages)) * activation_bytes_per_layer(sh)
-    if last:
-        activations += math.ceil(in_flight / len(stages)) * head_activation_bytes(sh)
+    head_in_flight = 0
+    if last:  # the last local stage's forwards come after (v - 1) rounds of the others'
+        rounds = sh.pp if sh.m % sh.pp == 0 else sh.m
+        head_in_flight = max(1, in_flight - (len(stages) - 1) * rounds)
+        activations += head_in_flight * head_activation_bytes(sh)
+    if sh.pp > 1:  # every other stage's output is kept by the pipeline until its backward
+        activations += (in_flight - head_in_flight) * boundary_bytes(sh)
     activations = int(activations)
 
     accumulating = sh.pp > 1 or sh.m > 1  # gradients outlive one backward
@@ -249,8 +259,11 @@ def rank_memory(sh: Shape, pp_rank: int) -> RankMemory:
     else:
         # One microbatch, plain gradients: backward frees a layer's activations as it fills its gradients.
         backward_peak = params + optimizer + max(activations, grads) + buffers
-    # AdamW (foreach) holds one temporary the size of the parameters (sqrt of the second moment) during its step.
-    optimizer_peak = params + grads + optimizer + params
+    # AdamW (foreach, one optimizer per local stage) holds a temporary the size of that stage's parameters (the
+    # square root of the second moment) during its step.
+    largest_stage = max(len(r) for r in layer_ranges) * block_params(sh.h, sh.tp) + (count - n_layers * block_params(
+        sh.h, sh.tp))
+    optimizer_peak = params + grads + optimizer + FP32 * min(count, largest_stage) // shard
     peak = max(backward_peak, optimizer_peak)
     return RankMemory(pp_rank, params, grads, optimizer, activations, buffers, peak, count, n_layers)
 
@@ -287,8 +300,7 @@ def comm_bytes_per_step(sh: Shape) -> dict[str, int]:
     allreduces = 4 + (2 if sh.recompute == "full" else 0)
     tp = allreduces * 2 * (sh.tp - 1) / sh.tp * sbh * e * layers_per_rank * sh.m
     # One activation forward and one gradient backward per microbatch and local stage (sequence-sharded with SP).
-    boundary = sbh * e // (sh.tp if sh.sp and sh.tp > 1 else 1)
-    pp = 2 * boundary * sh.m * sh.v if sh.pp > 1 else 0
+    pp = 2 * boundary_bytes(sh) * sh.m * sh.v if sh.pp > 1 else 0
     dp = 0.0
     if sh.dp > 1:
         count = rank_memory(sh, 0).param_count
