@@ -15,7 +15,6 @@ import argparse
 import datetime
 import importlib.util
 import os
-import re
 import socket
 import sys
 import time
@@ -24,6 +23,7 @@ from typing import Any
 
 from hpcmega.config import Config, ConfigError, load_config
 from hpcmega.distenv import DistEnv, from_environment
+from hpcmega.layout import layout_of, natural_key, planned_layout
 from hpcmega.runs.files import CONFIG, LAYOUT, RunFolder, attempt_marker, job_key
 
 # How long a rank waits for its peers at the rendezvous and in any collective before giving up. Long enough for a
@@ -35,11 +35,6 @@ DIST_TIMEOUT = datetime.timedelta(minutes=10)
 def _say(env: DistEnv, msg: str, all_ranks: bool = False) -> None:
     if all_ranks or env.rank == 0:
         print(f"[rank {env.rank} {env.node}] {msg}", flush=True)
-
-
-def natural_key(name: str) -> list[Any]:
-    """Sort 'node2' before 'node10' (the order SLURM lists hosts in)."""
-    return [int(tok) if tok.isdigit() else tok for tok in re.split(r"(\d+)", name)]
 
 
 def _as_config(cfg: Config | dict[str, Any]) -> Config:
@@ -87,26 +82,6 @@ def gather_placement(env: DistEnv) -> list[Any]:
     gathered: list[Any] = [None] * env.world_size
     dist.all_gather_object(gathered, (env.node, env.local_rank))
     return [RankPlacement(str(node), int(local)) for node, local in gathered]
-
-
-def layout_from_placement(cfg: Config, placement: list[Any]):
-    """The Layout for the ranks where they really are; NVLink domains = consecutive groups of
-    ``cluster.nvlink_domain_nodes`` nodes in name order. Raises LayoutError (a ConfigError) on every rank alike."""
-    from hpcmega.layout import compute_layout, domains_by_block
-
-    nodes = sorted({p.node for p in placement}, key=natural_key)
-    domains = domains_by_block(nodes, cfg.cluster.nvlink_domain_nodes)
-    return compute_layout(placement, cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.order, domains)
-
-
-def planned_layout(cfg: Config, node_names: list[str]):
-    """What `hpcmega plan` shows: block placement of nodes x gpus_per_node ranks."""
-    from hpcmega.layout import block_placement, compute_layout, default_node_names, domains_by_block
-
-    names = node_names if len(node_names) == cfg.cluster.nodes else default_node_names(cfg.cluster.nodes)
-    placement = block_placement(cfg.cluster.nodes, cfg.cluster.gpus_per_node, names)
-    domains = domains_by_block(names, cfg.cluster.nvlink_domain_nodes)
-    return compute_layout(placement, cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.order, domains)
 
 
 def collectives_self_test(mesh, layout, rank: int, device) -> dict[str, Any]:
@@ -208,7 +183,7 @@ def run_rank(cfg: Config | dict[str, Any], run_dir: str) -> dict[str, Any]:
                   f"{env.master_addr}:{port} ({time.perf_counter() - t0:.1f}s)"
                   + (f", SLURM job {env.job_id} attempt {env.restart_count + 1}" if env.job_id else ""))
         placement = gather_placement(env)
-        layout = layout_from_placement(cfg, placement)
+        layout = layout_of(cfg, placement)  # the same sequence `plan` and `submit` ran
         nodes = sorted({p.node for p in placement}, key=natural_key)
         try:
             diffs = layout.differences(planned_layout(cfg, nodes))

@@ -15,10 +15,14 @@ With block placement the logical order is the global rank order and the result i
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from hpcmega.config import RANK_ORDERS, ConfigError
+
+if TYPE_CHECKING:
+    from hpcmega.config import Config
 
 
 class LayoutError(ConfigError):
@@ -344,3 +348,26 @@ def compute_layout(
         world_size=world, tp=tp, pp=pp, dp=dp, order=order, placement=placement,
         coords=[c for c in coords if c is not None], domains=node_domain, warnings=warnings,
     )
+
+
+# -- the one placement -> NVLink domains -> layout sequence (plan, submit and every rank of a job use it) ----------
+def natural_key(name: str) -> list[Any]:
+    """Sort 'node2' before 'node10' (the order SLURM lists hosts in)."""
+    return [int(tok) if tok.isdigit() else tok for tok in re.split(r"(\d+)", name)]
+
+
+def layout_of(cfg: "Config", placement: Sequence[RankPlacement]) -> Layout:
+    """The layout of ``cfg``'s tp/pp/order for ranks placed as ``placement``; NVLink domains are consecutive groups
+    of ``cluster.nvlink_domain_nodes`` nodes in name order. Raises LayoutError (a ConfigError)."""
+    nodes = sorted({p.node for p in placement}, key=natural_key)
+    domains = domains_by_block(nodes, cfg.cluster.nvlink_domain_nodes)
+    return compute_layout(list(placement), cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.order, domains)
+
+
+def planned_layout(cfg: "Config", node_names: Sequence[str] | None = None, distribution: str = "block") -> Layout:
+    """What `plan` shows and a job compares its real placement with: nodes x gpus_per_node ranks in SLURM's block
+    (or cyclic) distribution over ``node_names`` (default node1..nodeN; a list of the wrong length is ignored)."""
+    nodes = cfg.cluster.nodes
+    names = list(node_names) if node_names and len(node_names) == nodes else default_node_names(nodes)
+    place = cyclic_placement if distribution == "cyclic" else block_placement
+    return layout_of(cfg, place(nodes, cfg.cluster.gpus_per_node, names))

@@ -215,3 +215,20 @@ def test_uneven_nodes_work_when_each_holds_whole_tp_groups():
     layout = compute_layout(placement, tp=2, pp=1)
     assert layout.tp_groups == [[0, 1], [2, 3], [4, 5]]
     assert any("different numbers of ranks (big: 4, small: 2)" in w for w in layout.warnings)
+
+
+def test_plan_and_the_job_share_one_placement_to_layout_sequence():
+    """`plan` (planned_layout) and every rank (layout_of on the gathered placement) build the layout the same way:
+    NVLink domains are consecutive nodes in natural name order (node2 before node10), whatever order SLURM lists."""
+    from hpcmega.config import load_config
+    from hpcmega.layout import layout_of, natural_key, planned_layout
+
+    cfg = load_config(None, {"cluster.nodes": 4, "cluster.gpus_per_node": 2, "cluster.nvlink_domain_nodes": 2,
+                             "parallel.tp": 4, "cluster.cpu": True, "train.global_batch": 8})
+    names = ["node9", "node10", "node11", "node2"]
+    assert sorted(names, key=natural_key) == ["node2", "node9", "node10", "node11"]
+    real = layout_of(cfg, cyclic_placement(4, 2, names))
+    assert real.domains == {"node2": "domain0", "node9": "domain0", "node10": "domain1", "node11": "domain1"}
+    assert all(len({real.domains[real.coords[r].node] for r in group}) == 1 for group in real.tp_groups)
+    assert real.same_groups(planned_layout(cfg, names, "cyclic"))
+    assert planned_layout(cfg).same_groups(layout_of(cfg, block_placement(4, 2)))

@@ -37,16 +37,12 @@ def build_plan(cfg, placement_kind: str = "block", node_names: str | None = None
     Raises click.UsageError (exit 2) with the validator's one-line message on bad input.
     """
     from hpcmega.config import ConfigError
-    from hpcmega.layout import block_placement, compute_layout, cyclic_placement, domains_by_block
+    from hpcmega.layout import planned_layout
     from hpcmega.validate import validate
 
     try:
         warnings = validate(cfg)
-        names = _node_names(cfg, node_names)
-        place = block_placement if placement_kind == "block" else cyclic_placement
-        placement = place(cfg.cluster.nodes, cfg.cluster.gpus_per_node, names)
-        domains = domains_by_block(names, cfg.cluster.nvlink_domain_nodes)
-        layout = compute_layout(placement, cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.order, domains)
+        layout = planned_layout(cfg, _node_names(cfg, node_names), placement_kind)
     except ConfigError as e:
         raise click.UsageError(str(e)) from None
     return layout, warnings + layout.warnings
@@ -265,9 +261,13 @@ def plan(cfg, as_json: bool, placement_kind: str, node_names: str | None, no_mem
     est, notes = memory_check(cfg, no_memory_check)
     measured = None
     if measure:
+        from hpcmega.config import ConfigError
         from hpcmega.planning.measure import measure as run_measure
 
-        measured = run_measure(cfg, measure_mem_gib)
+        try:
+            measured = run_measure(cfg, measure_mem_gib)
+        except ConfigError as e:
+            raise click.UsageError(str(e)) from None
     summary = config_summary(cfg, placement_kind)
     if as_json:
         data = layout.to_json()

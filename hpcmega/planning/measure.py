@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from hpcmega.config import Config
+from hpcmega.config import Config, ConfigError
 from hpcmega.planning.estimate import GIB, Shape, estimate
 from hpcmega.planning.schedule_facts import chunks_in_flight
 
@@ -107,8 +107,8 @@ def scaled_copy(cfg: Config, budget_gib: float = DEFAULT_BUDGET_GIB) -> tuple[Co
         layers += stages
     small.model.n_layers = layers
     if estimate(Shape.from_config(small)).worst.peak > budget_gib * GIB:
-        raise MemoryError(f"even {layers} layer(s) and {m} microbatches need more than {budget_gib} GiB on this "
-                          "machine; measure a smaller model, micro-batch or sequence length")
+        raise ConfigError(f"even {layers} layer(s) and {m} microbatches need more than {budget_gib} GiB on this "
+                          "machine; raise --measure-mem-gib or measure a smaller micro-batch or sequence length")
     note = (f"measured a scaled copy: {layers} of {cfg.model.n_layers} layers, same widths, {m} of "
             f"{cfg.microbatches} microbatches (global_batch {small.train.global_batch}); the estimate beside it is "
             "the scaled copy's")
