@@ -96,13 +96,15 @@ def test_measured_ranks_include_first_and_last_stage(measured):
 
 
 def test_plan_measure_json_of_a_model_too_big_for_this_machine_measures_a_scaled_copy():
-    result = run_cli(["plan", "--model", "gpt-1.3b", "--nodes", "2", "--gpus-per-node", "8", "--tp", "8", "--pp",
-                      "2", "--seq-len", "64", "--global-batch", "8", "--precision", "bf16", "--measure",
-                      "--measure-mem-gib", "0.6", "--json"], timeout=1200)
+    # 48 layers of width 256 against a 20 MiB allowance: measured as a few layers of the same width.
+    result = run_cli(["plan", "--vocab-size", "1024", "--d-model", "256", "--heads", "8", "--layers", "48",
+                      "--nodes", "1", "--gpus-per-node", "4", "--tp", "2", "--pp", "2", "--seq-len", "64",
+                      "--global-batch", "8", "--precision", "bf16", "--gpu", "h100", "--measure",
+                      "--measure-mem-gib", "0.02", "--json"], timeout=1200)
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads(result.stdout)
     measured = data["measured"]
-    assert measured["scaled"].startswith("measured a scaled copy: ") and "of 24 layers, same widths" in measured["scaled"]
+    assert measured["scaled"].startswith("measured a scaled copy: ") and "of 48 layers, same widths" in measured["scaled"]
     assert [s["stage"] for s in measured["memory"]["stages"]] == [0, 1]
     for got, want in zip(measured["memory"]["stages"], measured["estimate_of_measured"]["stages"]):
         assert want["params_gib"] == pytest.approx(got["params_gib"], rel=0.10)

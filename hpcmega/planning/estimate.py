@@ -215,7 +215,7 @@ class RankMemory:
 
 
 def gib(n: float) -> float:
-    return round(n / GIB, 3)
+    return round(n / GIB, 6)
 
 
 def rank_memory(sh: Shape, pp_rank: int) -> RankMemory:
@@ -344,7 +344,7 @@ class Estimate:
             "gpu": self.gpu.name if self.gpu else None,
             "gpu_mem_gib": self.gpu_mem_gib,
             "stages": [r.to_json() for r in self.ranks],
-            "peak_gib": round(self.peak_gib, 3),
+            "peak_gib": gib(self.worst.peak),
             "fits": self.fits,
         }
 
