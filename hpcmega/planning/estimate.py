@@ -204,14 +204,13 @@ class RankMemory:
     layers: int
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "stage": self.stage,
-            "params_gib": gib(self.params),
-            "grads_gib": gib(self.grads),
-            "optimizer_gib": gib(self.optimizer),
-            "activations_gib": gib(self.activations),
-            "peak_gib": gib(self.peak),
-        }
+        return stage_json(self)
+
+
+def stage_json(r: Any) -> dict[str, Any]:
+    """One entry of `memory.stages` in `plan --json` (estimated or measured: anything with these byte fields)."""
+    return {"stage": r.stage, **{f"{k}_gib": gib(getattr(r, k))
+                                 for k in ("params", "grads", "optimizer", "activations", "peak")}}
 
 
 def gib(n: float) -> float:

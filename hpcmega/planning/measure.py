@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from hpcmega.config import Config, ConfigError
-from hpcmega.planning.estimate import GIB, Shape, estimate
+from hpcmega.planning.estimate import GIB, Shape, estimate, stage_json
 from hpcmega.planning.schedule_facts import chunks_in_flight
 
 # What a measured rank may use on this machine (real CPU tensors): the scaled copy is sized to fit.
@@ -332,14 +332,7 @@ class RankMeasurement:
     per_layer: int
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "stage": self.stage,
-            "params_gib": round(self.params / GIB, 6),
-            "grads_gib": round(self.grads / GIB, 6),
-            "optimizer_gib": round(self.optimizer / GIB, 6),
-            "activations_gib": round(self.activations / GIB, 6),
-            "peak_gib": round(self.peak / GIB, 6),
-        }
+        return stage_json(self)
 
 
 def measure_rank(cfg: Config, pp_rank: int) -> RankMeasurement:
