@@ -20,19 +20,6 @@ def _storage_error(url: str, e: Exception) -> click.ClickException:
                                 "the AWS credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE)")
 
 
-def checkpoints_of(url_or_run: str) -> str:
-    """A run folder -> where its checkpoints are (its config's checkpoint.url, else RUN/checkpoints); a URL as is."""
-    from hpcmega.runs.files import CHECKPOINTS, RunFolder
-
-    run = RunFolder(url_or_run)
-    if "://" in url_or_run or not run.is_run():
-        return url_or_run
-    try:
-        return run.checkpoint_url()
-    except Exception:  # noqa: BLE001 - an unreadable config: the folder's own checkpoints/ is still the default
-        return str(run / CHECKPOINTS)
-
-
 @ckpt_group.command("ls")
 @click.argument("url")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
@@ -40,6 +27,7 @@ def ls(url: str, as_json: bool) -> None:
     """List step, layout, size and state (complete, INCOMPLETE, DAMAGED) of the checkpoints under URL (a run
     folder works too: its checkpoints are listed)."""
     from hpcmega.checkpoint import list_checkpoints
+    from hpcmega.runs.files import checkpoints_of
 
     url = checkpoints_of(url)
     try:

@@ -1,21 +1,9 @@
 """Which checkpoint a user means: a step folder, a checkpoint folder, or a run folder (pure fsspec, no torch)."""
 from __future__ import annotations
 
-import os
-
 from hpcmega.checkpoint import MARKER, CheckpointInfo, list_checkpoints
-from hpcmega.config import ConfigError, load_config
-
-RUN_CONFIG = "config.toml"
-
-
-def _checkpoints_of(target: str) -> str:
-    """The checkpoint URL of a run folder (its config's ``checkpoint.url``, default RUN/checkpoints), else
-    ``target`` itself (already a URL holding step folders)."""
-    config_path = os.path.join(target, RUN_CONFIG)
-    if os.path.isfile(config_path):
-        return load_config(config_path).checkpoint.url or os.path.join(target, "checkpoints")
-    return target
+from hpcmega.config import ConfigError
+from hpcmega.runs.files import checkpoints_of
 
 
 def _is_step_folder(target: str) -> bool:
@@ -31,7 +19,7 @@ def find_checkpoint(target: str, step: int | None = None) -> CheckpointInfo:
     if _is_step_folder(target):
         candidates = [i for i in list_checkpoints(target.rsplit("/", 1)[0]) if i.url == target]
     else:
-        candidates = [i for i in list_checkpoints(_checkpoints_of(target)) if i.complete]
+        candidates = [i for i in list_checkpoints(checkpoints_of(target)) if i.complete]
     if not candidates:
         raise ConfigError(f"no complete checkpoint under {target}; give a run folder, RUN/checkpoints or a step "
                           "folder listed complete by `hpcmega ckpt ls`")

@@ -186,6 +186,15 @@ class RunFolder:
         write_atomic(self.path / LAYOUT, json.dumps(data, indent=2) + "\n")
 
 
+def checkpoints_of(url_or_run: str) -> str:
+    """A run folder -> where its checkpoints are (its config's ``checkpoint.url``, else RUN/checkpoints); anything
+    else (a URL or folder holding step folders) as it is."""
+    run = RunFolder(url_or_run)
+    if "://" in url_or_run or not (run / CONFIG).is_file():
+        return url_or_run
+    return run.checkpoint_url()
+
+
 def find_runs(root: str | os.PathLike, depth: int = 2) -> list[RunFolder]:
     """Run folders under ``root`` (itself, its children, and theirs: a sweep keeps its points in one folder)."""
     base = Path(root)
