@@ -4,8 +4,9 @@ carries the attempt, layout and git commit; `hpcmega sync` wants an API key befo
 from __future__ import annotations
 
 import json
+import subprocess
 
-from conftest import run_cli
+from conftest import REPO, run_cli
 from wandb_reader import effective_history, read_history, read_run
 
 from hpcmega.runs.files import RunFolder
@@ -45,7 +46,9 @@ def test_resume_before_wandbs_last_step_rewinds_so_every_step_is_logged_once(tmp
     assert config["group"] == "g1" and config["tags"] == ["a", "b"]
     system = config["config"]["system"]
     assert system["attempt"] == 1 and system["layout"] == {"tp": 1, "pp": 1, "dp": 1}
-    assert len(system["git_commit"]) == 40 and system["slurm_job_id"] is None
+    head = subprocess.run(["git", "-C", str(REPO / "hpcmega"), "rev-parse", "HEAD"], capture_output=True, text=True)
+    assert system["git_commit"] == (head.stdout.strip() if head.returncode == 0 else None)
+    assert system["slurm_job_id"] is None  # a local run
     assert read_run(files[1])["config"]["system"]["attempt"] == 2
 
 
