@@ -1,9 +1,11 @@
 """Load a checkpoint of any layout into the single-process model (DCP reshards the shards on load)."""
 from __future__ import annotations
 
+import warnings
+
 import torch
 
-from hpcmega.checkpoint import CheckpointInfo
+from hpcmega.checkpoint import CheckpointInfo, verify_checkpoint
 from hpcmega.config import Config, ConfigError
 from hpcmega.model.gpt import GPT
 
@@ -18,17 +20,24 @@ def checkpoint_config(info: CheckpointInfo) -> Config:
 def load_model(info: CheckpointInfo) -> tuple[GPT, Config]:
     """The full fp32 model of checkpoint ``info`` on the CPU, in eval mode, and the run's config.
 
-    Only model tensors are read (optimizer state and data position stay on storage)."""
+    Every file is first checked against the checkpoint's manifest (sizes and SHA-256). Only model tensors are read
+    (optimizer state and data position stay on storage)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 
     cfg = checkpoint_config(info)
+    problems = verify_checkpoint(info.url) if "manifest" in info.meta else []  # older ones carry no manifest
+    if problems:
+        raise ConfigError(f"checkpoint {info.url} is damaged: {'; '.join(problems)}; pick another one from "
+                          "`hpcmega ckpt ls`")
     with torch.device("meta"):
         model = GPT(cfg.model)
     model.to_empty(device="cpu")
     tensors = model.state_dict()  # the model's own storage: DCP loads into it in place
     # The checkpoint's app state is {"model": ModelOptimizerState, ...}, whose keys are "model.<param>" and
     # "optim.<...>"; asking for the "model." ones only leaves the optimizer state unread.
-    dcp.load({"model": {f"model.{name}": t for name, t in tensors.items()}}, storage_reader=FsspecReader(info.url),
-             no_dist=True)
+    with warnings.catch_warnings():  # "torch.distributed is ... uninitialized": one process is the point here
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load({"model": {f"model.{name}": t for name, t in tensors.items()}},
+                 storage_reader=FsspecReader(info.url), no_dist=True)
     return model.eval(), cfg

@@ -1,7 +1,7 @@
 """Which checkpoint a user means: a step folder, a checkpoint folder, or a run folder (pure fsspec, no torch)."""
 from __future__ import annotations
 
-from hpcmega.checkpoint import MARKER, CheckpointInfo, list_checkpoints
+from hpcmega.checkpoint import MARKER, CheckpointInfo, by_save_order, list_checkpoints
 from hpcmega.config import ConfigError
 from hpcmega.runs.files import checkpoints_of
 
@@ -14,19 +14,21 @@ def _is_step_folder(target: str) -> bool:
 
 
 def find_checkpoint(target: str, step: int | None = None) -> CheckpointInfo:
-    """The newest complete checkpoint under ``target``, or the one of ``step``; a step folder is taken as is."""
+    """The newest intact save under ``target`` (the one ``--resume auto`` would take), or the newest of ``step``; a
+    step folder is taken as is. Damaged checkpoints (files not matching their manifest's sizes) are never chosen."""
     target = target.rstrip("/")
     if _is_step_folder(target):
-        candidates = [i for i in list_checkpoints(target.rsplit("/", 1)[0]) if i.url == target]
+        parent, name = target.rsplit("/", 1)
+        candidates = [i for i in list_checkpoints(parent) if i.name == name]
     else:
-        candidates = [i for i in list_checkpoints(checkpoints_of(target)) if i.complete]
-    if not candidates:
-        raise ConfigError(f"no complete checkpoint under {target}; give a run folder, RUN/checkpoints or a step "
-                          "folder listed complete by `hpcmega ckpt ls`")
-    if step is None:
-        return candidates[-1]
-    for info in candidates:
-        if info.step == step:
-            return info
-    raise ConfigError(f"{target} has no complete checkpoint of step {step}; complete step(s): "
-                      f"{', '.join(str(i.step) for i in candidates)}")
+        candidates = by_save_order(list_checkpoints(checkpoints_of(target)))
+    usable = [i for i in candidates if i.usable]
+    chosen = [i for i in usable if step is None or i.step == step]
+    if chosen:
+        return chosen[-1]
+    damaged = "".join(f"; {i.name} is DAMAGED ({i.damage})" for i in candidates if i.damage)
+    if not usable:
+        raise ConfigError(f"no complete, intact checkpoint under {target}{damaged}; give a run folder, "
+                          "RUN/checkpoints or a step folder listed complete by `hpcmega ckpt ls`")
+    raise ConfigError(f"{target} has no complete checkpoint of step {step}{damaged}; complete step(s): "
+                      f"{', '.join(str(i.step) for i in usable)}")
