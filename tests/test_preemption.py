@@ -16,6 +16,9 @@ from wandb_reader import read_history
 
 from hpcmega.preemption import decide_requeue
 
+# Far from the limit even on a loaded CI machine (seconds per step): the time-limit USR2 (signal_grace_s before
+# the limit) would otherwise requeue an attempt a second time and the tests count attempts.
+TIME_LIMIT = "00:30:00"
 MODEL = ["--tp", "2", "--pp", "2", "--global-batch", "4", "--seq-len", "32", "--steps", "80"]
 
 
@@ -39,7 +42,7 @@ def test_requeue_policy():
 def test_usr2_saves_requeues_and_resumes_with_identical_losses(slurm_cluster, tmp_path):
     run_dir, log = tmp_path / "run", tmp_path / "submit.out"
     api_key = "sk-" + secrets.token_hex(20)  # must never reach the run folder, sbatch script or pickled job
-    proc = popen_cli(["submit", "--nodes", "2", "--gpus-per-node", "2", "--cpu", "--time", "00:10:00", *MODEL,
+    proc = popen_cli(["submit", "--nodes", "2", "--gpus-per-node", "2", "--cpu", "--time", TIME_LIMIT, *MODEL,
                       "--wandb", "offline", "--wait", "--run-dir", run_dir], log, cwd=tmp_path,
                      env={"WANDB_API_KEY": api_key, "WANDB_SILENT": "true"})
     try:
@@ -56,7 +59,7 @@ def test_usr2_saves_requeues_and_resumes_with_identical_losses(slurm_cluster, tm
         assert job_id, log.read_text()
         subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
         signalled_at = len((run_dir / "metrics.jsonl").read_text().splitlines())
-        assert proc.wait(timeout=400) == 0, log.read_text()
+        assert proc.wait(timeout=900) == 0, log.read_text()
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -113,7 +116,7 @@ def test_a_higher_priority_job_preempts_ours_which_saves_and_resumes_with_identi
     run_dir, log = tmp_path / "run", tmp_path / "submit.out"
     steps = ["--steps", "60"]
     model = [*MODEL[:-2], *steps]
-    proc = popen_cli(["submit", "--nodes", "2", "--gpus-per-node", "2", "--cpu", "--time", "00:15:00", *model,
+    proc = popen_cli(["submit", "--nodes", "2", "--gpus-per-node", "2", "--cpu", "--time", TIME_LIMIT, *model,
                       "--partition", "preemptible", "--wandb", "disabled", "--wait", "--run-dir", run_dir], log,
                      cwd=tmp_path)
     urgent = None
@@ -130,7 +133,7 @@ def test_a_higher_priority_job_preempts_ours_which_saves_and_resumes_with_identi
         urgent = subprocess.run(["sbatch", "--parsable", "-p", "urgent", "-N", "2", "--exclusive", "-o", "/dev/null",
                                  "--wrap", "sleep 2"], capture_output=True, text=True, check=True).stdout.strip()
         signalled_at = len((run_dir / "metrics.jsonl").read_text().splitlines())
-        assert proc.wait(timeout=500) == 0, log.read_text()
+        assert proc.wait(timeout=900) == 0, log.read_text()
     finally:
         if proc.poll() is None:
             proc.kill()
