@@ -260,18 +260,27 @@ def _dist():
     return dist
 
 
-def _everyone(value: Any) -> list[Any]:
+def _everyone(value: Any, group=None) -> list[Any]:
     """all_gather_object: every rank's ``value``, in rank order (small Python objects only)."""
     dist = _dist()
     out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, value)
+    dist.all_gather_object(out, value, group=group)
     return out
 
 
-def _from_rank0(value: Any) -> Any:
+def _from_rank0(value: Any, group=None) -> Any:
     box = [value]
-    _dist().broadcast_object_list(box, src=0)
+    _dist().broadcast_object_list(box, src=0, group=group)
     return box[0]
+
+
+def checkpoint_group(timeout_s: int):
+    """A gloo group of all ranks with its own, longer timeout for checkpoint collectives (collective: every rank
+    calls it at the same point). A save to slow shared storage can take longer than the training collectives are
+    allowed to wait; on its own CPU group it neither trips the NCCL watchdog nor waits on the GPU stream."""
+    import datetime
+
+    return _dist().new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
 
 
 class CheckpointManager:
@@ -281,8 +290,10 @@ class CheckpointManager:
     ``resume_auto`` are collective (every rank calls them); ``list``/``latest`` work anywhere.
     """
 
-    def __init__(self, url: str, keep: int = 3, storage_options: dict | None = None, checksums: bool = True) -> None:
+    def __init__(self, url: str, keep: int = 3, storage_options: dict | None = None, checksums: bool = True,
+                 process_group=None) -> None:
         self.url, self.keep, self.storage_options = url.rstrip("/"), keep, storage_options or {}
+        self.group = process_group  # every collective of save/load/resume; None = the default group
         self.checksums, self.attempt = checksums, 0
         self.lineage, self.parent, self.resumed_from = uuid.uuid4().hex[:8], None, None
 
@@ -312,7 +323,7 @@ class CheckpointManager:
                     message = (f"resuming {resumed.name}, which is older than the newest checkpoint {newest.name}: "
                                f"starting a new lineage {self.lineage}; the newer checkpoints are kept, not pruned")
         self.lineage, self.parent, self.resumed_from, message = _from_rank0(
-            (self.lineage, self.parent, self.resumed_from, message))
+            (self.lineage, self.parent, self.resumed_from, message), self.group)
         return message
 
     # -- save ------------------------------------------------------------------------------------------------------
@@ -345,10 +356,10 @@ class CheckpointManager:
 
         dist = _dist()
         rank = dist.get_rank()
-        url = _from_rank0(self._folder_for(step) if rank == 0 else None)
-        dcp.save(app_state, storage_writer=FsspecWriter(url, **self.storage_options))
+        url = _from_rank0(self._folder_for(step) if rank == 0 else None, self.group)
+        dcp.save(app_state, storage_writer=FsspecWriter(url, **self.storage_options), process_group=self.group)
         manifest: dict[str, list] = {}
-        for part in _everyone(self._hash_own_files(url)):  # after every rank's shards are on storage
+        for part in _everyone(self._hash_own_files(url), self.group):  # after every rank's shards are on storage
             manifest.update(part)
         record = {**meta, "step": step, "time": time.time(), "lineage": self.lineage, "parent": self.parent,
                   "attempt": self.attempt, "manifest": manifest}
@@ -357,7 +368,7 @@ class CheckpointManager:
             fs, path = _fs(url, self.storage_options)
             _put_atomic(fs, path.rstrip("/") + "/" + MARKER, json.dumps({**record, "seq": seq}).encode())
             self._prune()
-        dist.barrier()
+        dist.barrier(group=self.group)
         self.parent = url
         return CheckpointInfo(step, url, True, meta=record)
 
@@ -370,7 +381,7 @@ class CheckpointManager:
         names = sorted(info.meta["manifest"])[dist.get_rank()::dist.get_world_size()]
         fs, path = _fs(info.url, self.storage_options)
         mine = manifest_problems(fs, path.rstrip("/"), info.meta["manifest"], self.checksums, names)
-        return [p for part in _everyone(mine) for p in part]
+        return [p for part in _everyone(mine, self.group) for p in part]
 
     def info(self, url: str) -> CheckpointInfo:
         """The listing entry of one checkpoint folder (any location)."""
@@ -395,7 +406,7 @@ class CheckpointManager:
         if problems:
             raise CheckpointDamaged(f"checkpoint {url} is damaged: {'; '.join(problems)}")
         check(info)
-        dcp.load(app_state, storage_reader=FsspecReader(url, **self.storage_options))
+        dcp.load(app_state, storage_reader=FsspecReader(url, **self.storage_options), process_group=self.group)
         return info.meta
 
     def resume_auto(self, app_state: dict[str, Any], say: Callable[[str], None],

@@ -25,15 +25,33 @@ class ConfigError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Model presets: GPT-2 style shapes. ``tiny`` is for tests and CPU demos.
+# Model presets: GPT-2 style shapes. ``tiny`` is for tests and CPU demos; its 8 heads and 8 layers take tp in
+# {1, 2, 4, 8} and pp in {1, 2, 4} (also with two stages per rank), so any layout of 8-GPU nodes plans with it.
 MODEL_PRESETS: dict[str, dict[str, int]] = {
-    "tiny": dict(vocab_size=256, d_model=64, n_layers=4, n_heads=4, max_seq_len=256),
+    "tiny": dict(vocab_size=256, d_model=64, n_layers=8, n_heads=8, max_seq_len=256),
     "gpt2-124m": dict(vocab_size=50304, d_model=768, n_layers=12, n_heads=12, max_seq_len=1024),
     "gpt2-350m": dict(vocab_size=50304, d_model=1024, n_layers=24, n_heads=16, max_seq_len=1024),
     "gpt-1.3b": dict(vocab_size=50304, d_model=2048, n_layers=24, n_heads=16, max_seq_len=2048),
     "gpt-7b": dict(vocab_size=50304, d_model=4096, n_layers=32, n_heads=32, max_seq_len=2048),
     "gpt3-175b": dict(vocab_size=50304, d_model=12288, n_layers=96, n_heads=96, max_seq_len=2048),
 }
+# Training shape each preset is meant for: its context length and a batch of about 0.5M (GPT-2 sizes) to 2-4M
+# (1.3B and up) tokens per step, GPT-3 paper style. Used where train.seq_len / global_batch / micro_batch are unset.
+PRESET_TRAIN: dict[str, dict[str, int]] = {
+    "tiny": dict(seq_len=64, global_batch=8, micro_batch=1),
+    "gpt2-124m": dict(seq_len=1024, global_batch=512, micro_batch=8),
+    "gpt2-350m": dict(seq_len=1024, global_batch=512, micro_batch=4),
+    "gpt-1.3b": dict(seq_len=2048, global_batch=1024, micro_batch=2),
+    "gpt-7b": dict(seq_len=2048, global_batch=2048, micro_batch=1),
+    "gpt3-175b": dict(seq_len=2048, global_batch=1536, micro_batch=1),
+}
+# Value of a string field that means "unset: chosen by resolve_defaults()" (an explicit value always wins).
+AUTO = "auto"
+# GPUs per node assumed for a GPU job when neither the user nor SLURM's GRES says (the common 8-GPU node).
+DEFAULT_GPUS_PER_NODE = 8
+# The fields resolve_defaults() fills when they are unset (AUTO or 0).
+RESOLVED_BY_RULE = ("cluster.gpus_per_node", "train.precision", "parallel.recompute", "train.seq_len",
+                    "train.micro_batch", "train.global_batch")
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zero-bubble", "zbv", "dualpipev")
 # Schedules that place more than one stage on each pipeline rank.
@@ -43,6 +61,9 @@ V_SCHEDULES = ("zbv", "dualpipev")
 RANK_ORDERS = ("tp-dp-pp", "tp-pp-dp")
 RECOMPUTE_MODES = ("none", "selective", "full")
 PRECISIONS = ("fp32", "bf16")
+# What a GPU job and a CPU job use when the user does not say (see resolve_defaults).
+GPU_DEFAULTS = {"train.precision": "bf16", "parallel.recompute": "selective"}
+CPU_DEFAULTS = {"train.precision": "fp32", "parallel.recompute": "none"}
 WANDB_MODES = ("online", "offline", "disabled")
 
 
@@ -79,8 +100,8 @@ class ModelConfig:
                           flag="--model", choices=tuple(MODEL_PRESETS))
     vocab_size: int = setting(256, "Vocabulary size (a multiple of tp).", ge=1)
     d_model: int = setting(64, "Hidden size (a multiple of n_heads).", ge=1)
-    n_layers: int = setting(4, "Transformer blocks.", flag="--layers", ge=1)
-    n_heads: int = setting(4, "Attention heads (a multiple of tp).", flag="--heads", ge=1)
+    n_layers: int = setting(8, "Transformer blocks.", flag="--layers", ge=1)
+    n_heads: int = setting(8, "Attention heads (a multiple of tp).", flag="--heads", ge=1)
     max_seq_len: int = setting(256, "Size of the position table (>= train.seq_len).", ge=1)
 
 
@@ -95,7 +116,8 @@ class ParallelConfig:
     microbatches: int = setting(0, "Microbatches per step on one DP rank = global_batch / (dp x micro_batch).",
                                 ge=0, zero="derived")
     order: str = setting("tp-dp-pp", "Rank order, fastest-varying dimension first.", choices=RANK_ORDERS)
-    recompute: str = setting("none", "Activation recomputation.", choices=RECOMPUTE_MODES)
+    recompute: str = setting(AUTO, "Activation recomputation; auto = selective for GPU jobs, none for CPU jobs.",
+                             choices=RECOMPUTE_MODES)
     reshard_after_forward: bool = setting(True, "FSDP2: free gathered params after forward (ZeRO-3) or keep "
                                                 "them (ZeRO-2).")
     compile: bool = setting(False, "torch.compile each block.")
@@ -104,9 +126,10 @@ class ParallelConfig:
 @dataclass
 class TrainConfig:
     steps: int = setting(20, "Optimizer steps.", ge=1)
-    global_batch: int = setting(8, "Sequences per optimizer step, independent of the layout.", ge=1)
-    micro_batch: int = setting(1, "Sequences per microbatch on one DP rank.", ge=1)
-    seq_len: int = setting(64, "Tokens per sequence.", ge=1)
+    global_batch: int = setting(0, "Sequences per optimizer step, independent of the layout.", ge=0,
+                                zero="the model preset's, rounded up to a multiple of dp x micro_batch x pp")
+    micro_batch: int = setting(0, "Sequences per microbatch on one DP rank.", ge=0, zero="the model preset's")
+    seq_len: int = setting(0, "Tokens per sequence.", ge=0, zero="the model preset's (GPT-2 sizes 1024, larger 2048)")
     lr: float = setting(1e-3, "Peak learning rate.", gt=0)
     min_lr: float = setting(1e-4, "Learning rate at the end of the cosine decay (<= lr).", ge=0)
     warmup_steps: int = setting(2, "Linear warmup steps.", ge=0)
@@ -116,7 +139,8 @@ class TrainConfig:
     eps: float = setting(1e-8, "AdamW epsilon.", flag="--adam-eps", gt=0)
     grad_clip: float = setting(1.0, "Global grad-norm clip.", ge=0, zero="no clipping")
     seed: int = setting(0, "Seed of the weights and the synthetic data.", ge=0)
-    precision: str = setting("fp32", "Compute precision.", choices=PRECISIONS)
+    precision: str = setting(AUTO, "Compute precision; auto = bf16 for GPU jobs (fp32 master weights and gradient "
+                                   "reduction), fp32 for CPU jobs.", choices=PRECISIONS)
     data: str = setting("synthetic", "'synthetic' (tokens from the seed) or the fsspec URL of shards from "
                                      "`hpcmega data prepare`.")
     eval_every: int = setting(0, "Compute val_loss on the held-out split every N steps (and at the last step).",
@@ -127,7 +151,8 @@ class TrainConfig:
 @dataclass
 class ClusterConfig:
     nodes: int = setting(1, "Nodes.", ge=1)
-    gpus_per_node: int = setting(1, "GPUs per node, one task each (with --cpu: tasks per node).", ge=1)
+    gpus_per_node: int = setting(0, "GPUs per node, one task each (with --cpu: tasks per node).", ge=0,
+                                 zero="the partition's GPU GRES (sinfo), else 8; with --cpu 1")
     cpu: bool = setting(False, "CPU-only nodes with gloo (tests, machines without GPUs).", flag="--cpu/--no-cpu")
     nvlink_domain_nodes: int = setting(1, "Nodes per NVLink domain (18 for GB200 NVL72 trays).", ge=1)
     gpu: str = setting("h100", "GPU model (hpcmega.planning.gpus): memory for the fit check, peak for time "
@@ -162,6 +187,8 @@ class ClusterConfig:
                                               "apptainer (apptainer exec).", choices=("pyxis", "apptainer"))
     container_mounts: list[str] = setting(help="Bind mount SRC:DST into the container (repeatable; the run folder "
                                                "is always mounted).", factory=list, flag="--container-mount")
+    collective_timeout_s: int = setting(600, "Seconds a rank waits in a training collective before the job "
+                                             "aborts (checkpoints use checkpoint.timeout_s).", ge=1)
 
 
 @dataclass
@@ -188,6 +215,8 @@ class CheckpointConfig:
     trust: bool = setting(False, "Allow --resume from outside this run's checkpoint location (DCP unpickles its "
                                  ".metadata: only for checkpoints you trust).",
                           flag="--trust-checkpoint/--no-trust-checkpoint")
+    timeout_s: int = setting(1800, "Seconds checkpoint save/load collectives may take (their own gloo group): "
+                                   "slow storage is not a hang.", flag="--ckpt-timeout", ge=1)
 
 
 @dataclass
@@ -487,6 +516,57 @@ def apply_preset(cfg: Config, preset: str) -> None:
     cfg.model.preset = preset
     for key, value in MODEL_PRESETS[preset].items():
         setattr(cfg.model, key, value)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A value the user did not give, or whose source matters (GPUs per node): what it is and where it came from."""
+
+    key: str  # dotted config key
+    value: Any
+    source: str  # why this value, and how to change it
+
+
+def resolve_defaults(cfg: Config, on_gpu: bool | None = None,
+                     gres: tuple[int, str] | None = None) -> list[Setting]:
+    """Fill every field left unset (``auto`` / 0) by its rule and return what was chosen and why.
+
+    The one owner of the "unset -> rule" defaults, so an explicit value (flag, TOML, site profile) always wins and
+    calling it twice changes nothing. ``on_gpu`` says whether the ranks run on GPUs (default: not cluster.cpu);
+    ``gres`` is the partition's GPUs per node as SLURM reports them, ``(count, description)``, when known.
+    """
+    gpu = (not cfg.cluster.cpu) if on_gpu is None else on_gpu
+    chosen: list[Setting] = []
+    c = cfg.cluster
+    if not c.gpus_per_node:
+        if not gpu:
+            c.gpus_per_node = 1
+            chosen.append(Setting("cluster.gpus_per_node", 1, "CPU job: 1 task per node; --gpus-per-node N for more"))
+        elif gres:
+            c.gpus_per_node = gres[0]
+            chosen.append(Setting("cluster.gpus_per_node", gres[0], f"{gres[1]}; --gpus-per-node to change"))
+        else:
+            c.gpus_per_node = DEFAULT_GPUS_PER_NODE
+            chosen.append(Setting("cluster.gpus_per_node", DEFAULT_GPUS_PER_NODE,
+                                  "GPU job default, no GPU GRES from sinfo; --gpus-per-node to change"))
+    kind, rules = ("GPU job default", GPU_DEFAULTS) if gpu else ("CPU job default", CPU_DEFAULTS)
+    for key, value in rules.items():
+        if get_value(cfg, key) == AUTO:
+            _set_value(cfg, key, value)
+            others = " or ".join(v for v in FIELDS[key].spec.choices if v != value)
+            chosen.append(Setting(key, value, f"{kind}; {FIELDS[key].flag} {others} to change"))
+    preset = PRESET_TRAIN.get(cfg.model.preset, PRESET_TRAIN["tiny"])
+    for name in ("seq_len", "micro_batch", "global_batch"):
+        if getattr(cfg.train, name):
+            continue
+        value, why = preset[name], f"model {cfg.model.preset}'s default"
+        if name == "global_batch":  # whole microbatches on every DP rank, at least one per pipeline stage
+            unit = cfg.dp * cfg.train.micro_batch * cfg.parallel.pp
+            if value % unit:
+                value, why = -(-value // unit) * unit, f"{why} {value} rounded up to a multiple of dp x micro_batch x pp"
+        setattr(cfg.train, name, value)
+        chosen.append(Setting(f"train.{name}", value, f"{why}; {FIELDS['train.' + name].flag} to change"))
+    return chosen
 
 
 def load_config(path: str | Path | list[str | Path] | None = None, overrides: dict[str, Any] | None = None,

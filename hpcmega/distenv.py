@@ -24,6 +24,20 @@ from dataclasses import dataclass
 
 from hpcmega.config import ConfigError
 
+# Set in every rank's environment (SLURM script and local launcher) unless the user's environment already sets them:
+# - TORCH_NCCL_ASYNC_ERROR_HANDLING=3: a timed-out or failed NCCL collective tears the process down instead of
+#   hanging, so srun --kill-on-bad-exit ends the job step;
+# - TORCH_NCCL_TRACE_BUFFER_SIZE / TORCH_NCCL_DUMP_ON_TIMEOUT: the NCCL flight recorder keeps the last 2000
+#   collectives per rank and dumps them on a timeout (which rank stopped in which collective);
+# - PYTORCH_ALLOC_CONF=expandable_segments:True: less fragmentation of the CUDA caching allocator with varying
+#   activation sizes (pipeline microbatches, recompute).
+JOB_ENV: dict[str, str] = {
+    "TORCH_NCCL_ASYNC_ERROR_HANDLING": "3",
+    "TORCH_NCCL_TRACE_BUFFER_SIZE": "2000",
+    "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
+    "PYTORCH_ALLOC_CONF": "expandable_segments:True",
+}
+
 # Ports derived from a job id fall in [BASE, BASE + SPAN): below Linux's ephemeral range (32768+), so a port picked
 # for a rendezvous is not already taken by some outgoing connection.
 DERIVED_PORT_BASE = 12000

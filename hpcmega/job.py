@@ -26,10 +26,6 @@ from hpcmega.distenv import DistEnv, from_environment
 from hpcmega.layout import layout_of, natural_key, planned_layout
 from hpcmega.runs.files import CONFIG, LAYOUT, RunFolder, attempt_marker, job_key
 
-# How long a rank waits for its peers at the rendezvous and in any collective before giving up. Long enough for a
-# slow first NCCL collective on a big job; a dead peer is normally noticed much sooner (the launcher and
-# `srun --kill-on-bad-exit` end the other ranks, and gloo sees closed connections).
-DIST_TIMEOUT = datetime.timedelta(minutes=10)
 
 
 def _say(env: DistEnv, msg: str, all_ranks: bool = False) -> None:
@@ -55,10 +51,15 @@ def _select_device(cfg: Config, env: DistEnv):
     """-> (device_type, backend, torch.device). One task per GPU: the local rank picks the GPU."""
     import torch
 
-    if cfg.cluster.cpu or not torch.cuda.is_available():
-        if not cfg.cluster.cpu:
-            _say(env, "notice: no CUDA device visible; running on CPU with gloo", all_ranks=env.local_rank == 0)
+    if cfg.cluster.cpu:
         return "cpu", "gloo", torch.device("cpu")
+    if not torch.cuda.is_available():  # never fall back to CPU: a GPU job on CPU is a wrong, silent 100x slowdown
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        raise ConfigError(
+            f"{env.node}: rank {env.rank} of a GPU job sees no CUDA device (CUDA_VISIBLE_DEVICES="
+            f"{visible if visible is not None else 'unset'}); check that the partition's nodes have GPUs and a "
+            "working driver, or submit with --cpu"
+        )
     count = torch.cuda.device_count()
     if count >= env.local_world_size:
         index = env.local_rank  # every task sees all of the node's GPUs
@@ -70,6 +71,8 @@ def _select_device(cfg: Config, env: DistEnv):
             "use --gpus-per-node equal to the node's GPU count (one task per GPU)"
         )
     torch.cuda.set_device(index)
+    # fp32 matmuls (master-weight math, fp32 runs) on tensor cores as TF32, as Megatron does; bf16 is unaffected.
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
     return "cuda", "nccl", torch.device("cuda", index)
 
 
@@ -174,7 +177,7 @@ def run_rank(cfg: Config | dict[str, Any], run_dir: str) -> dict[str, Any]:
         init_method=f"tcp://{env.master_addr}:{port}",
         rank=env.rank,
         world_size=env.world_size,
-        timeout=DIST_TIMEOUT,
+        timeout=datetime.timedelta(seconds=cfg.cluster.collective_timeout_s),
         device_id=device if device_type == "cuda" else None,
     )
     ok = False

@@ -19,7 +19,8 @@ from collections import deque
 from pathlib import Path
 from typing import IO
 
-from hpcmega.config import Config
+from hpcmega.config import Config, resolve_defaults
+from hpcmega.distenv import JOB_ENV
 from hpcmega.preemption import EXIT_UNFINISHED
 from hpcmega.reliability.console import Console
 from hpcmega.reliability.process import LAUNCHER_PID_ENV
@@ -32,12 +33,15 @@ FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
 
 
 def local_config(cfg: Config, nproc: int, cpu: bool) -> Config:
-    """The config a local run really uses: one node with ``nproc`` ranks (GPUs, or CPU processes with gloo)."""
-    out = dataclasses.replace(cfg, cluster=dataclasses.replace(cfg.cluster))
+    """The config a local run really uses: one node with ``nproc`` ranks (GPUs, or CPU processes with gloo), its
+    unset values resolved for that machine (bf16 + selective recompute on GPUs, fp32 on CPU)."""
+    out = dataclasses.replace(cfg, cluster=dataclasses.replace(cfg.cluster), train=dataclasses.replace(cfg.train),
+                              parallel=dataclasses.replace(cfg.parallel))
     out.cluster.nodes = 1
     out.cluster.gpus_per_node = nproc
     out.cluster.nvlink_domain_nodes = 1
     out.cluster.cpu = cpu
+    resolve_defaults(out)
     return out
 
 
@@ -74,6 +78,8 @@ def rank_env(rank: int, nproc: int, port: int, node: str, base: dict[str, str] |
     )
     env[LAUNCHER_PID_ENV] = str(os.getpid())  # the rank dies with this process (hpcmega.reliability.process)
     env.setdefault("OMP_NUM_THREADS", "1")  # N ranks on one machine must not each start one thread per core
+    for name, value in JOB_ENV.items():  # the same job environment as under SLURM; the user's values win
+        env.setdefault(name, value)
     return env
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from hpcmega.config import Config, ConfigError
+from hpcmega.distenv import JOB_ENV
 from hpcmega.runs.files import RunFolder
 from hpcmega.reliability.sbatch_options import check_cluster_values, check_run_folder, parse_sbatch_extra
 
@@ -32,7 +33,39 @@ TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY
 SETUP_LINES = [
     # One thread per rank unless the site or the user says otherwise (ranks share the node's cores).
     'export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"',
+    # NCCL error handling, flight recorder, allocator (hpcmega.distenv.JOB_ENV); a value the user exports wins.
+    *(f'export {name}="${{{name}:-{value}}}"' for name, value in JOB_ENV.items()),
 ]
+
+
+def gres_gpus(gres: str) -> int | None:
+    """GPUs per node in a SLURM GRES string: 'gpu:8', 'gpu:h100:8(S:0-1)', 'gpu:a100:4,shard:8' -> 8, 8, 4;
+    None when it names no GPU ('(null)', '', 'shard:2')."""
+    total = 0
+    for item in gres.split(","):
+        parts = item.strip().split("(")[0].split(":")
+        if parts[0] == "gpu" and len(parts) >= 2 and parts[-1].isdigit():
+            total += int(parts[-1])
+    return total or None
+
+
+def partition_gpus(partition: str = "") -> tuple[int, str] | None:
+    """(GPUs per node, description) of ``partition`` (default: SLURM's default partition) from ``sinfo``'s GRES;
+    the smallest count when node types differ. None without sinfo, without an answer, or without GPU GRES."""
+    out = _run(["sinfo", "-h", "-o", "%P|%G"] + (["-p", partition] if partition else []), timeout=10)
+    counts: dict[str, list[int]] = {}
+    default = ""
+    for line in out.splitlines():
+        name, _, gres = line.partition("|")
+        if name.endswith("*"):
+            name = default = name[:-1]
+        count = gres_gpus(gres)
+        if count:
+            counts.setdefault(name, []).append(count)
+    name = partition or default
+    if name not in counts:
+        return None
+    return min(counts[name]), f"partition {name}'s GRES gpu:{min(counts[name])} (sinfo)"
 
 
 def executor_parameters(cfg: Config) -> dict[str, Any]:
@@ -212,9 +245,11 @@ def _remove_empty_submission(folder: Path, run_dir: Path) -> None:
 
 
 # -- job state ---------------------------------------------------------------------------------------------------
-def _run(cmd: list[str]) -> str:
+def _run(cmd: list[str], timeout: float = 60) -> str:
+    if not shutil.which(cmd[0]):
+        return ""
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except (OSError, subprocess.SubprocessError):
         return ""
     return out.stdout if out.returncode == 0 else ""

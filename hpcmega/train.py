@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
-from hpcmega.config import Config, ConfigError
+from hpcmega.config import Config, ConfigError, resolve_defaults
 from hpcmega.engine.evaluate import forward_loss
 from hpcmega.engine.parallelize import build_model_parts, mesh_sizes
 from hpcmega.engine.pipeline import GradAccumulation, PipelineRunner
@@ -71,6 +71,7 @@ class Trainer:
             if want != got:
                 raise ValueError(f"parallel.{name}={want} but the mesh has {name}={got}")
         self.device = _device(mesh)
+        resolve_defaults(cfg, on_gpu=self.device.type == "cuda")  # no-op for a config the CLI already resolved
         self.n_microbatches = microbatches_per_rank(cfg, self.dp)
         self.dp_rank = mesh["dp"].get_local_rank()
         self.pp_group = mesh["pp"].get_group() if self.pp > 1 else None
@@ -253,12 +254,13 @@ def train(cfg: Config, mesh: DeviceMesh, run_dir: str, stop_flag=None, on_step=N
     (hpcmega.preemption.StopFlag) fires on any rank -- saves at the next step boundary on all ranks and stops.
     ``on_step(record)`` is called after every step on this rank (the job passes rank 0's W&B logger).
     """
-    from hpcmega.checkpoint import CheckpointManager, ModelOptimizerState, TrainState
+    from hpcmega.checkpoint import CheckpointManager, ModelOptimizerState, TrainState, checkpoint_group
     from hpcmega.reliability.preflight import checkpoint_location
 
     trainer = Trainer(cfg, mesh, run_dir)
     ckpt = CheckpointManager(checkpoint_location(cfg, run_dir), keep=cfg.checkpoint.keep,
-                             checksums=cfg.checkpoint.verify_checksums)
+                             checksums=cfg.checkpoint.verify_checksums,
+                             process_group=checkpoint_group(cfg.checkpoint.timeout_s))
     app_state = {"model": ModelOptimizerState(trainer.model_parts, trainer.optimizers), "train": TrainState(trainer)}
     layout_meta = {"pp": trainer.pp, "dp": trainer.dp, "tp": trainer.tp, "world_size": mesh.size()}
     resumed = resume(cfg, ckpt, app_state, trainer.console.info if trainer.console else lambda msg: None)

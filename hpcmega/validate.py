@@ -10,9 +10,11 @@ import math
 import re
 
 from hpcmega.config import (
+    AUTO,
     FIELDS,
     MODEL_PRESETS,
     MULTI_STAGE_SCHEDULES,
+    RESOLVED_BY_RULE,
     V_SCHEDULES,
     Config,
     ConfigError,
@@ -158,15 +160,28 @@ def _check_model(cfg: Config) -> None:
                           f"position table); use --seq-len {m.max_seq_len} or less")
 
 
+def _world_fixes(cfg: Config) -> str:
+    """The fixes for a world size that tp x pp does not divide, likeliest first: the nodes have more GPUs than
+    configured (--gpus-per-node), more nodes, or a smaller tp x pp."""
+    c, tp, pp = cfg.cluster, cfg.parallel.tp, cfg.parallel.pp
+    fixes = []
+    bigger = [g for g in (2, 4, 8) if g > c.gpus_per_node and g % tp == 0 and (c.nodes * g) % (tp * pp) == 0]
+    if bigger:
+        unit = "tasks" if c.cpu else "GPUs"
+        fixes.append(f"if the nodes have {bigger[-1]} {unit}, say so: --gpus-per-node {bigger[-1]}")
+    step = (tp * pp) // math.gcd(tp * pp, c.gpus_per_node)
+    fixes.append(f"use --nodes {_round_up(c.nodes, step)} (a multiple of {step})")
+    fixes.append(f"pick tp x pp among {', '.join(map(str, _divisors(cfg.world_size)))}")
+    return "; or ".join(fixes)
+
+
 def _check_parallel(cfg: Config) -> None:
     m, p, c = cfg.model, cfg.parallel, cfg.cluster
     world, tp, pp = cfg.world_size, p.tp, p.pp
     if world % (tp * pp):
-        step = (tp * pp) // math.gcd(tp * pp, c.gpus_per_node)
         raise ConfigError(
             f"tp={tp} x pp={pp} = {tp * pp} does not divide the world size {world} (nodes={c.nodes} x "
-            f"gpus_per_node={c.gpus_per_node}); pick tp x pp among {', '.join(map(str, _divisors(world)))} "
-            f"or use a multiple of {step} nodes"
+            f"gpus_per_node={c.gpus_per_node}); {_world_fixes(cfg)}"
         )
     dp = world // (tp * pp)
     if p.dp and p.dp != dp:
@@ -261,8 +276,16 @@ def _warnings(cfg: Config) -> list[str]:
     return out
 
 
+def _check_resolved(cfg: Config) -> None:
+    for key in RESOLVED_BY_RULE:
+        if get_value(cfg, key) in (0, AUTO):
+            raise ConfigError(f"{named(key)} is unset: resolve_defaults() must run before validate(); this is a bug "
+                              "in the caller, please report it")
+
+
 def validate(cfg: Config) -> list[str]:
     """Raise ConfigError (one line, names the fix) for a config that cannot run; return warnings otherwise."""
+    _check_resolved(cfg)
     _check_values(cfg)
     _check_model(cfg)
     _check_parallel(cfg)

@@ -38,7 +38,7 @@ def test_plan_json_schema_for_the_headline_layout():
     assert len(data["rank_coords"]) == 32
     assert data["rank_coords"][9] == {"node": "node2", "local_rank": 1, "tp": 1, "pp": 0, "dp": 1}
     assert data["mesh_grid"][1][0] == list(range(16, 24))
-    assert data["config"]["model"] == "gpt-7b" and data["config"]["microbatches"] == 4
+    assert data["config"]["model"] == "gpt-7b" and data["config"]["microbatches"] == 1024
     assert data["config"]["layers_per_stage"] == 16 and data["warnings"] == []
 
 
@@ -71,7 +71,8 @@ def test_plan_warns_about_a_large_pipeline_bubble():
 @pytest.mark.parametrize(
     "args, words",
     [
-        (["plan", "--nodes", "4", "--gpus-per-node", "8", "--tp", "8", "--pp", "2"], ["n_heads=4", "--model"]),
+        (["plan", "--nodes", "4", "--gpus-per-node", "8", "--tp", "8", "--heads", "4"], ["n_heads=4", "--model"]),
+        (["plan", "--nodes", "4", "--gpus-per-node", "1", "--tp", "8", "--pp", "2"], ["--gpus-per-node 8"]),
         (["plan", "--nodes", "2", "--gpus-per-node", "4", "--tp", "8"], ["a TP group would cross a node"]),
         (["plan", "--nodes", "2", "--gpus-per-node", "4", "--tp", "3"], ["does not divide the world size 8"]),
         (["plan", "--steps", "0"], ["train.steps (--steps)=0 must be positive"]),

@@ -34,7 +34,8 @@ def gpt3(**overrides) -> Shape:
     """GPT-3 175B on 16 nodes x 8 GPUs, t=8, p=8 (dp=2), global batch 1536."""
     cfg = load_config(None, {"model.preset": "gpt3-175b", "cluster.nodes": 16, "cluster.gpus_per_node": 8,
                              "parallel.tp": T, "parallel.pp": P, "train.seq_len": S, "train.global_batch": 1536,
-                             "train.precision": "bf16", **overrides})
+                             "train.micro_batch": 1, "train.precision": "bf16", "parallel.recompute": "none",
+                             **overrides})
     return Shape.from_config(cfg)
 
 
@@ -159,7 +160,7 @@ def test_plan_refuses_175b_on_one_node_and_the_fix_it_names_fits():
 def test_single_flag_fixes_are_offered_first_and_each_one_fits():
     cfg = load_config(None, {"model.preset": "gpt-7b", "cluster.nodes": 1, "cluster.gpus_per_node": 8,
                              "train.seq_len": 2048, "train.global_batch": 64, "train.micro_batch": 8,
-                             "cluster.gpu": "h100", "train.precision": "bf16"})
+                             "cluster.gpu": "h100", "train.precision": "bf16", "parallel.recompute": "none"})
     verdict = check_memory(cfg)
     assert verdict.error and "try --recompute selective, or --micro-batch 4" in verdict.error
     for fix in suggest_fixes(cfg):
@@ -167,7 +168,7 @@ def test_single_flag_fixes_are_offered_first_and_each_one_fits():
         key = {"--recompute": "parallel.recompute", "--micro-batch": "train.micro_batch"}[flag]
         fixed = load_config(None, {"model.preset": "gpt-7b", "cluster.nodes": 1, "cluster.gpus_per_node": 8,
                                    "train.seq_len": 2048, "train.global_batch": 64, "train.micro_batch": 8,
-                                   "train.precision": "bf16", key: value})
+                                   "train.precision": "bf16", "parallel.recompute": "none", key: value})
         assert check_memory(fixed).error is None
 
 

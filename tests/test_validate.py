@@ -5,18 +5,19 @@ from pathlib import Path
 
 import pytest
 
-from hpcmega.config import MODEL_PRESETS, Config, ConfigError, load_config
+from hpcmega.config import MODEL_PRESETS, Config, ConfigError, load_config, resolve_defaults
 from hpcmega.validate import parse_slurm_time, validate
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def make(**dotted) -> Config:
-    """A config from dotted keys written as a__b (a known model preset applied first; values set as given, so
-    invalid ones reach validate() the way a hand-edited TOML would)."""
+    """A config from dotted keys written as a__b (a known model preset applied first, unset values resolved as for
+    a GPU job; values then set as given, so invalid ones reach validate() the way a hand-edited TOML would)."""
     values = {k.replace("__", "."): v for k, v in dotted.items()}
     cfg = load_config(None, {"model.preset": values.pop("model.preset")} if "model.preset" in values
                       and values["model.preset"] in MODEL_PRESETS else {})
+    resolve_defaults(cfg)
     for key, value in values.items():
         section, name = key.split(".")
         setattr(getattr(cfg, section), name, value)
@@ -32,14 +33,20 @@ def refused(cfg: Config) -> str:
 
 
 def test_defaults_and_headline_plan_are_valid():
-    assert validate(Config()) == []
+    gpu, cpu = Config(), Config()
+    cpu.cluster.cpu = True
+    for cfg in (gpu, cpu):
+        resolve_defaults(cfg)
+        assert validate(cfg) == []
     assert validate(make(cluster__nodes=4, cluster__gpus_per_node=8, parallel__tp=8, parallel__pp=2,
                          model__preset="gpt-7b")) == []
 
 
 @pytest.mark.parametrize("name", ["ci-2node-cpu.toml", "gpt2-124m-4node.toml", "gpt-7b-16node.toml"])
 def test_shipped_cluster_configs_are_valid(name):
-    validate(load_config(REPO / "launch" / name))
+    cfg = load_config(REPO / "launch" / name)
+    resolve_defaults(cfg)
+    validate(cfg)
 
 
 def test_tp_wider_than_a_node_message_is_exact():
@@ -55,9 +62,27 @@ def test_nvlink_domain_of_several_nodes_allows_wider_tp():
 
 
 def test_tp_not_dividing_heads_points_to_models_that_fit():
-    msg = refused(make(cluster__nodes=4, cluster__gpus_per_node=8, parallel__tp=8, parallel__pp=2))
+    msg = refused(make(cluster__nodes=4, cluster__gpus_per_node=8, parallel__tp=8, parallel__pp=2, model__n_heads=4))
     assert "n_heads=4" in msg and "--tp 4 (or 2, 1)" in msg and "--model" in msg and "gpt-7b (32 heads)" in msg
     assert "gpt2-124m" not in msg  # 12 heads do not split 8 ways
+
+
+def test_default_model_takes_every_tp_and_pp_of_8_gpu_nodes():
+    for tp in (1, 2, 4, 8):
+        for pp in (1, 2, 4):
+            assert validate(make(cluster__nodes=4, cluster__gpus_per_node=8, parallel__tp=tp, parallel__pp=pp,
+                                 train__global_batch=32)) is not None, (tp, pp)
+    two_stages = make(cluster__nodes=4, cluster__gpus_per_node=8, parallel__tp=8, parallel__pp=4,
+                      parallel__schedule="interleaved-1f1b", parallel__virtual_stages=2, train__global_batch=8)
+    assert validate(two_stages) == []
+
+
+def test_world_size_error_names_the_gpus_per_node_fix():
+    """The headline layout on nodes configured with one GPU: the likeliest fix is the node's real GPU count."""
+    msg = refused(make(cluster__nodes=4, cluster__gpus_per_node=1, parallel__tp=8, parallel__pp=2))
+    assert "does not divide the world size 4" in msg and "--gpus-per-node 8" in msg
+    assert "--nodes 16 (a multiple of 16)" in msg  # the other fix, second
+    assert msg.index("--gpus-per-node 8") < msg.index("--nodes 16")
 
 
 NODE4 = dict(cluster__nodes=1, cluster__gpus_per_node=4)
@@ -67,17 +92,17 @@ NODE4 = dict(cluster__nodes=1, cluster__gpus_per_node=4)
     "dotted, words",
     [
         # world / parallel sizes
-        (dict(**NODE4, parallel__pp=3), ["tp=1 x pp=3 = 3", "world size 4", "1, 2, 4", "multiple of 3 nodes"]),
+        (dict(**NODE4, parallel__pp=3), ["tp=1 x pp=3 = 3", "world size 4", "1, 2, 4", "--nodes 3 (a multiple of 3)"]),
         (dict(cluster__nodes=2, cluster__gpus_per_node=4, parallel__tp=2, parallel__dp=3),
          ["parallel.dp=3", "= 4", "drop --dp", "--dp 4"]),
-        (dict(cluster__nodes=3, cluster__gpus_per_node=1, parallel__pp=3), ["n_layers=4", "3", "--layers 6"]),
+        (dict(cluster__nodes=3, cluster__gpus_per_node=1, parallel__pp=3), ["n_layers=8", "3", "--layers 9"]),
         (dict(cluster__nodes=1, cluster__gpus_per_node=2, parallel__pp=2, parallel__schedule="interleaved-1f1b",
               parallel__virtual_stages=2, model__n_layers=6), ["n_layers=6", "pp=2 x 2 stage(s)", "--layers 8"]),
         (dict(cluster__nodes=1, cluster__gpus_per_node=2, parallel__tp=2, model__vocab_size=255),
          ["vocab_size=255", "--vocab-size 256"]),
         (dict(**NODE4, parallel__tp=4, train__seq_len=30), ["seq_len=30", "--seq-len 32", "--no-sequence-parallel"]),
         (dict(train__seq_len=512), ["max_seq_len=256", "--seq-len 256"]),
-        (dict(model__d_model=66), ["d_model=66", "n_heads=4", "--d-model 68"]),
+        (dict(model__d_model=66), ["d_model=66", "n_heads=8", "--d-model 72"]),
         # batch and microbatches
         (dict(**NODE4, train__global_batch=6), ["global_batch=6", "dp=4", "--global-batch 8"]),
         (dict(cluster__nodes=1, cluster__gpus_per_node=2, parallel__pp=2, parallel__microbatches=3),
@@ -129,14 +154,21 @@ def test_bad_configs_are_refused_with_the_fix(dotted, words):
 @pytest.mark.parametrize(
     "key",
     ["model__vocab_size", "model__d_model", "model__n_layers", "model__n_heads", "model__max_seq_len",
-     "parallel__tp", "parallel__pp", "parallel__virtual_stages", "train__steps", "train__global_batch",
-     "train__micro_batch", "train__seq_len", "cluster__nodes", "cluster__gpus_per_node",
-     "cluster__nvlink_domain_nodes", "logging__log_every", "checkpoint__keep"],
+     "parallel__tp", "parallel__pp", "parallel__virtual_stages", "train__steps",
+     "cluster__nodes", "cluster__nvlink_domain_nodes", "logging__log_every", "checkpoint__keep"],
 )
 @pytest.mark.parametrize("value", [0, -3])
 def test_counts_and_sizes_must_be_positive(key, value):
     msg = refused(make(**{key: value}))
     assert key.replace("__", ".") in msg and "must be positive" in msg
+
+
+@pytest.mark.parametrize("key", ["train__global_batch", "train__micro_batch", "train__seq_len",
+                                 "cluster__gpus_per_node"])
+def test_sizes_resolved_by_rule_are_never_negative_or_left_unset(key):
+    """0 means "resolved by rule" (config.resolve_defaults); a config that skipped resolution is refused too."""
+    assert "0 or more" in refused(make(**{key: -3}))
+    assert "resolve_defaults() must run before validate()" in refused(make(**{key: 0}))
 
 
 @pytest.mark.parametrize("key", ["parallel__microbatches", "train__warmup_steps", "train__seed",

@@ -12,8 +12,8 @@ from typing import Any, Callable
 
 import click
 
-from hpcmega.config import FIELDS, Append, ConfigError, FieldInfo, Resolved, parse_set, read_toml, resolve_layers, \
-    site_path
+from hpcmega.config import FIELDS, Append, Config, ConfigError, FieldInfo, Resolved, Setting, parse_set, read_toml, \
+    resolve_defaults, resolve_layers, site_path
 
 _PREFIX = "cfg__"
 
@@ -88,17 +88,41 @@ def resolve(site: str | None, config_paths: tuple[str, ...], flags: dict[str, An
         raise click.UsageError(str(e)) from None
 
 
-def pass_config(fn: Callable | None = None, *, with_cluster: bool = True, sources: bool = False) -> Callable:
+def settle_defaults(cfg: Config, sources: dict[str, str]) -> list[Setting]:
+    """Resolve the unset fields of a cluster job (config.resolve_defaults), asking SLURM for the partition's GPUs
+    per node only when no layer gives them; -> the settings to show, GPUs per node (with its source) first."""
+    c = cfg.cluster
+    given = c.gpus_per_node
+    gres = None
+    if not given and not c.cpu:
+        from hpcmega.slurm import partition_gpus
+
+        gres = partition_gpus(c.partition)
+    chosen = resolve_defaults(cfg, gres=gres)
+    if given:
+        chosen.insert(0, Setting("cluster.gpus_per_node", given, f"from {sources.get('cluster.gpus_per_node')}"))
+    for s in chosen:
+        sources[s.key] = s.source
+    return chosen
+
+
+def pass_config(fn: Callable | None = None, *, with_cluster: bool = True, sources: bool = False,
+                chosen: bool = False) -> Callable:
     """Decorator: adds the config options and hands the resolved Config to the command as `cfg` (and the
-    per-key sources as `sources` when asked)."""
+    per-key sources as `sources` when asked). With the cluster flags (a cluster job: plan, submit, config show)
+    unset values are resolved by rule here (settle_defaults), and `chosen` lists them when asked; `run` resolves
+    them once it knows whether the machine has GPUs (hpcmega.launcher.local_config)."""
 
     def decorate(fn: Callable) -> Callable:
         @config_options(with_cluster)
         @functools.wraps(fn)
         def wrapper(site: str | None, config_paths: tuple[str, ...], set_items: tuple[str, ...], **kwargs: Any):
             resolved = resolve(site, config_paths, flag_layer(kwargs), set_items)
+            settled = settle_defaults(resolved.config, resolved.sources) if with_cluster else []
             if sources:
                 kwargs["sources"] = resolved.sources
+            if chosen:
+                kwargs["chosen"] = settled
             return fn(cfg=resolved.config, **kwargs)
 
         return wrapper

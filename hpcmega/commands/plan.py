@@ -48,8 +48,9 @@ def build_plan(cfg, placement_kind: str = "block", node_names: str | None = None
     return layout, warnings + layout.warnings
 
 
-def config_summary(cfg, placement_kind: str) -> dict[str, Any]:
-    """The config facts a plan reader needs next to the groups (stable keys, part of `plan --json`)."""
+def config_summary(cfg, placement_kind: str, chosen: list | None = None) -> dict[str, Any]:
+    """The config facts a plan reader needs next to the groups (stable keys, part of `plan --json`); ``chosen``:
+    the values resolved by rule rather than given (config.resolve_defaults), with why."""
     return {
         "model": cfg.model.preset,
         "n_layers": cfg.model.n_layers,
@@ -70,6 +71,7 @@ def config_summary(cfg, placement_kind: str) -> dict[str, Any]:
         "sequence_parallel": cfg.sequence_parallel,
         "recompute": cfg.parallel.recompute,
         "precision": cfg.train.precision,
+        "chosen": [{"key": c.key, "value": c.value, "source": c.source} for c in chosen or []],
     }
 
 
@@ -214,6 +216,8 @@ def _print_table(layout, summary: dict[str, Any], warnings: list[str]) -> None:
                  f"{s['microbatches']} microbatches, seq_len={s['seq_len']}")
     head.add_row("other", f"sequence_parallel={s['sequence_parallel']}, recompute={s['recompute']}, "
                  f"precision={s['precision']}")
+    for i, c in enumerate(s["chosen"]):
+        head.add_row("chosen" if i == 0 else "", f"{c['key'].split('.')[-1]} {c['value']} ({c['source']})")
     console.print(head)
 
     for dim, groups in (("TP", layout.tp_groups), ("PP", layout.pp_groups), ("DP", layout.dp_groups)):
@@ -245,13 +249,13 @@ def _print_table(layout, summary: dict[str, Any], warnings: list[str]) -> None:
                                               "(CPU, a scaled copy when too big) and show measured bytes.")
 @click.option("--measure-mem-gib", type=float, default=3.0, show_default=True,
               help="Host memory --measure may use; a bigger rank is measured as a scaled copy.")
-@pass_config
-def plan(cfg, as_json: bool, placement_kind: str, node_names: str | None, no_memory_check: bool,
+@pass_config(chosen=True)
+def plan(cfg, chosen, as_json: bool, placement_kind: str, node_names: str | None, no_memory_check: bool,
          auto: bool, measure: bool, measure_mem_gib: float) -> None:
     """Validate a config and show its TP/PP/DP groups and the nodes each spans.
 
     \b
-    hpcmega plan --nodes 4 --gpus-per-node 8 --tp 8 --pp 2 --model gpt-7b
+    hpcmega plan --nodes 4 --tp 8 --pp 2 --model gpt-7b
     hpcmega plan --config launch/gpt2-124m-4node.toml --json
     hpcmega plan --auto --model gpt-7b --nodes 4 --gpus-per-node 8 --gpu h100
     """
@@ -268,7 +272,7 @@ def plan(cfg, as_json: bool, placement_kind: str, node_names: str | None, no_mem
             measured = run_measure(cfg, measure_mem_gib)
         except ConfigError as e:
             raise click.UsageError(str(e)) from None
-    summary = config_summary(cfg, placement_kind)
+    summary = config_summary(cfg, placement_kind, chosen)
     if as_json:
         data = layout.to_json()
         data["warnings"] = warnings + [n.removeprefix("warning: ") for n in notes if n.startswith("warning: ")]

@@ -31,13 +31,15 @@ def _tail(path: Path, lines: int = _TAIL_LINES) -> str:
               help="Sweep a config field (repeatable: the cartesian product); one SLURM job array, one run folder "
                    "per point inside the run folder, one W&B group.")
 @click.option("--after", metavar="JOBID", help="Start only after job JOBID completed successfully (afterok).")
-@pass_config
-def submit(cfg, run_dir: str | None, dry_run: bool, wait_: bool, no_memory_check: bool, sweeps: tuple[str, ...],
+@pass_config(chosen=True)
+def submit(cfg, chosen, run_dir: str | None, dry_run: bool, wait_: bool, no_memory_check: bool, sweeps: tuple[str, ...],
            after: str | None) -> None:
     """Queue the job on SLURM: NODES x GPUS_PER_NODE tasks, one per GPU, each running hpcmega.job.run_rank.
 
+    GPUs per node: --gpus-per-node, else the config / site profile, else the partition's GRES (sinfo), else 8.
+
     \b
-    hpcmega submit --nodes 4 --gpus-per-node 8 --tp 8 --pp 2 --model gpt-7b --partition gpu --dry-run
+    hpcmega submit --nodes 4 --tp 8 --pp 2 --model gpt-7b --partition gpu --dry-run
     hpcmega submit --site example --config launch/gpt2-124m-4node.toml --time 02:00:00 --wait
     hpcmega submit --config launch/gpt2-124m-4node.toml --sweep train.lr=3e-4,6e-4 --sweep parallel.tp=4,8
     """
@@ -49,12 +51,13 @@ def submit(cfg, run_dir: str | None, dry_run: bool, wait_: bool, no_memory_check
     if sweeps:
         queue_sweep(cfg, path, sweeps, dry_run, wait_, no_memory_check, after)
     else:
-        queue(cfg, path, dry_run, wait_, no_memory_check, after)
+        queue(cfg, path, dry_run, wait_, no_memory_check, after, chosen)
 
 
 def queue(cfg, path: Path, dry_run: bool, wait_: bool, no_memory_check: bool = False,
-          after: str | None = None) -> None:
-    """Validate, then show (--dry-run) or queue the job for run folder ``path`` (shared by `submit` and `resume`)."""
+          after: str | None = None, chosen: list | None = None) -> None:
+    """Validate, then show (--dry-run) or queue the job for run folder ``path`` (shared by `submit` and `resume`);
+    ``chosen``: the values resolved by rule, shown in the dry run's plan."""
     from hpcmega import slurm
     from hpcmega.commands.plan import _print_table, build_plan, config_summary, memory_check, print_estimate
     from hpcmega.config import ConfigError
@@ -73,7 +76,7 @@ def queue(cfg, path: Path, dry_run: bool, wait_: bool, no_memory_check: bool = F
         raise click.UsageError(str(e)) from None
 
     if dry_run:
-        _print_table(layout, config_summary(cfg, "block"), warnings)
+        _print_table(layout, config_summary(cfg, "block", chosen), warnings)
         print_estimate(est, notes)
         click.echo(f"\nrun folder (not created): {path}")
         click.echo("sbatch script (dry run, nothing submitted):\n")
