@@ -124,10 +124,10 @@ class Trainer:
 
     # -- one optimizer step -------------------------------------------------------------------------------------
     def _local_batch(self, loader=None, index: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """This DP rank's rows of global batch ``index`` (default: the training batch of the current step)."""
-        batch = (loader or self.loader).global_batch(self.step if index is None else index)
-        rows = batch.shape[0] // self.dp
-        local = batch[self.dp_rank * rows : (self.dp_rank + 1) * rows].to(self.device)
+        """This DP rank's rows of global batch ``index`` (default: the training batch of the current step); the
+        loader reads only those rows."""
+        step = self.step if index is None else index
+        local = (loader or self.loader).local_batch(step, self.dp_rank, self.dp).to(self.device)
         return local[:, :-1].contiguous(), local[:, 1:].contiguous()
 
     def _global_loss(self, local: torch.Tensor | None) -> float:

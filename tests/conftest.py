@@ -1,7 +1,7 @@
 """Shared test fixtures: the local SLURM dev cluster and a way to run the real `hpcmega` command line.
 
-Fixtures for other areas (S3 server, W&B, ...) live in their own files; this one stays about the cluster and
-generic helpers.
+Fixtures for one area (W&B, ...) live in their own files; this one holds the cluster, the S3 server (checkpoints
+and data) and generic helpers.
 """
 from __future__ import annotations
 
@@ -83,3 +83,19 @@ def slurm_cluster() -> dict[str, str]:
                 pytrace=False,
             )
     return {"partition": "debug"}
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 server (moto's) on 127.0.0.1 with a bucket; s3fs talks HTTP to it."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    creds = {"aws_access_key_id": "test", "aws_secret_access_key": "test", "region_name": "us-east-1"}
+    boto3.client("s3", endpoint_url=endpoint, **creds).create_bucket(Bucket="ckpt")
+    yield endpoint
+    server.stop()

@@ -17,22 +17,6 @@ from hpcmega.config import load_config
 SMALL = ["--global-batch", "4", "--seq-len", "32", "--wandb", "disabled"]
 
 
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    """A real S3 server (moto's) on 127.0.0.1 with a bucket; s3fs talks HTTP to it."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    creds = {"aws_access_key_id": "test", "aws_secret_access_key": "test", "region_name": "us-east-1"}
-    boto3.client("s3", endpoint_url=endpoint, **creds).create_bucket(Bucket="ckpt")
-    yield endpoint
-    server.stop()
-
-
 @pytest.fixture
 def single_rank():
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,

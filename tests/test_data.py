@@ -46,9 +46,12 @@ def test_prepared_shards_round_trip_to_the_text(two_plays, tmp_path, scheme):
     cfg = load_config(overrides={"train.data": out, "model.vocab_size": 50304, "train.seq_len": 64})
     train, val = TokenShardLoader(cfg), TokenShardLoader(cfg, split="val")
     texts = [p.read_text(encoding="utf-8") for p in sorted(two_plays.glob("*.txt"))]
+    def whole(loader: TokenShardLoader) -> list[int]:
+        return loader.read(0, loader.total_tokens).tolist()
+
     # training split then the held-out 1% at the end of the stream: together, exactly the text
-    assert decode(train.tokens.tolist() + val.tokens.tolist()) == "".join(t + "<|endoftext|>" for t in texts)
-    assert len(val.tokens) == info["val_tokens"] == int(0.01 * (len(train.tokens) + len(val.tokens)))
+    assert decode(whole(train) + whole(val)) == "".join(t + "<|endoftext|>" for t in texts)
+    assert val.total_tokens == info["val_tokens"] == int(0.01 * (train.total_tokens + val.total_tokens))
 
 
 def test_loader_is_deterministic_by_sample_index(two_plays, tmp_path):
@@ -87,7 +90,8 @@ def test_a_dataset_prepared_before_the_val_split_still_trains_and_eval_names_the
     for key in ("val_shards", "val_tokens"):  # the index format of before: no val keys at all
         del index[key]
     (out / "index.json").write_text(json.dumps(index))
-    cfg = load_config(overrides={"train.data": str(out), "model.vocab_size": 50304, "train.seq_len": 64})
+    cfg = load_config(overrides={"train.data": str(out), "model.vocab_size": 50304, "train.seq_len": 64,
+                                 "train.global_batch": 8})
     assert TokenShardLoader(cfg).global_batch(0).shape == (8, 65)
     with pytest.raises(ConfigError, match=f"has no val split.*--out {out} --force"):
         TokenShardLoader(cfg, split="val")

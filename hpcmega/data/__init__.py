@@ -1,7 +1,8 @@
 """Training data: a synthetic stream (benchmarks, tests) or prepared GPT-2 token shards (`hpcmega data prepare`).
 
 Both loaders serve ``global_batch(step) -> LongTensor[global_batch, seq_len + 1]`` by global sample index, from
-the training split or the held-out validation split (``split="val"``, for ``train.eval_every``)."""
+the training split or the held-out validation split (``split="val"``, for ``train.eval_every``), and
+``local_batch(step, dp_rank, dp)``: the rows of it that DP rank ``dp_rank`` of ``dp`` trains on, read alone."""
 from __future__ import annotations
 
 

@@ -87,11 +87,18 @@ def prepare(source: str, out: str, shard_tokens: int = 10_000_000, force: bool =
     if not any(path.read_text(encoding="utf-8", errors="replace").strip() for path in files):
         raise ConfigError(f"--source {source!r} holds no text (only empty or blank files); give files with text")
     tokens, docs = tokenize_documents(files)
+    index = write_dataset(fs, root, tokens, shard_tokens, val_fraction, {"documents": docs, "source": source})
+    return {**index, "seconds": time.perf_counter() - start}
+
+
+def write_dataset(fs, root: str, tokens: np.ndarray, shard_tokens: int, val_fraction: float = VAL_FRACTION,
+                  extra: dict | None = None) -> dict:
+    """GPT-2 token ids (uint16) -> training and validation shards and, last, ``index.json`` (the commit marker)."""
     split = len(tokens) - int(len(tokens) * val_fraction)
     fs.makedirs(root, exist_ok=True)
     index = {"format": 1, "tokenizer": "gpt2", "vocab_size": GPT2_VOCAB_SIZE, "dtype": "uint16", "eot_id": EOT_ID,
              "tokens": split, "shards": write_shards(fs, root, tokens[:split], "shard", shard_tokens),
              "val_tokens": len(tokens) - split, "val_shards": write_shards(fs, root, tokens[split:], "val", shard_tokens),
-             "documents": docs, "source": source}
+             **(extra or {})}
     fs.pipe_file(root.rstrip("/") + "/" + INDEX, json.dumps(index, indent=1).encode())  # commit: last
-    return {**index, "seconds": time.perf_counter() - start}
+    return index

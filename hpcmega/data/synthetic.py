@@ -38,12 +38,16 @@ class SyntheticLoader:
         noise = torch.rand(n, generator=gen) < NOISE
         return torch.where(noise, torch.randint(self.vocab_size, (n,), generator=gen), tokens)
 
+    def local_batch(self, step: int, dp_rank: int, dp: int) -> torch.Tensor:
+        """This DP rank's rows of the global batch of ``step``: ``LongTensor[global_batch / dp, seq_len + 1]``."""
+        rows = self.batch_size // dp
+        first = step * self.batch_size + dp_rank * rows
+        self.next_index = (step + 1) * self.batch_size
+        return torch.stack([self.sample(first + r) for r in range(rows)])
+
     def global_batch(self, step: int) -> torch.Tensor:
         """``LongTensor[global_batch, seq_len + 1]``, identical on every rank."""
-        first = step * self.batch_size
-        batch = torch.stack([self.sample(first + r) for r in range(self.batch_size)])
-        self.next_index = first + self.batch_size
-        return batch
+        return self.local_batch(step, 0, 1)
 
     def state_dict(self) -> dict:
         return {"next_index": self.next_index}
