@@ -1,6 +1,7 @@
 # Set-up on a fresh machine (Python 3.11+, make; `make test` also needs root or passwordless sudo):
 #   make demo   install into .venv, then run the job locally on CPU
 #   make test   install into .venv, start the local SLURM dev cluster, run the whole test suite, stop the cluster
+#   make gpu-test  the one-GPU tests (tests/gpu/): gpt2-124m in bf16, with and without compile
 PYTHON      ?= python3
 VENV        := .venv
 PY          := $(VENV)/bin/python
@@ -14,7 +15,7 @@ PYTEST_ARGS ?=
 DEMO_ARGS   ?=
 SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo -n)
 
-.PHONY: install demo test cluster-start cluster-stop clean
+.PHONY: install demo test gpu-test cluster-start cluster-stop clean
 
 install: $(STAMP)
 
@@ -37,6 +38,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	bash -c 'trap "$(SUDO) bash slurm/stop-cluster.sh >/dev/null" EXIT; \
 	  $(SUDO) bash slurm/start-cluster.sh && OMP_NUM_THREADS=1 $(VENV)/bin/pytest -q $(PYTEST_ARGS)'
+
+# One GPU: gpt2-124m in bf16 with and without compile, flash attention (tests/gpu/; skipped without CUDA). Needs a
+# CUDA build of torch: PIP_TORCH_ARGS="--index-url https://download.pytorch.org/whl/cu128" make install.
+gpu-test: $(STAMP)
+	$(VENV)/bin/pytest -v -s -m gpu tests/gpu $(PYTEST_ARGS)
 
 cluster-start:
 	$(SUDO) bash slurm/start-cluster.sh
