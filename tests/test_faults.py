@@ -168,7 +168,8 @@ def one_rank():
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
                             timeout=timedelta(seconds=60))
-    cfg = load_config(overrides={"train.steps": 20, "train.global_batch": 2, "train.seq_len": 16})
+    cfg = load_config(overrides={"train.steps": 20, "train.global_batch": 2, "train.seq_len": 16,
+                                 "model.n_layers": 4})
     mesh = init_device_mesh("cpu", (1, 1, 1), mesh_dim_names=("pp", "dp", "tp"))
 
     def make(tmp_path, name="t"):

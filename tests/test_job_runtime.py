@@ -27,7 +27,7 @@ def test_gpu_job_without_cuda_exits_non_zero_naming_the_node(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "SLURM_PROCID")}
     env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "hpcmega.job", "--config", str(conf), "--run-dir",
-                           str(tmp_path / "run")], env=env, capture_output=True, text=True, timeout=120)
+                           str(tmp_path / "run")], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert f"{socket.gethostname()}: rank 0 of a GPU job sees no CUDA device" in proc.stderr
     assert "--cpu" in proc.stderr
@@ -67,6 +67,7 @@ def _slow_rank_saves(tmp: str) -> dict:
 
     short = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=2))
     ckpt = CheckpointManager(tmp, keep=1, process_group=checkpoint_group(60))
+    ckpt.begin(None)
     out = {}
     if dist.get_rank() == 1:
         time.sleep(6)
