@@ -17,7 +17,9 @@ import pytest
 from conftest import CLI_ENV, run_cli
 
 TINY = {"model.vocab_size": 512, "model.d_model": 64, "model.n_heads": 8, "model.n_layers": 8,
-        "model.max_seq_len": 64, "train.seq_len": 64, "train.global_batch": 4, "cluster.nodes": 1}
+        "model.max_seq_len": 64, "train.seq_len": 64, "train.global_batch": 4, "cluster.nodes": 1,
+        # explicit where the GPU-job defaults would choose otherwise (config.resolve_defaults)
+        "train.micro_batch": 1, "cluster.gpus_per_node": 1, "train.precision": "fp32", "parallel.recompute": "none"}
 
 # name -> overrides; together: tp 1/2/4/8, pp 1/2/4, FSDP dp>1, recompute none/selective/full, SP on and off,
 # gpipe/1f1b/interleaved, fp32 and bf16.
