@@ -119,7 +119,7 @@ class ParallelConfig:
     recompute: str = setting(AUTO, "Activation recomputation; auto = selective for GPU jobs, none for CPU jobs.",
                              choices=RECOMPUTE_MODES)
     reshard_after_forward: bool = setting(True, "FSDP2: free gathered params after forward (ZeRO-3) or keep "
-                                                "them (ZeRO-2).")
+                                                "them (ZeRO-2); inside a pipeline (pp > 1) they are always kept.")
     compile: bool = setting(False, "torch.compile each block.")
 
 
@@ -202,6 +202,8 @@ class LoggingConfig:
                              "name).", flag="--wandb-group")
     tags: list[str] = setting(help="W&B tag (repeatable).", factory=list, flag="--wandb-tags")
     log_every: int = setting(1, "Print and log every N steps.", ge=1)
+    comm_stats: bool = setting(False, "Record every step's collectives into metrics.jsonl: bytes sent per mesh "
+                                      "dimension (comm_bytes) and per collective (comm_ops); slows the step.")
 
 
 @dataclass

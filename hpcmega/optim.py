@@ -72,17 +72,6 @@ class CosineWithWarmup:
 
 
 @torch.no_grad()
-def make_grads_replicate(params: Iterable[torch.Tensor]) -> None:
-    """Sequence-parallel norm weights get ``Partial`` gradients (a sum still owed over "tp"). Reduce them once here,
-    after backward, instead of letting every optimizer op re-reduce them. FSDP2 already does this for the grads it
-    reduces; this catches the no-FSDP case."""
-    for p in params:
-        g = p.grad
-        if isinstance(g, DTensor) and g.placements != p.placements:
-            p.grad = g.redistribute(placements=p.placements)
-
-
-@torch.no_grad()
 def clip_grad_norm_(params: list[torch.Tensor], max_norm: float, stage_replicas: int) -> torch.Tensor:
     """Global L2 norm of all gradients of the model, over every tp, dp and pp rank, in ONE all-reduce; then scale
     the gradients so the norm is at most ``max_norm`` (0 = do not clip). Returns the pre-clip norm, identical on
@@ -100,7 +89,7 @@ def clip_grad_norm_(params: list[torch.Tensor], max_norm: float, stage_replicas:
             continue
         if isinstance(g, DTensor):
             if any(pl.is_partial() for pl in g.placements):
-                raise RuntimeError("gradient still Partial; call make_grads_replicate first")
+                raise RuntimeError("gradient still Partial; call hpcmega.engine.grad_sync.reduce_partial_grads first")
             replicas = math.prod(g.device_mesh.size(i) for i, pl in enumerate(g.placements) if pl.is_replicate())
             by_replicas[replicas].append(g.to_local())
         else:

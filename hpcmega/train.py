@@ -24,10 +24,11 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from hpcmega.config import Config, ConfigError, resolve_defaults
 from hpcmega.engine.evaluate import forward_loss
+from hpcmega.engine.grad_sync import reduce_partial_grads
 from hpcmega.engine.parallelize import build_model_parts, mesh_sizes
 from hpcmega.engine.pipeline import GradAccumulation, PipelineRunner
 from hpcmega.metrics import ConsoleLogger, MetricsWriter, model_flops_per_step, peak_tflops, step_record
-from hpcmega.optim import CosineWithWarmup, build_optimizer, clip_grad_norm_, make_grads_replicate
+from hpcmega.optim import CosineWithWarmup, build_optimizer, clip_grad_norm_
 from hpcmega.runs import files
 from hpcmega.runs.progress import Progress
 
@@ -142,13 +143,22 @@ class Trainer:
         return loss.item()
 
     def train_step(self) -> dict[str, Any]:
+        if not self.cfg.logging.comm_stats:
+            return self._step()
+        from hpcmega.engine.comm_stats import CommRecorder, gather_summaries
+
+        with CommRecorder(self.mesh) as recorder:
+            record = self._step()
+        return {**record, **gather_summaries(recorder.summary())}
+
+    def _step(self) -> dict[str, Any]:
         start = time.perf_counter()
         inputs, targets = self._local_batch()
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
         local_loss = self.runner.run(inputs, targets)
         params = self.parameters()
-        make_grads_replicate(params)
+        reduce_partial_grads(params)
         grad_norm = clip_grad_norm_(params, self.cfg.train.grad_clip, stage_replicas=self.dp * self.tp)
         for hook in self.after_backward_hooks:
             hook(self)
@@ -160,7 +170,7 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.step += 1
-        return step_record(
+        record = step_record(
             step=self.step,
             loss=loss,
             lr=lr,
@@ -171,6 +181,9 @@ class Trainer:
             world_size=self.mesh.size(),
             peak=self.peak_tflops,
         )
+        if self.device.type == "cuda":
+            record["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        return record
 
     # -- evaluation ---------------------------------------------------------------------------------------------
     def eval_due(self) -> bool:

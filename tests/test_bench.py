@@ -1,22 +1,49 @@
-"""`hpcmega bench` machinery on its smallest selection: real runs, a ratio against the baseline it measured."""
+"""`hpcmega bench` machinery on its smallest selections: real runs, ratios against the baselines it measured, the
+explicit-TP reference next to hpcmega's TP, and the goal computed relative to that reference."""
 from __future__ import annotations
 
 import json
 
+import pytest
+import torch
+
 from conftest import run_cli
+from hpcmega.bench.cases import BenchCase, default_cases, ideal_pp_ratio, select
+from hpcmega.bench.runner import rows_from_times
 
 
-def test_bench_measures_a_ratio_against_its_own_baseline():
-    r = run_cli(["bench", "--only", "tp=2 (DTensor", "--steps", "1", "--warmup", "1", "--json"], timeout=600)
+def test_bench_measures_ratios_against_its_own_baselines():
+    r = run_cli(["bench", "--only", "tp=2 (DTensor", "--steps", "1", "--warmup", "1", "--json"], timeout=900)
     assert r.returncode == 0, r.stdout + r.stderr
     rows = {row["name"]: row for row in json.loads(r.stdout)}
-    assert set(rows) == {"single B=4", "tp=2 (DTensor TP+SP)"}  # the baseline is kept
-    tp = rows["tp=2 (DTensor TP+SP)"]
-    assert tp["procs"] == 2 and tp["goal"] == 0.66 and tp["ms_per_step"] > 0
-    assert abs(tp["ratio"] - tp["ms_per_step"] / rows["single B=4"]["ms_per_step"]) < 1e-9
-    assert rows["single B=4"]["ratio"] is None
+    assert set(rows) == {"single B=4", "explicit TP tp=2", "tp=2 (DTensor TP+SP)"}  # baseline and reference kept
+    tp, ref, single = rows["tp=2 (DTensor TP+SP)"], rows["explicit TP tp=2"], rows["single B=4"]
+    assert tp["ms_min"] <= tp["ms_median"] <= tp["ms_max"]
+    assert tp["ratio"] == pytest.approx(tp["ms_median"] / single["ms_median"])
+    assert ref["ratio"] == pytest.approx(ref["ms_median"] / single["ms_median"])
+    assert tp["goal"] == pytest.approx(1.10 * ref["ratio"])
+    assert single["ratio"] is None and single["met"] is None
+
+
+def test_goals_relative_to_a_reference_and_to_the_ideal_bubble():
+    cases = [BenchCase("one", 1, {"train.global_batch": 4}),
+             BenchCase("ref", 2, {"train.global_batch": 4}, "one", kind="explicit-tp"),
+             BenchCase("x", 2, {"train.global_batch": 4}, "one", goal=1.10, goal_ref="ref")]
+    rows = {r["name"]: r for r in rows_from_times(cases, {"one": [1.0, 1.2, 0.9], "ref": [0.6], "x": [0.7, 0.65]})}
+    assert rows["one"]["ms_median"] == pytest.approx(1000) and rows["one"]["ms_max"] == pytest.approx(1200)
+    assert rows["x"]["goal"] == pytest.approx(0.66) and rows["x"]["ratio"] == pytest.approx(0.675)
+    assert rows["x"]["met"] is False
+    assert ideal_pp_ratio(2, "1f1b", 1, 8) == pytest.approx(9 / 16)  # (m + p - 1) / (m p)
+    assert {c.name for c in select(default_cases(), ("dp=2 (FSDP2)",))} == {
+        "single B=8", "DDP dp=2", "dp=2 (FSDP2)"}
 
 
 def test_bench_rejects_an_unknown_selection():
     r = run_cli(["bench", "--only", "nothing-like-this"])
     assert r.returncode == 2 and "matches no case" in r.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible: --gpu would run the GPU bench")
+def test_bench_gpu_refuses_without_a_gpu():
+    r = run_cli(["bench", "--gpu"])
+    assert r.returncode == 2 and "needs a CUDA GPU" in r.stderr

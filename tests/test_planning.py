@@ -20,8 +20,10 @@ from hpcmega.planning.estimate import (
     estimate,
     hardware_flops_per_step,
     korthikanti_bytes_per_layer,
+    pp_sends,
     rank_memory,
     total_params,
+    wire_bytes,
 )
 from hpcmega.planning.gpus import get_gpu, gpu_for_device_name
 from hpcmega.planning.schedule_facts import bubble_fraction, chunks_in_flight
@@ -104,11 +106,24 @@ def test_stage_parameters_add_up_to_the_model():
 def test_comm_bytes_follow_ring_volumes():
     sh = gpt3()
     comm = estimate(sh).comm
-    e, sbh = 2, S * H
-    assert comm["tp"] == int(8 * sbh * e * (T - 1) / T * (L // P) * sh.m)  # Narayanan 3.2, per layer and microbatch
-    assert comm["pp"] == 2 * sbh * e // T * sh.m  # activations forward + gradients backward, sequence-sharded
+    e, sbh, ring = 2, sh.b * S * H, 2 * (T - 1) / T
+    # Narayanan 3.2: 4 all-reduces of b*s*h per layer and microbatch; the first stage (the busiest rank) adds the
+    # token (b*s*h) and position (s*h) embeddings; SP LayerNorm gradients are reduced once per step in fp32.
+    first_stage = 4 * sbh * (L // P) + sbh + S * H
+    assert comm["tp"] == int(ring * first_stage * e * sh.m + ring * 4 * 4 * H * (L // P))
+    assert comm["pp"] == 2 * sbh * e // T * sh.m  # a middle rank: activations forward + gradients backward
     per_rank = rank_memory(sh, 0).param_count
     assert comm["dp"] == int((sh.dp - 1) / sh.dp * per_rank * (e + 4))  # one bf16 all-gather, one fp32 reduce-scatter
+
+
+def test_pipeline_sends_follow_stage_placement():
+    two = gpt3(**{"parallel.pp": 2, "parallel.schedule": "1f1b"})
+    assert [pp_sends(two, r) for r in range(2)] == [1, 1]  # activations one way, gradients the other
+    inter = gpt3(**{"parallel.pp": 2, "parallel.schedule": "interleaved-1f1b", "parallel.virtual_stages": 2})
+    assert [pp_sends(inter, r) for r in range(2)] == [3, 3]  # 4 stages: 3 boundaries each way, all cross ranks
+    assert [pp_sends(gpt3(), r) for r in (0, 3, 7)] == [1, 2, 1]
+    assert wire_bytes("all_reduce", 100, 4) == 150 and wire_bytes("all_gather", 100, 4) == 75
+    assert wire_bytes("send", 100, 2) == 100 and wire_bytes("recv", 100, 2) == 0 and wire_bytes("all_reduce", 9, 1) == 0
 
 
 def test_gpu_table_lookups():

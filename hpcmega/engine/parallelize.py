@@ -93,10 +93,12 @@ def build_model_parts(cfg: Config, mesh: DeviceMesh, device: torch.device) -> Mo
     stage_ids = stage_ids_for_rank(mesh["pp"].get_local_rank(), pp, stages_per_rank, cfg.parallel.schedule)
     use_fsdp = dp > 1 or cfg.train.precision == "bf16"  # FSDP2 also carries the bf16 mixed-precision policy
     reshard = cfg.parallel.reshard_after_forward
-    if pp > 1 and cfg.parallel.schedule in SPLIT_BACKWARD_SCHEDULES:
-        # The input/weight backward split looks parameters up by their autograd nodes right after the forward; if
-        # FSDP2 has resharded them by then, the weight gradients of the last stage are silently lost (measured:
-        # None grads, wrong losses). Keeping the gathered parameters until backward (ZeRO-2 style) is exact.
+    if pp > 1:
+        # Inside a pipeline the schedule keeps a stage's parameters gathered from its first backward to the end of
+        # the step, so resharding after each forward only buys re-gathers: m + 1 all-gathers per step instead of
+        # one (measured, tests/test_comm_accounting.py), at the same peak memory. Split-backward (zero-bubble)
+        # schedules also need it for correctness: they look parameters up by their autograd nodes right after the
+        # forward, and a resharded parameter loses the last stage's weight gradients silently.
         reshard = False
 
     parts, layers = [], []

@@ -15,7 +15,6 @@ step; with pp = 1 and several microbatches the gradient accumulators are unshard
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -288,24 +287,68 @@ def tokens_per_step(sh: Shape) -> int:
 
 
 # -- communication (Narayanan et al. 2021, section 3; ring volumes per rank) ----------------------------------------
-def comm_bytes_per_step(sh: Shape) -> dict[str, int]:
-    """Bytes each GPU sends per step along tp, pp and dp (a ring all-reduce of S bytes sends 2(n-1)/n*S; an
-    all-gather or reduce-scatter (n-1)/n*S)."""
-    e = sh.compute_bytes
+def wire_bytes(kind: str, payload: float, n: int) -> float:
+    """Bytes one rank sends for one collective over ``n`` ranks with ring algorithms; ``payload`` is the whole
+    buffer (an all-gather's output, a reduce-scatter's input). The measured side (hpcmega.engine.comm_stats) uses
+    the same convention, so measurement and estimate compare directly."""
+    if n <= 1 or kind == "recv":
+        return 0.0
+    if kind == "all_reduce":
+        return 2 * (n - 1) / n * payload
+    if kind in ("send", "broadcast"):
+        return float(payload)
+    return (n - 1) / n * payload  # all_gather, reduce_scatter, all_to_all
+
+
+def _rank_stages(sh: Shape, pp_rank: int) -> tuple[list[int], int]:
+    stages = stage_ids_for_rank(pp_rank, sh.pp, sh.v, sh.schedule)
+    return stages, sum(len(layers_for_stage(st, sh.pp * sh.v, sh.layers)) for st in stages)
+
+
+def tp_bytes(sh: Shape, pp_rank: int) -> float:
+    """Per microbatch, in all-reduce equivalents (an all-gather + reduce-scatter pair with SP moves the same bytes):
+    4 per block (6 with full recompute: the recomputed forward repeats its two); on the first stage one for the
+    token embedding (b*s*h) and one for the position embedding (s*h, shared by the micro-batch); on the last stage
+    one for the column-parallel head's input. With SP the LayerNorm gradients (Partial over tp) are all-reduced
+    once per step in fp32."""
+    if sh.tp == 1:
+        return 0.0
+    stages, n_layers = _rank_stages(sh, pp_rank)
+    first, last = 0 in stages, sh.pp * sh.v - 1 in stages
     sbh = sh.tokens_per_microbatch * sh.h
-    layers_per_rank = math.ceil(sh.layers / sh.pp)
-    # Per block per microbatch: 2 all-reduces forward, 2 backward (or as many all-gather + reduce-scatter pairs with
-    # SP: the same volume); full recompute repeats the forward's two.
-    allreduces = 4 + (2 if sh.recompute == "full" else 0)
-    tp = allreduces * 2 * (sh.tp - 1) / sh.tp * sbh * e * layers_per_rank * sh.m
-    # One activation forward and one gradient backward per microbatch and local stage (sequence-sharded with SP).
-    pp = 2 * boundary_bytes(sh) * sh.m * sh.v if sh.pp > 1 else 0
+    per_block = 4 + (2 if sh.recompute == "full" else 0)
+    elements = n_layers * per_block * sbh + first * (sbh + sh.s * sh.h) + last * sbh
+    total = wire_bytes("all_reduce", elements * sh.compute_bytes * sh.m, sh.tp)
+    if sh.sp:
+        total += wire_bytes("all_reduce", FP32 * (4 * sh.h * n_layers + 2 * sh.h * last), sh.tp)
+    return total
+
+
+def pp_sends(sh: Shape, pp_rank: int) -> int:
+    """Stage boundaries this rank sends across per microbatch: an activation forward to the next stage and a
+    gradient backward to the previous one, when that stage lives on another rank."""
+    if sh.pp == 1:
+        return 0
+    num_stages = sh.pp * sh.v
+    owner = {st: r for r in range(sh.pp) for st in stage_ids_for_rank(r, sh.pp, sh.v, sh.schedule)}
+    stages, _ = _rank_stages(sh, pp_rank)
+    return sum((st + 1 < num_stages and owner[st + 1] != pp_rank) + (st > 0 and owner[st - 1] != pp_rank)
+               for st in stages)
+
+
+def comm_bytes_per_step(sh: Shape) -> dict[str, int]:
+    """Bytes a GPU sends per step along tp, pp and dp -- the most any pipeline rank sends, per dimension."""
+    e = sh.compute_bytes
     dp = 0.0
     if sh.dp > 1:
-        count = rank_memory(sh, 0).param_count
+        count = max(rank_memory(sh, r).param_count for r in range(sh.pp))
         gathers = 1 if sh.pp > 1 else sh.m * (2 if sh.reshard_after_forward else 1)
-        dp = (sh.dp - 1) / sh.dp * count * (gathers * e + FP32)  # all-gathers + one fp32 reduce-scatter
-    return {"tp": int(tp), "pp": int(pp), "dp": int(dp)}
+        dp = wire_bytes("all_gather", count * gathers * e, sh.dp) + wire_bytes("reduce_scatter", count * FP32, sh.dp)
+    return {
+        "tp": int(max(tp_bytes(sh, r) for r in range(sh.pp))),
+        "pp": max(pp_sends(sh, r) for r in range(sh.pp)) * boundary_bytes(sh) * sh.m,
+        "dp": int(dp),
+    }
 
 
 @dataclass

@@ -286,9 +286,9 @@ class RankStep:
 
     def step(self) -> None:
         """One optimizer step as the trainer runs it (forward/backward, replicate grads, clip, AdamW)."""
-        from hpcmega.optim import clip_grad_norm_, make_grads_replicate
-
+        from hpcmega.engine.grad_sync import reduce_partial_grads
         from hpcmega.engine.pipeline import GradAccumulation
+        from hpcmega.optim import clip_grad_norm_
 
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
@@ -299,7 +299,7 @@ class RankStep:
         else:
             self.run(self._order())
         params = list(self.parts.parameters())
-        make_grads_replicate(params)
+        reduce_partial_grads(params)
         clip_grad_norm_(params, self.cfg.train.grad_clip, stage_replicas=self.cfg.dp * self.cfg.parallel.tp)
         for opt in self.optimizers:
             opt.step()
