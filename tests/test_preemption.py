@@ -23,12 +23,10 @@ MODEL = ["--tp", "2", "--pp", "2", "--global-batch", "4", "--seq-len", "32", "--
 
 
 def _losses(run_dir: Path) -> dict[int, float]:
-    """Per-step losses; a step logged twice (after a crash) keeps its last value, as a resumed run overwrites."""
-    out: dict[int, float] = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        out[rec["step"]] = rec["loss"]
-    return out
+    """Per-step losses (RunFolder.steps: event lines skipped; a step logged twice keeps its last value)."""
+    from hpcmega.runs.files import RunFolder
+
+    return {rec["step"]: rec["loss"] for rec in RunFolder(run_dir).steps()}
 
 
 def test_requeue_policy():
