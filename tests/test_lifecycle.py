@@ -3,6 +3,7 @@ cluster (submit without --wait, cancel mid-run, resume into another layout) and 
 from __future__ import annotations
 
 import re
+import subprocess
 import time
 from pathlib import Path
 
@@ -67,6 +68,9 @@ def test_submit_ls_status_logs_cancel_resume_on_slurm(slurm_cluster, tmp_path):
         if follower.poll() is None:
             follower.kill()
     assert f"(job {job_id} ended: CANCELLED)" in follow_out.read_text()
+    # scancel's SIGTERM is a stop signal: the ranks may still save while SLURM ends them; wait until they are gone
+    _wait_for("the job to leave the queue", lambda: not subprocess.run(
+        ["squeue", "-h", "-j", job_id], capture_output=True, text=True).stdout.strip())
     before = _losses(run_dir)
     assert 0 < max(before) < steps, "the job was cancelled mid-run"
     last_ckpt = [c for c in list_checkpoints(str(run_dir / "checkpoints")) if c.complete][-1].step
