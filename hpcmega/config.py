@@ -15,8 +15,9 @@ import os
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, get_args, get_type_hints
 
+from hpcmega import schedules
 from hpcmega.planning.gpus import GPU_NAMES
 
 
@@ -53,11 +54,6 @@ DEFAULT_GPUS_PER_NODE = 8
 RESOLVED_BY_RULE = ("cluster.gpus_per_node", "train.precision", "parallel.recompute", "train.seq_len",
                     "train.micro_batch", "train.global_batch")
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zero-bubble", "zbv", "dualpipev")
-# Schedules that place more than one stage on each pipeline rank.
-MULTI_STAGE_SCHEDULES = ("interleaved-1f1b", "zero-bubble", "zbv", "dualpipev")
-# zbv and dualpipev are V-shaped: exactly two stages per rank.
-V_SCHEDULES = ("zbv", "dualpipev")
 RANK_ORDERS = ("tp-dp-pp", "tp-pp-dp")
 RECOMPUTE_MODES = ("none", "selective", "full")
 PRECISIONS = ("fp32", "bf16")
@@ -111,15 +107,16 @@ class ParallelConfig:
     pp: int = setting(1, "Pipeline-parallel size.", ge=1)
     dp: int = setting(0, "Data-parallel size; must equal world / (tp x pp).", ge=0, zero="derived")
     sequence_parallel: bool = setting(True, "Sequence parallel for norms/dropout (only with tp > 1).")
-    schedule: str = setting("1f1b", "Pipeline schedule.", choices=SCHEDULES)
+    schedule: str = setting(schedules.DEFAULT_SCHEDULE, "Pipeline schedule (facts: hpcmega/schedules.py).",
+                            choices=tuple(schedules.SCHEDULES))
     virtual_stages: int = setting(1, "Stages per pipeline rank (interleaved schedules; zbv/dualpipev use 2).", ge=1)
     microbatches: int = setting(0, "Microbatches per step on one DP rank = global_batch / (dp x micro_batch).",
                                 ge=0, zero="derived")
     order: str = setting("tp-dp-pp", "Rank order, fastest-varying dimension first.", choices=RANK_ORDERS)
     recompute: str = setting(AUTO, "Activation recomputation; auto = selective for GPU jobs, none for CPU jobs.",
                              choices=RECOMPUTE_MODES)
-    reshard_after_forward: bool = setting(True, "FSDP2: free gathered params after forward (ZeRO-3) or keep "
-                                                "them (ZeRO-2); inside a pipeline (pp > 1) they are always kept.")
+    reshard_after_forward: bool | None = setting(None, "FSDP2: free gathered params after forward (ZeRO-3) or "
+                                                       "keep them (ZeRO-2); auto = off with pp > 1, on otherwise.")
     compile: bool = setting(False, "torch.compile each block.")
 
 
@@ -248,15 +245,32 @@ class Config:
 
     @property
     def stages_per_rank(self) -> int:
-        if self.parallel.schedule in V_SCHEDULES:
-            return 2
-        if self.parallel.schedule in MULTI_STAGE_SCHEDULES:
-            return max(1, self.parallel.virtual_stages)
-        return 1
+        schedule = schedules.SCHEDULES.get(self.parallel.schedule)  # unknown names are refused by validation
+        return schedule.stages_on_each_rank(self.parallel.virtual_stages) if schedule else 1
 
     @property
     def sequence_parallel(self) -> bool:
         return self.parallel.sequence_parallel and self.parallel.tp > 1
+
+    @property
+    def reshard_after_forward(self) -> bool:
+        """Whether FSDP2 frees gathered parameters after each forward.
+
+        - Split-backward schedules (zero-bubble family) at pp > 1: always off. Their input/weight backward split
+          looks parameters up by autograd node right after the forward; resharded parameters make the last stage's
+          weight gradients silently vanish (measured: None grads, wrong losses). Off is exact.
+        - Otherwise an explicit ``parallel.reshard_after_forward`` wins.
+        - Auto (None): off with pp > 1 (on, every microbatch would all-gather the parameters again in forward and
+          in backward: for GPT-3 175B at tp8 pp8 dp16, m=96 about 1 TB per GPU per step), on with pp = 1 (one
+          forward and one backward per step; freeing the gathered parameters is ZeRO-3's memory saving).
+        """
+        p = self.parallel
+        schedule = schedules.SCHEDULES.get(p.schedule)
+        if p.pp > 1 and schedule is not None and schedule.split_backward:
+            return False
+        if p.reshard_after_forward is not None:
+            return p.reshard_after_forward
+        return p.pp == 1
 
     # -- (de)serialisation ------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -265,7 +279,10 @@ class Config:
     def to_toml(self) -> str:
         import tomli_w
 
-        return tomli_w.dumps(self.to_dict())
+        def no_nulls(d: dict[str, Any]) -> dict[str, Any]:
+            return {k: no_nulls(v) if isinstance(v, dict) else toml_safe(v) for k, v in d.items()}
+
+        return tomli_w.dumps(no_nulls(self.to_dict()))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Config":
@@ -282,6 +299,16 @@ class FieldInfo:
     spec: Spec
 
     @property
+    def optional(self) -> bool:
+        """Declared ``X | None``: None (written "auto") means the value is decided at run time."""
+        return type(None) in get_args(self.type)
+
+    @property
+    def value_type(self) -> Any:
+        """The type of a value that is given (``X`` of ``X | None``)."""
+        return next((a for a in get_args(self.type) if a is not type(None)), None) if self.optional else self.type
+
+    @property
     def decls(self) -> str | None:
         """The click declaration: "--tp", "--cpu/--gpu", "--compile/--no-compile"; None = no flag."""
         if self.spec.flag is None:
@@ -289,7 +316,7 @@ class FieldInfo:
         if self.spec.flag:
             return self.spec.flag
         name = "--" + self.key.rsplit(".", 1)[-1].replace("_", "-")
-        return f"{name}/--no-{name[2:]}" if self.type is bool else name
+        return f"{name}/--no-{name[2:]}" if self.value_type is bool else name
 
     @property
     def flag(self) -> str | None:
@@ -354,8 +381,19 @@ class Append(list):
     """A list value that adds to the list of the layers before it (repeatable flags such as --sbatch)."""
 
 
+def toml_safe(value: Any) -> Any:
+    """TOML has no null: an optional field that is not set is written "auto" (and read back as None)."""
+    return AUTO if value is None else value
+
+
 def _coerce(key: str, value: Any, typ: Any) -> Any:
-    """Convert TOML/CLI values to the field's type, with an error that names the key."""
+    """Convert TOML/CLI values to the field's type, with an error that names the key. An optional field
+    (``X | None``) reads None or "auto" as None, anything else as X."""
+    args = get_args(typ)
+    if type(None) in args:
+        if value is None or (isinstance(value, str) and value.strip().lower() == AUTO):
+            return None
+        typ = next(a for a in args if a is not type(None))
     try:
         if typ is bool:
             if isinstance(value, str):

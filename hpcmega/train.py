@@ -25,6 +25,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from hpcmega.config import Config, ConfigError, resolve_defaults
 from hpcmega.engine.evaluate import forward_loss
 from hpcmega.engine.grad_sync import reduce_partial_grads
+from hpcmega.engine.memory import peak_memory_gib
 from hpcmega.engine.parallelize import build_model_parts, mesh_sizes
 from hpcmega.engine.pipeline import GradAccumulation, PipelineRunner
 from hpcmega.metrics import ConsoleLogger, MetricsWriter, model_flops_per_step, peak_tflops, step_record
@@ -170,7 +171,7 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.step += 1
-        record = step_record(
+        return step_record(
             step=self.step,
             loss=loss,
             lr=lr,
@@ -180,10 +181,8 @@ class Trainer:
             flops_per_step=self.flops_per_step,
             world_size=self.mesh.size(),
             peak=self.peak_tflops,
+            mem_peak_gib=peak_memory_gib(self.device),
         )
-        if self.device.type == "cuda":
-            record["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-        return record
 
     # -- evaluation ---------------------------------------------------------------------------------------------
     def eval_due(self) -> bool:

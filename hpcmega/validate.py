@@ -13,9 +13,7 @@ from hpcmega.config import (
     AUTO,
     FIELDS,
     MODEL_PRESETS,
-    MULTI_STAGE_SCHEDULES,
     RESOLVED_BY_RULE,
-    V_SCHEDULES,
     Config,
     ConfigError,
     FieldInfo,
@@ -24,6 +22,7 @@ from hpcmega.config import (
 )
 from hpcmega.planning.schedule_facts import bubble_fraction
 from hpcmega.reliability.sbatch_options import check_cluster_values, check_text
+from hpcmega.schedules import SCHEDULES, names
 
 
 def _range(info: FieldInfo) -> str:
@@ -214,12 +213,14 @@ def _check_parallel(cfg: Config) -> None:
 
 def _check_pipeline(cfg: Config) -> None:
     m, p = cfg.model, cfg.parallel
-    if p.schedule in V_SCHEDULES and p.virtual_stages not in (1, 2):
-        raise ConfigError(f"schedule {p.schedule} runs exactly 2 stages per pipeline rank (V shape); "
-                          f"set --virtual-stages 2 (or leave it at 1), not {p.virtual_stages}")
-    if p.schedule not in MULTI_STAGE_SCHEDULES and p.virtual_stages > 1:
+    fixed = SCHEDULES[p.schedule].stages_per_rank
+    if fixed is not None and fixed > 1 and p.virtual_stages not in (1, fixed):
+        raise ConfigError(f"schedule {p.schedule} runs exactly {fixed} stages per pipeline rank (V shape); "
+                          f"set --virtual-stages {fixed} (or leave it at 1), not {p.virtual_stages}")
+    if fixed == 1 and p.virtual_stages > 1:
+        multi = names(stages_per_rank=None)
         raise ConfigError(f"virtual_stages={p.virtual_stages} needs a schedule with several stages per rank; "
-                          f"use --schedule interleaved-1f1b (or zero-bubble), or --virtual-stages 1")
+                          f"use --schedule {multi[0]} (or {', '.join(multi[1:])}), or --virtual-stages 1")
     spr = cfg.stages_per_rank
     stages = p.pp * spr
     if m.n_layers % stages:
@@ -245,15 +246,14 @@ def _check_batch(cfg: Config) -> None:
     if p.pp == 1:
         return
     mb = derived
-    need = p.pp
-    if p.schedule == "dualpipev":
-        need = 2 * p.pp  # one microbatch per stage, two stages per rank
+    schedule = SCHEDULES[p.schedule]
+    need = schedule.min_microbatches(p.pp)
     if mb < need:
-        why = "dualpipev needs one microbatch per stage (2 x pp)" if p.schedule == "dualpipev" else \
-            "every pipeline stage needs a microbatch in flight"
+        why = f"{p.schedule} needs one microbatch per stage ({schedule.min_microbatches_per_pp} x pp)" \
+            if schedule.min_microbatches_per_pp > 1 else "every pipeline stage needs a microbatch in flight"
         raise ConfigError(f"microbatches={mb} < {need} with pp={p.pp}: {why}; use --global-batch {need * per_mb} "
                           f"(microbatches = global_batch / (dp x micro_batch))")
-    if p.schedule in MULTI_STAGE_SCHEDULES and mb % p.pp:
+    if schedule.microbatches_multiple_of_pp and mb % p.pp:
         raise ConfigError(f"schedule {p.schedule} needs microbatches ({mb}) to be a multiple of pp={p.pp}; use "
                           f"--global-batch {_round_up(mb, p.pp) * per_mb} (microbatches = global_batch / "
                           f"(dp x micro_batch))")
@@ -262,7 +262,7 @@ def _check_batch(cfg: Config) -> None:
 def _warnings(cfg: Config) -> list[str]:
     p, t = cfg.parallel, cfg.train
     out: list[str] = []
-    if p.pp > 1 and p.schedule in ("gpipe", "1f1b", "interleaved-1f1b"):
+    if p.pp > 1 and not SCHEDULES[p.schedule].split_backward:  # zero-bubble: the bound overstates its idle time
         bubble = bubble_fraction(p.schedule, p.pp, cfg.stages_per_rank, cfg.microbatches)
         if bubble > 0.25:
             out.append(f"pipeline bubble ~{bubble:.0%} of each step (pp={p.pp}, {cfg.microbatches} microbatches); "

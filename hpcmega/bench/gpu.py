@@ -40,7 +40,7 @@ def run_gpu_bench(steps: int = 10, warmup: int = 5, workdir: Path | None = None)
             "name": preset, "device": device, "micro_batch": micro_batch, "seq_len": 1024, "steps": len(records),
             "tokens_per_s": statistics.median(r["tokens_per_s"] for r in records),
             "mfu": statistics.median(r["mfu"] for r in records) if "mfu" in records[0] else None,
-            "peak_mem_gib": max(r.get("peak_mem_gib", 0.0) for r in records),
+            "peak_mem_gib": max(r["mem_peak_gib"] for r in records),
             "ms_median": statistics.median(r["step_time_s"] for r in records) * 1e3,
         })
     return rows

@@ -18,10 +18,12 @@ def config_group() -> None:
 def _toml_value(value: Any) -> str:
     import tomli_w
 
+    from hpcmega.config import toml_safe
+
     if isinstance(value, dict):  # an inline table keeps one line per field ([cluster.env])
         return "{" + ", ".join(f"{tomli_w.dumps({k: 0}).split('=')[0].strip()} = {_toml_value(v)}"
                                for k, v in value.items()) + "}"
-    return tomli_w.dumps({"v": value}).split("=", 1)[1].strip()
+    return tomli_w.dumps({"v": toml_safe(value)}).split("=", 1)[1].strip()
 
 
 def resolved_view(cfg, run_dir: str | None) -> Any:

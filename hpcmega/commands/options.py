@@ -13,7 +13,7 @@ from typing import Any, Callable
 import click
 
 from hpcmega.config import FIELDS, Append, Config, ConfigError, FieldInfo, Resolved, Setting, parse_set, read_toml, \
-    resolve_defaults, resolve_layers, site_path
+    resolve_defaults, resolve_layers, site_path, toml_safe
 
 _PREFIX = "cfg__"
 
@@ -24,7 +24,7 @@ def _param(info: FieldInfo) -> str:
 
 def _help(info: FieldInfo) -> str:
     s = info.spec
-    default = f"{info.default}" + (f" = {s.zero}" if s.zero and info.default == 0 else "")
+    default = f"{toml_safe(info.default)}" + (f" = {s.zero}" if s.zero and info.default == 0 else "")
     shown = f" [default: {default}]" if info.default not in ("", [], {}) else ""
     return f"{s.help}{shown} (config: {info.key})"
 
@@ -37,8 +37,8 @@ def _option(info: FieldInfo) -> Callable:
         kwargs.update(multiple=True, default=(), metavar="TEXT")
     elif info.is_dict:
         kwargs.update(multiple=True, default=(), metavar="KEY=VALUE")
-    elif info.type is not bool:
-        kwargs["type"] = info.type
+    elif info.value_type is not bool:
+        kwargs["type"] = info.value_type
     return click.option(info.decls, _param(info), **kwargs)
 
 

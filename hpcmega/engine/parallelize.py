@@ -21,9 +21,6 @@ from hpcmega.engine.stages import layers_for_stage, stage_ids_for_rank
 from hpcmega.engine.tensor_parallel import apply_tensor_parallel
 from hpcmega.model.gpt import GPT
 
-# Schedules that split backward into an input part and a deferred weight part (zero-bubble family).
-SPLIT_BACKWARD_SCHEDULES = ("zero-bubble", "zbv", "dualpipev")
-
 
 @dataclass
 class ModelParts:
@@ -92,14 +89,7 @@ def build_model_parts(cfg: Config, mesh: DeviceMesh, device: torch.device) -> Mo
     check_shapes(cfg, tp, num_stages)
     stage_ids = stage_ids_for_rank(mesh["pp"].get_local_rank(), pp, stages_per_rank, cfg.parallel.schedule)
     use_fsdp = dp > 1 or cfg.train.precision == "bf16"  # FSDP2 also carries the bf16 mixed-precision policy
-    reshard = cfg.parallel.reshard_after_forward
-    if pp > 1:
-        # Inside a pipeline the schedule keeps a stage's parameters gathered from its first backward to the end of
-        # the step, so resharding after each forward only buys re-gathers: m + 1 all-gathers per step instead of
-        # one (measured, tests/test_comm_accounting.py), at the same peak memory. Split-backward (zero-bubble)
-        # schedules also need it for correctness: they look parameters up by their autograd nodes right after the
-        # forward, and a resharded parameter loses the last stage's weight gradients silently.
-        reshard = False
+    reshard = cfg.reshard_after_forward  # auto: off under PP; always off for split-backward schedules (see there)
 
     parts, layers = [], []
     for stage in stage_ids:

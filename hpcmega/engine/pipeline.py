@@ -12,31 +12,15 @@ from typing import Callable
 
 import torch
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.pipelining import (
-    PipelineStage,
-    Schedule1F1B,
-    ScheduleDualPipeV,
-    ScheduleGPipe,
-    ScheduleInterleaved1F1B,
-    ScheduleInterleavedZeroBubble,
-    ScheduleZBVZeroBubble,
-)
+import torch.distributed.pipelining as pipelining
+from torch.distributed.pipelining import PipelineStage
 from torch.distributed.tensor import DTensor
 
 from hpcmega.config import ConfigError
-from hpcmega.engine.parallelize import SPLIT_BACKWARD_SCHEDULES, ModelParts
+from hpcmega.engine.parallelize import ModelParts
 from hpcmega.engine.tensor_parallel import loss_context
 from hpcmega.model.gpt import cross_entropy
-
-SCHEDULE_CLASSES = {
-    "gpipe": ScheduleGPipe,
-    "1f1b": Schedule1F1B,
-    "interleaved-1f1b": ScheduleInterleaved1F1B,
-    "zero-bubble": ScheduleInterleavedZeroBubble,
-    "zbv": ScheduleZBVZeroBubble,
-    "dualpipev": ScheduleDualPipeV,
-}
-SINGLE_STAGE = ("gpipe", "1f1b")
+from hpcmega.schedules import SCHEDULES, names
 
 
 def scaled_loss_fn(n_microbatches: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -86,10 +70,12 @@ class PipelineRunner:
         tp: int,
         compiled: bool = False,
     ) -> None:
-        if schedule not in SCHEDULE_CLASSES:
-            raise ConfigError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULE_CLASSES)}")
-        if compiled and schedule in SPLIT_BACKWARD_SCHEDULES:  # torch.compile cannot split backward
-            raise ConfigError(f"--compile does not work with the {schedule} schedule; use 1f1b/gpipe/interleaved-1f1b")
+        if schedule not in SCHEDULES:
+            raise ConfigError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        facts = SCHEDULES[schedule]
+        if compiled and facts.split_backward:  # torch.compile cannot split backward
+            raise ConfigError(f"--compile does not work with the {schedule} schedule; use one of "
+                              f"{'/'.join(names(split_backward=False))}")
         self.parts = parts
         self.tp = tp
         group = pp_mesh.get_group()
@@ -97,10 +83,10 @@ class PipelineRunner:
             PipelineStage(part, stage, parts.num_stages, parts.device, group=group)
             for part, stage in zip(parts.parts, parts.stage_ids)
         ]
-        cls = SCHEDULE_CLASSES[schedule]
+        cls = getattr(pipelining, facts.torch_class)
         try:
             self.schedule = cls(
-                self.stages[0] if schedule in SINGLE_STAGE else self.stages,
+                self.stages if facts.multi_stage else self.stages[0],
                 n_microbatches=n_microbatches,
                 loss_fn=scaled_loss_fn(n_microbatches),
                 scale_grads=False,

@@ -1,17 +1,17 @@
 """Which pipeline stages a rank owns and which layers a stage holds. Pure arithmetic, no torch.
 
-Looped placement (gpipe, 1f1b, interleaved-1f1b, zero-bubble): rank r owns stages r, r + pp, r + 2pp, ...
-V-shaped placement (zbv, dualpipev): rank r owns stages r and 2pp - 1 - r, so rank 0 holds the first *and* the last
-stage and the loss is computed there.
+Looped placement (most schedules): rank r owns stages r, r + pp, r + 2pp, ...
+V-shaped placement (``v_shape`` in :mod:`hpcmega.schedules`: zbv, dualpipev): rank r owns stages r and 2pp - 1 - r,
+so rank 0 holds the first *and* the last stage and the loss is computed there.
 """
 from __future__ import annotations
 
-from hpcmega.config import V_SCHEDULES
+from hpcmega.schedules import SCHEDULES
 
 
 def stage_ids_for_rank(pp_rank: int, pp: int, stages_per_rank: int, schedule: str) -> list[int]:
     """Global stage indices owned by pipeline rank ``pp_rank``, in increasing order."""
-    if schedule in V_SCHEDULES:
+    if SCHEDULES[schedule].v_shape:
         if stages_per_rank != 2:
             raise ValueError(f"{schedule} places exactly 2 stages per rank, got {stages_per_rank}")
         return sorted((pp_rank, 2 * pp - 1 - pp_rank))

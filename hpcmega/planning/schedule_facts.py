@@ -15,7 +15,7 @@ same bound, which over-estimates their idle time.
 """
 from __future__ import annotations
 
-from hpcmega.config import MULTI_STAGE_SCHEDULES, V_SCHEDULES
+from hpcmega.schedules import SCHEDULES
 
 
 def chunks_in_flight(schedule: str, pp: int, pp_rank: int, v: int, m: int) -> int:
@@ -26,7 +26,7 @@ def chunks_in_flight(schedule: str, pp: int, pp_rank: int, v: int, m: int) -> in
         return m
     if schedule == "1f1b":
         return min(m, pp - pp_rank)
-    if schedule in V_SCHEDULES:
+    if SCHEDULES[schedule].v_shape:
         return min(m * 2, 2 * (pp - pp_rank))
     rounds = max(1, m // pp)
     per_round = m // rounds
@@ -38,5 +38,5 @@ def bubble_fraction(schedule: str, pp: int, v: int, m: int) -> float:
     """Idle fraction of a step on each rank: (p - 1) / (v*m + p - 1)."""
     if pp == 1:
         return 0.0
-    chunks = v if schedule in MULTI_STAGE_SCHEDULES else 1
+    chunks = v if SCHEDULES[schedule].multi_stage else 1
     return (pp - 1) / (chunks * m + pp - 1)
