@@ -4,9 +4,15 @@ Memory is measured two ways on the real model: autograd's saved tensors (``saved
 of every tensor produced during the forward that are still alive once it returns (storage weak references; this
 also sees what selective recompute caches outside autograd's saved tensors). Parameters and the block output are
 excluded: only what the block keeps *for backward* counts.
+
+With tensor + sequence parallelism the same count runs on one rank of a fake process group of size t (real DTensor
+shards and collectives' output buffers, no data moved) and is compared with Korthikanti et al. 2022, Table 2, per
+layer in bf16 bytes: selective recompute + SP 34·s·b·h/t, full recompute 2·s·b·h/t.
+``python tests/test_recompute.py`` prints the table shown in docs/engine.md.
 """
 from __future__ import annotations
 
+import functools
 import gc
 
 import pytest
@@ -16,8 +22,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from hpcmega.config import ModelConfig
+from hpcmega.engine.fake_world import fake_mesh, fake_world
+from hpcmega.engine.memory import LiveTensorBytes, data_ptrs
 from hpcmega.engine.recompute import apply_recompute
-from hpcmega.model.gpt import build_model, cross_entropy
+from hpcmega.engine.tensor_parallel import apply_tensor_parallel
+from hpcmega.model.gpt import GPT, build_model, cross_entropy
 
 CFG = ModelConfig(vocab_size=128, d_model=64, n_layers=2, n_heads=4, max_seq_len=64)
 B, S, H = 2, 32, 64
@@ -107,3 +116,57 @@ def test_recompute_gradients_are_identical(mode):
 def test_unknown_mode_is_refused():
     with pytest.raises(ValueError, match="selective"):
         apply_recompute(build_model(CFG, seed=0), "some")
+
+
+# -- tensor + sequence parallel, against Korthikanti et al. 2022 (Table 2) ------------------------------------------
+TP_SIZES = (1, 2, 4, 8)
+TP_B, TP_S, TP_H, TP_HEADS = 2, 64, 64, 8  # s divisible by t = 8 (sequence shards), heads by t
+SBH = TP_S * TP_B * TP_H
+BF16 = 2
+PAPER = {"selective": 34, "full": 2}  # bf16 bytes per s·b·h/t and layer, with sequence parallelism
+TOLERANCE = 1.15
+
+
+@functools.cache
+def saved_bytes_per_block(t: int, mode: str) -> int:
+    """Bytes one rank of a t-way TP+SP group keeps for backward after the forward of one real Block in bf16: its
+    input shard plus every storage the forward created that is still alive (parameters and output excluded)."""
+    with fake_world(t):
+        mesh = fake_mesh(1, 1, t)
+        with torch.device("meta"):
+            model = GPT(ModelConfig(vocab_size=64, d_model=TP_H, n_layers=1, n_heads=TP_HEADS, max_seq_len=TP_S))
+        model.keep_only(range(1), first=False, last=False)
+        if t > 1:
+            apply_tensor_parallel(model, mesh["tp"], sequence_parallel=True)
+        apply_recompute(model, mode)
+        model.to_empty(device="cpu")
+        model.to(torch.bfloat16)
+        block = model.blocks["0"]
+        x = torch.randn(TP_B, TP_S // t, TP_H, dtype=torch.bfloat16, requires_grad=True)  # the sequence shard
+        tracker = LiveTensorBytes()
+        with tracker:
+            y = block(x)
+        return tracker.alive(exclude=data_ptrs([*block.parameters(), y, x])) + x.untyped_storage().nbytes()
+
+
+@pytest.mark.parametrize("t", TP_SIZES)
+def test_recompute_under_tensor_and_sequence_parallel_matches_the_paper(t):
+    none, selective, full = (saved_bytes_per_block(t, mode) for mode in ("none", "selective", "full"))
+    assert selective < none, (t, selective, none)
+    assert selective <= TOLERANCE * PAPER["selective"] * SBH / t, (t, selective / (SBH / t))
+    assert full <= TOLERANCE * PAPER["full"] * SBH / t, (t, full / (SBH / t))
+    assert full >= BF16 * SBH / t  # the block input shard is always kept
+
+
+def test_selective_keeps_neither_all_gathers_nor_partial_sums():
+    # Without the rule, t = 8 keeps the full-sequence all-gathered inputs of the column-parallel matmuls (s·b·h
+    # each) and the row-parallel partial sums (s·b·h each): more than "none". With it the per-rank bytes fall as 1/t.
+    assert saved_bytes_per_block(8, "selective") * 8 == saved_bytes_per_block(1, "selective")
+
+
+if __name__ == "__main__":
+    print("| t | none | selective | full | paper selective+SP | paper full |")
+    print("|---|---|---|---|---|---|")
+    for t in TP_SIZES:
+        row = [saved_bytes_per_block(t, m) / (SBH / t) for m in ("none", "selective", "full")]
+        print(f"| {t} | " + " | ".join(f"{v:.1f}" for v in row) + f" | {PAPER['selective']} | {PAPER['full']} |")

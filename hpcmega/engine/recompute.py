@@ -3,11 +3,18 @@
 - ``none``: autograd keeps every tensor the backward needs.
 - ``full``: each block keeps only its input; the whole block is re-run during backward (one extra forward).
 - ``selective``: each block keeps its input plus the results of the expensive operations -- matrix multiplies,
-  attention and tensor-parallel collectives -- and recomputes the cheap, memory-heavy rest during backward:
+  attention and the reductions over "tp" -- and recomputes the cheap, memory-heavy rest during backward:
   LayerNorm outputs, the GELU output (4h wide), the re-laid-out attention output and residual sums. This is the
   Korthikanti et al. (2022) idea of recomputing what costs much memory but few FLOPs; with fused attention (SDPA)
   the s x s attention matrix is never stored, so the savings here come from norms and activations rather than the
-  attention core. Extra cost: elementwise work only, no matmul and no communication is repeated.
+  attention core.
+
+  Under tensor + sequence parallelism two kinds of result are *not* kept, because each is t times larger than the
+  sequence shard it comes from: all-gather outputs (the full-sequence input of a column-parallel matmul; backward
+  gathers again, as Megatron does) and row-parallel partial sums (a matmul contracting a "tp"-sharded dimension,
+  whose only consumer is the reduce-scatter, which is kept). Per rank the bytes then fall as 1/t (34 s·b·h/t in
+  the paper, 22.5 s·b·h/t here in bf16; tests/test_recompute.py). Extra backward cost with TP: the two all-gathers
+  and the attention output projection (1 of the block's 6 matmuls) run again; without TP, elementwise work only.
 
 Both modes use non-reentrant ``torch.utils.checkpoint`` inside :class:`hpcmega.model.gpt.Block`, so parameter
 names are unchanged and gradients are bitwise identical to ``none``.
@@ -18,6 +25,7 @@ import functools
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from hpcmega.config import RECOMPUTE_MODES
@@ -28,24 +36,39 @@ def _ops(namespace: Any, names: tuple[str, ...]) -> set:
     return {getattr(namespace, n).default for n in names if hasattr(namespace, n)}
 
 
-# Results of these operations are kept; everything else inside a block is recomputed.
-SAVED_OPS = _ops(
+MATMULS = _ops(torch.ops.aten, ("mm", "addmm", "bmm", "baddbmm"))
+ATTENTION = _ops(
     torch.ops.aten,
     (
-        "mm",
-        "addmm",
-        "bmm",
-        "baddbmm",
         "_scaled_dot_product_flash_attention",
         "_scaled_dot_product_flash_attention_for_cpu",
         "_scaled_dot_product_efficient_attention",
         "_scaled_dot_product_cudnn_attention",
     ),
-) | _ops(torch.ops._c10d_functional, ("all_gather_into_tensor", "reduce_scatter_tensor", "all_reduce"))
+)
+# Results of reductions over "tp" are sequence shards (SP) or what the residual stream needs; all-gathers are not
+# kept (their output is the full sequence, t times the shard they came from): backward gathers again, as Megatron.
+REDUCTIONS = _ops(torch.ops._c10d_functional, ("reduce_scatter_tensor", "all_reduce"))
 
 
-def _selective_policy(_ctx: Any, op: Any, *_args: Any, **_kwargs: Any) -> CheckpointPolicy:
-    return CheckpointPolicy.MUST_SAVE if op in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+def _first_matrix(op: Any, args: tuple) -> Any:
+    return args[1] if op in (torch.ops.aten.addmm.default, torch.ops.aten.baddbmm.default) else args[0]
+
+
+def _is_partial_sum(op: Any, args: tuple) -> bool:
+    """A row-parallel matmul: it contracts a dimension sharded over "tp", so its result is a partial sum of the
+    full sequence (t times the size of the reduced shard) that only the following reduce feeds on."""
+    a = _first_matrix(op, args)
+    if not isinstance(a, DTensor):
+        return False
+    last = a.ndim - 1
+    return any(p.is_shard() and p.dim in (last, -1) for p in a.placements)
+
+
+def _selective_policy(_ctx: Any, op: Any, *args: Any, **_kwargs: Any) -> CheckpointPolicy:
+    if op in ATTENTION or op in REDUCTIONS or (op in MATMULS and not _is_partial_sum(op, args)):
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def _selective_contexts():

@@ -1,0 +1,35 @@
+"""One process standing in for one rank of a job of any size: torch's "fake" process group.
+
+Collectives on it return at once without moving data (values are meaningless, shapes and allocations are real), so
+DTensor sharding, FSDP2 and pipeline stages build exactly as on rank ``rank`` of ``world_size``. That is how the
+per-rank memory of a 64-GPU layout is measured on a laptop (tests/test_init_memory.py, tests/test_recompute.py).
+
+``FakeStore`` lives in torch's private ``torch.testing._internal.distributed.fake_pg``; this module is the only
+place that imports it, so a torch upgrade that moves it breaks one line (pinned by tests/test_fake_world.py).
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+
+@contextlib.contextmanager
+def fake_world(world_size: int, rank: int = 0) -> Iterator[None]:
+    """Initialise the default process group as rank ``rank`` of a fake ``world_size``-rank job; torn down after."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        raise RuntimeError("a process group is already initialised in this process; fake_world needs its own")
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def fake_mesh(pp: int, dp: int, tp: int) -> DeviceMesh:
+    """The training mesh (dims pp, dp, tp) on CPU, inside :func:`fake_world` of size pp x dp x tp."""
+    return init_device_mesh("cpu", (pp, dp, tp), mesh_dim_names=("pp", "dp", "tp"))
