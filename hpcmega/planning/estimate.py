@@ -59,7 +59,7 @@ class Shape:
             v=cfg.stages_per_rank if cfg.parallel.pp > 1 else 1, schedule=cfg.parallel.schedule, m=m,
             b=max(1, cfg.train.global_batch // max(1, cfg.dp * m)), s=cfg.train.seq_len,
             recompute=cfg.parallel.recompute, sp=cfg.sequence_parallel, precision=cfg.train.precision,
-            reshard_after_forward=cfg.parallel.reshard_after_forward,
+            reshard_after_forward=cfg.reshard_after_forward,
         )
 
     @property
