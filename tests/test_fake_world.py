@@ -24,6 +24,9 @@ def test_one_process_stands_in_for_rank_5_of_64():
             with fake_world(2):
                 pass
     assert not dist.is_initialized()
+    with pytest.raises(RuntimeError, match="use a new process for rank 6"):
+        with fake_world(64, rank=6):
+            pass
 
 
 def test_fake_store_is_imported_in_one_place_only():

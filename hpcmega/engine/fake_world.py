@@ -4,6 +4,10 @@ Collectives on it return at once without moving data (values are meaningless, sh
 DTensor sharding, FSDP2 and pipeline stages build exactly as on rank ``rank`` of ``world_size``. That is how the
 per-rank memory of a 64-GPU layout is measured on a laptop (tests/test_init_memory.py, tests/test_recompute.py).
 
+Use one rank per process: DeviceMesh objects compare equal by shape, and a submesh torch derived for an earlier
+fake world of the same shape can be handed out again with *that* world's coordinates. ``fake_world`` therefore
+refuses a second rank of the same world size in one process (tests spawn a process per rank instead).
+
 ``FakeStore`` lives in torch's private ``torch.testing._internal.distributed.fake_pg``; this module is the only
 place that imports it, so a torch upgrade that moves it breaks one line (pinned by tests/test_fake_world.py).
 """
@@ -16,6 +20,9 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 
+_RANK_BY_WORLD_SIZE: dict[int, int] = {}
+
+
 @contextlib.contextmanager
 def fake_world(world_size: int, rank: int = 0) -> Iterator[None]:
     """Initialise the default process group as rank ``rank`` of a fake ``world_size``-rank job; torn down after."""
@@ -23,6 +30,9 @@ def fake_world(world_size: int, rank: int = 0) -> Iterator[None]:
 
     if dist.is_initialized():
         raise RuntimeError("a process group is already initialised in this process; fake_world needs its own")
+    if _RANK_BY_WORLD_SIZE.setdefault(world_size, rank) != rank:
+        raise RuntimeError(f"this process already was rank {_RANK_BY_WORLD_SIZE[world_size]} of a fake world of "
+                           f"{world_size}; use a new process for rank {rank} (meshes of one shape are shared)")
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
     try:
         yield

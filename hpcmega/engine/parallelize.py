@@ -1,6 +1,12 @@
 """Build the model parts this rank owns, parallelized in the one order that is correct:
 
-stage split -> tensor/sequence parallel -> activation recompute -> torch.compile per block -> FSDP2.
+stage split -> tensor/sequence parallel -> activation recompute -> torch.compile per block -> FSDP2,
+all on the meta device, then ``to_empty`` on the real device and initialisation of each local shard.
+
+Initialising after sharding is what lets a large model start: a rank never holds more than its own shards plus
+the full value of one parameter while it is drawn (the largest: the embedding or the head), instead of its whole
+unsharded stage in fp32 (GPT-3 175B at pp=8: 175e9 / 8 x 4 bytes = 88 GB). The values are those of the single-process
+model (drawn per parameter name, see hpcmega.model.gpt), so every layout starts from the same weights.
 
 (The ``PipelineStage`` wrappers and the schedule come after, in :mod:`hpcmega.engine.pipeline`.) FSDP2 must come
 after TP (it shards the TP-sharded DTensors again over "dp"); DDP or the DDP-based composable ``replicate`` must
@@ -94,11 +100,9 @@ def build_model_parts(cfg: Config, mesh: DeviceMesh, device: torch.device) -> Mo
     parts, layers = [], []
     for stage in stage_ids:
         stage_layers = layers_for_stage(stage, num_stages, cfg.model.n_layers)
-        with torch.device("meta"):
+        with torch.device("meta"):  # shapes only: nothing is allocated until to_empty, after sharding
             model = GPT(cfg.model)
         model.keep_only(stage_layers, first=stage == 0, last=stage == num_stages - 1)
-        model.to_empty(device=device)
-        model.init_weights(cfg.train.seed)  # identical values for a parameter in every layout
         if tp > 1:
             apply_tensor_parallel(model, mesh["tp"], cfg.parallel.sequence_parallel)
         apply_recompute(model, cfg.parallel.recompute)
@@ -107,6 +111,8 @@ def build_model_parts(cfg: Config, mesh: DeviceMesh, device: torch.device) -> Mo
                 block.compile()
         if use_fsdp:
             apply_fsdp(model, mesh["dp"], cfg.train.precision, reshard)
+        model.to_empty(device=device)  # allocates this rank's shards only
+        model.init_weights(cfg.train.seed)  # each local shard = its slice of the layout-independent full value
         parts.append(model)
         layers.append(stage_layers)
     return ModelParts(parts, stage_ids, num_stages, use_fsdp, device, layers)

@@ -8,7 +8,10 @@ Why the shape of this module matters for parallelism:
   parallelism would hand each rank a mix of q, k and v columns.
 - ``forward`` accepts token ids (the stage holding the embeddings) or hidden states (every later stage).
 - Initialisation draws each parameter from its own generator seeded by (seed, parameter name), so any stage on any
-  rank produces exactly the values the single-process model has, without building the full model.
+  rank produces exactly the values the single-process model has, without building the full model. It also works
+  after sharding: for a DTensor parameter only this rank's local shard is written (the full value of one parameter
+  is drawn, sliced and dropped before the next), so the engine can build on the meta device, shard, allocate only
+  the shards with ``to_empty`` and then initialise.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from hpcmega.config import ModelConfig
 
@@ -122,8 +126,7 @@ class GPT(nn.Module):
                 std = residual_std if module_name.endswith(("attn.wo", "mlp.fc2")) else INIT_STD
                 name = f"{module_name}.weight"
                 gen = torch.Generator(device="cpu").manual_seed(param_seed(seed, name))
-                value = torch.randn(module.weight.shape, generator=gen) * std
-                module.weight.copy_(value.to(device=module.weight.device, dtype=module.weight.dtype))
+                copy_full_value(module.weight, torch.randn(module.weight.shape, generator=gen).mul_(std))
                 if getattr(module, "bias", None) is not None:
                     module.bias.zero_()
 
@@ -140,6 +143,16 @@ class GPT(nn.Module):
         if self.head is not None:
             x = self.head(x)
         return x
+
+
+def copy_full_value(param: torch.Tensor, value: torch.Tensor) -> None:
+    """Write the full (unsharded) ``value`` of a parameter into ``param``; for a DTensor only the local shard is
+    written. Every rank holds the same ``value``, so the shard is cut locally (no communication)."""
+    if isinstance(param, DTensor):
+        shard = distribute_tensor(value, param.device_mesh, param.placements, src_data_rank=None)
+        param.to_local().copy_(shard.to_local())
+    else:
+        param.copy_(value.to(device=param.device, dtype=param.dtype))
 
 
 def param_seed(seed: int, name: str) -> int:
