@@ -138,6 +138,8 @@ class TrainConfig:
     seed: int = setting(0, "Seed of the weights and the synthetic data.", ge=0)
     precision: str = setting(AUTO, "Compute precision; auto = bf16 for GPU jobs (fp32 master weights and gradient "
                                    "reduction), fp32 for CPU jobs.", choices=PRECISIONS)
+    max_consecutive_skips: int = setting(5, "Stop the run after this many consecutive steps skipped for a "
+                                            "non-finite loss or gradient norm.", ge=1)
     data: str = setting("synthetic", "'synthetic' (tokens from the seed) or the fsspec URL of shards from "
                                      "`hpcmega data prepare`.")
     eval_every: int = setting(0, "Compute val_loss on the held-out split every N steps (and at the last step).",

@@ -46,10 +46,12 @@ def step_record(
     world_size: int,
     peak: float | None,
     mem_peak_gib: float,
+    skipped_steps: int,
 ) -> dict[str, Any]:
     """One metrics.jsonl line. ``step`` counts completed optimizer steps (1 = after the first). ``tokens`` is the
     running total; ``model_tflops`` is achieved model TFLOP/s *per device*; ``mfu`` only when the peak is known;
-    ``mem_peak_gib`` is the logging rank's peak memory so far (CUDA max allocated on GPU, max RSS on CPU)."""
+    ``mem_peak_gib`` is the logging rank's peak memory so far (CUDA max allocated on GPU, max RSS on CPU);
+    ``skipped_steps`` counts steps skipped for a non-finite loss or gradient norm since the job started."""
     tflops = flops_per_step / step_time_s / world_size / 1e12
     record: dict[str, Any] = {
         "step": step,
@@ -61,6 +63,7 @@ def step_record(
         "tokens_per_s": tokens_per_step / step_time_s,
         "model_tflops": tflops,
         "mem_peak_gib": mem_peak_gib,
+        "skipped_steps": skipped_steps,
     }
     if peak:
         record["mfu"] = tflops / peak
@@ -97,6 +100,8 @@ def format_line(record: dict[str, Any], total_steps: int) -> str:
     if "mfu" in record:
         parts.append(f"MFU [green]{100 * record['mfu']:.1f}%[/green]")
     parts.append(f"mem {record['mem_peak_gib']:.2f} GiB")
+    if record.get("skipped_steps"):
+        parts.append(f"[red]skipped {record['skipped_steps']}[/red]")
     parts.append(f"{record['step_time_s'] * 1000:.0f} ms")
     if "mem_peak_gib" in record:
         parts.append(f"mem {record['mem_peak_gib']:.1f} GiB")

@@ -28,6 +28,7 @@ from hpcmega.engine.grad_sync import reduce_partial_grads
 from hpcmega.engine.memory import peak_memory_gib
 from hpcmega.engine.parallelize import build_model_parts, mesh_sizes
 from hpcmega.engine.pipeline import GradAccumulation, PipelineRunner
+from hpcmega.engine.step_guard import StepGuard
 from hpcmega.metrics import ConsoleLogger, MetricsWriter, model_flops_per_step, peak_tflops, step_record
 from hpcmega.optim import CosineWithWarmup, build_optimizer, clip_grad_norm_
 from hpcmega.runs import files
@@ -92,6 +93,7 @@ class Trainer:
         else:
             self.runner = GradAccumulation(self.model, self.n_microbatches, self.tp)
         self.step = 0
+        self.guard = StepGuard(cfg.train.max_consecutive_skips)  # skips steps with a non-finite loss/grad norm
         self.after_backward_hooks: list[Callable[[Trainer], None]] = []
         self.step_end_hooks: list[Callable[[Trainer, dict[str, Any]], None]] = []
         self._stop = False
@@ -164,10 +166,11 @@ class Trainer:
         for hook in self.after_backward_hooks:
             hook(self)
         lr = self.lr_scheduler.apply(self.optimizers, self.step)
-        for opt in self.optimizers:
-            opt.step()
         loss = self._global_loss(local_loss)
         grad_norm_value = grad_norm.item()
+        if self.guard.check(self.step + 1, loss, grad_norm_value):  # a skipped step leaves weights and Adam state
+            for opt in self.optimizers:
+                opt.step()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.step += 1
@@ -182,6 +185,7 @@ class Trainer:
             world_size=self.mesh.size(),
             peak=self.peak_tflops,
             mem_peak_gib=peak_memory_gib(self.device),
+            skipped_steps=self.guard.skipped_steps,
         )
 
     # -- evaluation ---------------------------------------------------------------------------------------------

@@ -120,7 +120,7 @@ def test_peak_lookup_and_mfu():
     assert peak_tflops(None, "bf16") is None and peak_tflops("NVIDIA H100 80GB HBM3", "fp32") is None
     record = step_record(
         step=2, loss=3.0, lr=1e-3, grad_norm=0.5, tokens_per_step=1000, step_time_s=0.5,
-        flops_per_step=8 * 989e12 * 0.5 * 0.4, world_size=8, peak=989.0, mem_peak_gib=12.5,
+        flops_per_step=8 * 989e12 * 0.5 * 0.4, world_size=8, peak=989.0, mem_peak_gib=12.5, skipped_steps=0,
     )  # fmt: skip
     assert record["tokens"] == 2000 and record["tokens_per_s"] == 2000
     assert record["model_tflops"] == pytest.approx(989.0 * 0.4)
@@ -128,7 +128,7 @@ def test_peak_lookup_and_mfu():
     assert record["mem_peak_gib"] == 12.5
     cpu = step_record(
         step=1, loss=3.0, lr=1e-3, grad_norm=0.5, tokens_per_step=1000, step_time_s=0.5,
-        flops_per_step=1e9, world_size=1, peak=None, mem_peak_gib=0.5,
+        flops_per_step=1e9, world_size=1, peak=None, mem_peak_gib=0.5, skipped_steps=0,
     )  # fmt: skip
     assert "mfu" not in cpu
 
@@ -147,11 +147,12 @@ def test_console_line_is_plain_without_a_tty():
 
     record = step_record(
         step=3, loss=2.5, lr=3e-4, grad_norm=1.25, tokens_per_step=4096, step_time_s=0.25,
-        flops_per_step=4e12, world_size=4, peak=989.0, mem_peak_gib=3.25,
+        flops_per_step=4e12, world_size=4, peak=989.0, mem_peak_gib=3.25, skipped_steps=2,
     )  # fmt: skip
     out = io.StringIO()
     Console(file=out, highlight=False, soft_wrap=True).print(format_line(record, 10))
     text = out.getvalue()
     assert "\x1b[" not in text and text.count("\n") == 1
-    for piece in ("step 3/10", "loss 2.5000", "lr 3.00e-04", "gnorm 1.250", "16.4k tok/s", "MFU 0.4%", "mem 3.25 GiB", "250 ms"):
+    for piece in ("step 3/10", "loss 2.5000", "lr 3.00e-04", "gnorm 1.250", "16.4k tok/s", "MFU 0.4%", "mem 3.25 GiB",
+                  "skipped 2", "250 ms"):
         assert piece in text, (piece, text)
