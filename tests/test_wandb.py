@@ -34,6 +34,7 @@ def test_offline_run_resumes_the_same_wandb_run_and_never_writes_the_api_key(tmp
     assert sorted(logged) == [1, 2, 3, 4, 5, 6]
     for step, rec in metrics.items():
         assert logged[step]["loss"] == rec["loss"] and logged[step]["lr"] == rec["lr"]
+        assert logged[step]["mem_peak_gib"] == rec["mem_peak_gib"] > 0 and logged[step]["skipped_steps"] == 0
     meta = json.loads(sorted((run_dir / "checkpoints").glob("step-*/meta.json"))[-1].read_text())
     assert meta["wandb_run_id"] == run_id
 
