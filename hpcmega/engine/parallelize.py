@@ -5,8 +5,9 @@ all on the meta device, then ``to_empty`` on the real device and initialisation 
 
 Initialising after sharding is what lets a large model start: a rank never holds more than its own shards plus
 the full value of one parameter while it is drawn (the largest: the embedding or the head), instead of its whole
-unsharded stage in fp32 (GPT-3 175B at pp=8: 175e9 / 8 x 4 bytes = 88 GB). The values are those of the single-process
-model (drawn per parameter name, see hpcmega.model.gpt), so every layout starts from the same weights.
+unsharded stage in fp32 (GPT-3 175B at pp=8: 175e9 / 8 x 4 bytes = 88 GB). The values are those of the
+single-process model (drawn per parameter name, see hpcmega.model.gpt), so every layout starts from the same
+weights.
 
 (The ``PipelineStage`` wrappers and the schedule come after, in :mod:`hpcmega.engine.pipeline`.) FSDP2 must come
 after TP (it shards the TP-sharded DTensors again over "dp"); DDP or the DDP-based composable ``replicate`` must
