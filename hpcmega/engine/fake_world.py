@@ -23,17 +23,22 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 _RANK_BY_WORLD_SIZE: dict[int, int] = {}
 
 
-@contextlib.contextmanager
-def fake_world(world_size: int, rank: int = 0) -> Iterator[None]:
-    """Initialise the default process group as rank ``rank`` of a fake ``world_size``-rank job; torn down after."""
+def init_fake_process_group(rank: int, world_size: int) -> None:
+    """Make this process rank ``rank`` of a fake ``world_size``-rank job (the default process group, kept)."""
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     if dist.is_initialized():
-        raise RuntimeError("a process group is already initialised in this process; fake_world needs its own")
+        raise RuntimeError("a process group is already initialised in this process; a fake world needs its own")
     if _RANK_BY_WORLD_SIZE.setdefault(world_size, rank) != rank:
         raise RuntimeError(f"this process already was rank {_RANK_BY_WORLD_SIZE[world_size]} of a fake world of "
                            f"{world_size}; use a new process for rank {rank} (meshes of one shape are shared)")
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
+
+
+@contextlib.contextmanager
+def fake_world(world_size: int, rank: int = 0) -> Iterator[None]:
+    """:func:`init_fake_process_group` for the duration of a ``with`` block; torn down after."""
+    init_fake_process_group(rank, world_size)
     try:
         yield
     finally:

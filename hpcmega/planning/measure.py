@@ -3,9 +3,10 @@ fake process group of the full world size, and measure the bytes the estimator p
 from the command); everything it compares against lives in the pure estimator.
 
 How one rank is measured:
-- ``fake_process_group`` (the one place that touches torch's private fake backend) makes this process rank R of a
-  world of W: DeviceMesh, DTensor TP/SP and FSDP2 build exactly as on the real rank, with real CPU tensors of the
-  real local shapes; collectives return at once without moving data (values are meaningless, sizes are real).
+- ``hpcmega.engine.fake_world.init_fake_process_group`` (the one place that touches torch's private fake backend)
+  makes this process rank R of a world of W: DeviceMesh, DTensor TP/SP and FSDP2 build exactly as on the real
+  rank, with real CPU tensors of the real local shapes; collectives return at once without moving data (values are
+  meaningless, sizes are real).
 - The rank's model parts come from ``hpcmega.engine.parallelize.build_model_parts`` and its optimizers from
   ``hpcmega.optim``: the code a job runs. pp = 1 uses the engine's own ``GradAccumulation``. With pp > 1 the fake
   group cannot carry pipelining's peer-to-peer metadata, so the rank's forwards and backwards are issued here in the
@@ -36,14 +37,6 @@ from hpcmega.planning.schedule_facts import chunks_in_flight
 DEFAULT_BUDGET_GIB = 3.0
 
 
-def fake_process_group(rank: int, world_size: int) -> None:
-    """Make this process rank ``rank`` of ``world_size`` on torch's fake backend (no communication)."""
-    import torch.distributed as dist
-    from torch.testing._internal.distributed.fake_pg import FakeStore  # private: pinned by test_planning_measure
-
-    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
-
-
 # One fake world per process (a destroyed and re-created world leaves DTensor with stale group names): this
 # process is rank MAX_RANKS of 2 * MAX_RANKS + 1, and each measured job is a (pp, dp, tp) grid of that world.
 MAX_RANKS = 4096
@@ -53,7 +46,9 @@ def _ensure_world() -> int:
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        fake_process_group(MAX_RANKS, 2 * MAX_RANKS + 1)
+        from hpcmega.engine.fake_world import init_fake_process_group
+
+        init_fake_process_group(MAX_RANKS, 2 * MAX_RANKS + 1)
     return dist.get_rank()
 
 
