@@ -133,17 +133,18 @@ def korthikanti_bytes_per_layer(s: int, b: int, h: int, a: int, t: int, sp: bool
 
 # Tensors each block keeps for backward with recompute selective/full, in units of s*b*h elements:
 # (replicated over tp, split over tp). Recompute none is the Korthikanti breakdown above for this engine.
-#  selective: block input; results of the matmuls, attention and TP collectives (hpcmega.engine.recompute):
-#             q, k, v, attention output, fc1 output (split); the row-parallel partial sums of wo and fc2
-#             (replicated) and, with tp > 1, the all-reduce outputs (2, no SP) or all-gathers (2) and
-#             reduce-scatters (2, split) with SP.
+#  selective: block input; results of the matmuls, attention and TP reductions (hpcmega.engine.recompute):
+#             q, k, v, attention output, fc1 output (split); the wo and fc2 outputs at tp = 1 or the two
+#             all-reduce outputs with tp > 1 and no SP (replicated); with SP the block input and the two
+#             reduce-scatter outputs are sequence shards (split). Row-parallel partial sums and all-gather
+#             outputs are not kept (measured per t in tests/test_recompute.py).
 #  full:      the block input only.
-def _block_units(recompute: str, sp: bool, tp: int) -> tuple[float, float]:
+def _block_units(recompute: str, sp: bool) -> tuple[float, float]:
     if recompute == "full":
         return (0.0, 1.0) if sp else (1.0, 0.0)
     if sp:
-        return 4.0, 11.0
-    return (5.0 if tp > 1 else 3.0), 8.0
+        return 0.0, 11.0
+    return 3.0, 8.0
 
 
 def activation_bytes_per_layer(sh: Shape, recompute: str | None = None) -> int:
@@ -155,7 +156,7 @@ def activation_bytes_per_layer(sh: Shape, recompute: str | None = None) -> int:
                                               flash=True, sp_keeps_gathered=True)
         lse = 4 * sh.tokens_per_microbatch * (sh.heads // sh.tp)
         return int((bytes16 - lse) * sh.compute_bytes / 2) + lse
-    full, split = _block_units(mode, sp, sh.tp)
+    full, split = _block_units(mode, sp)
     sbh = sh.tokens_per_microbatch * sh.h
     logsumexp = 0 if mode == "full" else FP32 * sh.tokens_per_microbatch * (sh.heads // sh.tp)
     return int((full + split / sh.tp) * sbh * sh.compute_bytes) + logsumexp
