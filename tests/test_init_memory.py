@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from hpcmega.config import Config
+from hpcmega.config import Config, resolve_defaults
 from hpcmega.model.gpt import GPT, build_model
 
 PP, DP, TP = 2, 2, 4
@@ -31,6 +31,7 @@ def _cfg() -> Config:
     m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.max_seq_len = 1024, 256, 16, 8, 256
     cfg.parallel.pp, cfg.parallel.tp = PP, TP
     cfg.train.seq_len = 64
+    resolve_defaults(cfg, on_gpu=False)
     return cfg
 
 

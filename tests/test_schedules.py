@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from hpcmega.config import Config, ConfigError
+from hpcmega.config import Config, ConfigError, resolve_defaults
 from hpcmega.engine.stages import stage_ids_for_rank
 from hpcmega.planning.schedule_facts import bubble_fraction
 from hpcmega.schedules import SCHEDULES, names
@@ -21,6 +21,7 @@ def _cfg(**kw) -> Config:
     for dotted, value in kw.items():
         section, key = dotted.split("__")
         setattr(getattr(cfg, section), key, value)
+    resolve_defaults(cfg, on_gpu=False)
     return cfg
 
 
