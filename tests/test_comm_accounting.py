@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from engine_harness import Layout, merge_ranks, run_layouts, spawn
 
-from hpcmega.config import Config
+from hpcmega.config import Config, resolve_defaults
 from hpcmega.planning.estimate import Shape, comm_bytes_per_step
 
 pytestmark = pytest.mark.slow
@@ -32,6 +32,7 @@ def small_config(**overrides) -> Config:
     for dotted, value in overrides.items():
         section, key = dotted.split(".")
         setattr(getattr(cfg, section), key, value)
+    resolve_defaults(cfg, on_gpu=False)  # CPU jobs: fp32, no recompute
     return cfg
 
 
