@@ -8,6 +8,8 @@ from pathlib import Path
 from conftest import run_cli
 from wandb_reader import read_history
 
+from hpcmega.runs.files import RunFolder
+
 RUN = ["run", "--nproc", "1", "--global-batch", "4", "--seq-len", "32", "--wandb", "offline"]
 
 
@@ -23,8 +25,11 @@ def test_offline_run_resumes_the_same_wandb_run_and_never_writes_the_api_key(tmp
     run_id = (run_dir / "wandb_run_id").read_text().strip()
     attempts = sorted(run_dir.glob("wandb/offline-run-*"))
     assert len(attempts) == 2, attempts
-    metrics = {r["step"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
-    assert sorted(metrics) == [1, 2, 3, 4, 5, 6]
+    records = RunFolder(run_dir).metrics()
+    # each step logged once, in order, and one restart marker where the second attempt begins
+    assert [r.get("step") for r in records] == [1, 2, 3, None, 4, 5, 6]
+    assert records[3]["event"] == "restart" and records[3]["last_step_before"] == 3
+    metrics = {r["step"]: r for r in records if "event" not in r}
     logged = {}
     for folder in attempts:
         (wandb_file,) = folder.glob("run-*.wandb")
