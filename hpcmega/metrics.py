@@ -103,8 +103,6 @@ def format_line(record: dict[str, Any], total_steps: int) -> str:
     if record.get("skipped_steps"):
         parts.append(f"[red]skipped {record['skipped_steps']}[/red]")
     parts.append(f"{record['step_time_s'] * 1000:.0f} ms")
-    if "mem_peak_gib" in record:
-        parts.append(f"mem {record['mem_peak_gib']:.1f} GiB")
     if "elapsed_s" in record:
         parts.append(f"elapsed {duration(record['elapsed_s'])} ETA {duration(record.get('eta_s'))}")
     return " | ".join(parts)
