@@ -187,7 +187,11 @@ class ClusterConfig:
     container_mounts: list[str] = setting(help="Bind mount SRC:DST into the container (repeatable; the run folder "
                                                "is always mounted).", factory=list, flag="--container-mount")
     collective_timeout_s: int = setting(600, "Seconds a rank waits in a training collective before the job "
-                                             "aborts (checkpoints use checkpoint.timeout_s).", ge=1)
+                                             "aborts, once the first step is done (checkpoints use "
+                                             "checkpoint.timeout_s).", ge=1)
+    first_step_timeout_s: int = setting(1800, "Seconds a collective may wait until the first training step is "
+                                              "done: model build, checkpoint load and torch.compile's first "
+                                              "compile on every rank.", ge=1)
 
 
 @dataclass

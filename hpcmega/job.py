@@ -24,6 +24,7 @@ from typing import Any
 from hpcmega.config import Config, ConfigError, load_config
 from hpcmega.distenv import DistEnv, from_environment
 from hpcmega.layout import layout_of, natural_key, planned_layout
+from hpcmega.reliability.timeouts import CollectiveTimeouts
 from hpcmega.runs.files import CONFIG, LAYOUT, RunFolder, attempt_marker, job_key
 
 
@@ -177,7 +178,7 @@ def run_rank(cfg: Config | dict[str, Any], run_dir: str) -> dict[str, Any]:
         init_method=f"tcp://{env.master_addr}:{port}",
         rank=env.rank,
         world_size=env.world_size,
-        timeout=datetime.timedelta(seconds=cfg.cluster.collective_timeout_s),
+        timeout=datetime.timedelta(seconds=max(cfg.cluster.first_step_timeout_s, cfg.cluster.collective_timeout_s)),
         device_id=device if device_type == "cuda" else None,
     )
     ok = False
@@ -199,6 +200,7 @@ def run_rank(cfg: Config | dict[str, Any], run_dir: str) -> dict[str, Any]:
             _say(env, f"notice: {w}")
 
         mesh = DeviceMesh(device_type, layout.mesh_grid(), mesh_dim_names=("pp", "dp", "tp"))
+        timeouts = CollectiveTimeouts(mesh, cfg.cluster.first_step_timeout_s, cfg.cluster.collective_timeout_s)
         if env.rank == 0:
             if env.job_id:  # every attempt of a SLURM job (re)claims its run folder; another live holder refuses
                 from hpcmega.reliability.run_lock import acquire
@@ -241,8 +243,13 @@ def run_rank(cfg: Config | dict[str, Any], run_dir: str) -> dict[str, Any]:
                 if logger.describe():
                     _say(env, logger.describe())
             try:
-                result["train"] = train(cfg, mesh, str(run_path), stop_flag=stop_flag,
-                                        on_step=logger.log if logger else None)
+
+                def on_step(record: dict[str, Any]) -> None:
+                    timeouts.first_step_done()  # compile and checkpoint load are behind us: hangs end sooner
+                    if logger is not None:
+                        logger.log(record)
+
+                result["train"] = train(cfg, mesh, str(run_path), stop_flag=stop_flag, on_step=on_step)
             finally:
                 if logger is not None:
                     logger.finish()

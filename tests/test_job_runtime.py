@@ -91,3 +91,40 @@ def test_checkpoint_collectives_wait_longer_than_training_ones(tmp_path):
     results = spawn(2, _slow_rank_saves, str(tmp_path / "ckpt"))
     assert results[0]["short"] != "passed"  # the short group timed out waiting for the late rank...
     assert results[0]["complete"] == results[1]["complete"] == [3]  # ...the checkpoint group did not
+
+
+def _late_rank_in_and_after_the_first_step() -> dict:
+    """Rank 1 reaches a collective 4 s late, once during the first step and once after it (steady timeout 2 s)."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from hpcmega.reliability.timeouts import CollectiveTimeouts
+
+    mesh = init_device_mesh("cpu", (1, 2, 1), mesh_dim_names=("pp", "dp", "tp"))
+    timeouts = CollectiveTimeouts(mesh, first_step_s=60, steady_s=2)
+    dp = mesh.get_group("dp")
+    out = {}
+    if dist.get_rank() == 1:
+        time.sleep(4)  # e.g. compiling more slowly than rank 0
+    total = torch.ones(1)
+    dist.all_reduce(total, group=dp)
+    out["first_step"] = total.item()
+    timeouts.first_step_done()
+    if dist.get_rank() == 1:
+        time.sleep(4)  # a hang after the first step; rank 1 never joins
+    else:
+        try:
+            dist.all_reduce(torch.ones(1), group=dp)
+            out["steady"] = "passed"
+        except Exception as e:  # noqa: BLE001 -- gloo raises RuntimeError on timeout
+            out["steady"] = str(e)
+    return out
+
+
+def test_first_step_may_wait_longer_than_later_collectives():
+    """Pins the seam over torch's private _set_pg_timeout: a late rank is waited for during the first step (slow
+    compile) and timed out after it, on the mesh's own groups."""
+    results = spawn(2, _late_rank_in_and_after_the_first_step)
+    assert results[0]["first_step"] == results[1]["first_step"] == 2.0
+    assert "Timed out" in results[0]["steady"], results[0]["steady"]
