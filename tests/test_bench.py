@@ -38,6 +38,19 @@ def test_goals_relative_to_a_reference_and_to_the_ideal_bubble():
         "single B=8", "DDP dp=2", "dp=2 (FSDP2)"}
 
 
+def test_pp_cases_divide_by_one_process_on_the_same_batch_and_zbv_must_beat_1f1b_where_the_bubble_dominates():
+    cases = {c.name: c for c in default_cases()}
+    pp_cases = [c for c in cases.values() if c.overrides.get("parallel.pp", 1) > 1]
+    assert len(pp_cases) == 5
+    for c in pp_cases:
+        base = cases[c.baseline]
+        assert base.nproc == 1 and base.global_batch == c.global_batch, c.name
+    assert ideal_pp_ratio(2, "1f1b", 1, 2) == pytest.approx(3 / 4)
+    zbv = cases["pp=2 zbv m=2"]
+    assert zbv.goal_ref == "pp=2 1f1b m=2" and zbv.goal < 1.0
+    assert {c.name for c in select(default_cases(), ("zbv m=2",))} == {"single B=8", "pp=2 1f1b m=2", "pp=2 zbv m=2"}
+
+
 def test_bench_rejects_an_unknown_selection():
     r = run_cli(["bench", "--only", "nothing-like-this"])
     assert r.returncode == 2 and "matches no case" in r.stderr
