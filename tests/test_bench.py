@@ -9,7 +9,7 @@ import torch
 
 from conftest import run_cli
 from hpcmega.bench.cases import BenchCase, default_cases, ideal_pp_ratio, select
-from hpcmega.bench.runner import rows_from_times
+from hpcmega.bench.runner import baseline_disagreement, rows_from_times
 
 
 def test_bench_measures_ratios_against_its_own_baselines():
@@ -34,6 +34,11 @@ def test_goals_relative_to_a_reference_and_to_the_ideal_bubble():
     assert rows["x"]["goal"] == pytest.approx(0.66) and rows["x"]["ratio"] == pytest.approx(0.675)
     assert rows["x"]["met"] is False
     assert ideal_pp_ratio(2, "1f1b", 1, 8) == pytest.approx(9 / 16)  # (m + p - 1) / (m p)
+    assert baseline_disagreement(list(rows.values())) == 0.0  # one baseline only
+
+    two = [BenchCase("B=4", 1, {"train.global_batch": 4}), BenchCase("B=32", 1, {"train.global_batch": 32})]
+    # 8x the batch in 10x the time: the B=32 run is 25% slower per token than B=4 -> flagged
+    assert baseline_disagreement(rows_from_times(two, {"B=4": [1.0], "B=32": [10.0]})) == pytest.approx(0.25)
     assert {c.name for c in select(default_cases(), ("dp=2 (FSDP2)",))} == {
         "single B=8", "DDP dp=2", "dp=2 (FSDP2)"}
 

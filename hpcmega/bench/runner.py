@@ -81,6 +81,14 @@ def rows_from_times(cases: list[BenchCase], times: dict[str, list[float]]) -> li
     return rows
 
 
+def baseline_disagreement(rows: list[dict[str, Any]]) -> float:
+    """How far apart the single-process baselines' tokens/s are (max / min - 1). They do the same work per token
+    (same micro-batch, only the number of accumulated microbatches differs; the optimizer is < 5% of a step), so a
+    large spread means one of them ran in a slow phase and every ratio dividing by it is off by that much."""
+    rates = [r["tokens_per_s"] for r in rows if r["procs"] == 1 and r["ratio"] is None and r["kind"] == "job"]
+    return max(rates) / min(rates) - 1.0 if len(rates) > 1 else 0.0
+
+
 def run_comm(cases: list[BenchCase], workdir: Path | None = None) -> list[dict[str, Any]]:
     """`--comm`: one recorded step (after one unrecorded) per case; measured bytes per dimension vs the planner."""
     from hpcmega.planning.estimate import Shape, comm_bytes_per_step

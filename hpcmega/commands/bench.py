@@ -20,6 +20,13 @@ def _print_timing(rows: list[dict]) -> None:
                    f"  {met}")
     click.echo("ms per step (min/median/max over all measured steps); ratio = median / the single-process median; "
                "goals relative to a reference are goal x its ratio.")
+    from hpcmega.bench.runner import baseline_disagreement
+
+    spread = baseline_disagreement(rows)
+    if spread > 0.10:
+        click.echo(f"warning: the single-process baselines differ by {100 * spread:.0f}% in tokens/s although they do "
+                   "the same work per token; the machine was not quiet for one of them, so ratios against it are off "
+                   "by as much -- rerun with --repeats 3")
 
 
 def _print_comm(rows: list[dict]) -> None:
