@@ -65,3 +65,18 @@ def test_bench_rejects_an_unknown_selection():
 def test_bench_gpu_refuses_without_a_gpu():
     r = run_cli(["bench", "--gpu"])
     assert r.returncode == 2 and "needs a CUDA GPU" in r.stderr
+
+
+def test_pp_profile_accounts_every_stage_call_of_the_split_backward():
+    from hpcmega.bench.pp_profile import profile
+
+    tiny = {"model.d_model": 64, "model.n_heads": 4, "model.n_layers": 4, "model.vocab_size": 128,
+            "model.max_seq_len": 32, "train.seq_len": 32, "train.micro_batch": 1}
+    ranks = profile("zbv", microbatches=2, steps=1, warmup=0, model=tiny)
+    for (step,) in ranks:  # zbv: 2 stages per rank, each does F, I and W once per microbatch; no full backward
+        assert {p: step[p]["calls"] for p in ("forward", "backward_input", "backward_weight")} == {
+            "forward": 4, "backward_input": 4, "backward_weight": 4}
+        assert "backward" not in step
+        parts = sum(step[p]["wall"] for p in step if p != "step")
+        assert parts == pytest.approx(step["step"]["wall"])  # the remainders close the sum: nothing double counted
+        assert 0 < step["step"]["cpu"] <= step["step"]["wall"] * 1.05
