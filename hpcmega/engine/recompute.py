@@ -12,7 +12,10 @@
   Under tensor + sequence parallelism two kinds of result are *not* kept, because each is t times larger than the
   sequence shard it comes from: all-gather outputs (the full-sequence input of a column-parallel matmul; backward
   gathers again, as Megatron does) and row-parallel partial sums (a matmul contracting a "tp"-sharded dimension,
-  whose only consumer is the reduce-scatter, which is kept). Per rank the bytes then fall as 1/t (34 s·b·h/t in
+  whose only consumer is the reduce-scatter, which is kept). The TP block computes on plain local shards
+  (:mod:`hpcmega.engine.tensor_parallel`), so a partial sum cannot be told from its arguments: the block runs its
+  row-parallel matmuls inside :func:`partial_sums`, and the policy reads that mark (forward and recompute run the
+  same code, so both see the same decisions). Per rank the bytes then fall as 1/t (34 s·b·h/t in
   the paper, 22.5 s·b·h/t here in bf16; tests/test_recompute.py). Extra backward cost with TP: the two all-gathers
   and the attention output projection (1 of the block's 6 matmuls) run again; without TP, elementwise work only.
 
@@ -21,11 +24,12 @@ names are unchanged and gradients are bitwise identical to ``none``.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from hpcmega.config import RECOMPUTE_MODES
@@ -51,22 +55,23 @@ ATTENTION = _ops(
 REDUCTIONS = _ops(torch.ops._c10d_functional, ("reduce_scatter_tensor", "all_reduce"))
 
 
-def _first_matrix(op: Any, args: tuple) -> Any:
-    return args[1] if op in (torch.ops.aten.addmm.default, torch.ops.aten.baddbmm.default) else args[0]
+_in_partial_sums = [False]
 
 
-def _is_partial_sum(op: Any, args: tuple) -> bool:
-    """A row-parallel matmul: it contracts a dimension sharded over "tp", so its result is a partial sum of the
-    full sequence (t times the size of the reduced shard) that only the following reduce feeds on."""
-    a = _first_matrix(op, args)
-    if not isinstance(a, DTensor):
-        return False
-    last = a.ndim - 1
-    return any(p.is_shard() and p.dim in (last, -1) for p in a.placements)
+@contextlib.contextmanager
+def partial_sums() -> Iterator[None]:
+    """Matmuls run inside this are row-parallel: they contract a dimension sharded over "tp", so each result is a
+    partial sum of the full sequence (t times the size of the reduced shard) that only the following reduce feeds
+    on -- selective recompute does not keep it."""
+    _in_partial_sums[0] = True
+    try:
+        yield
+    finally:
+        _in_partial_sums[0] = False
 
 
-def _selective_policy(_ctx: Any, op: Any, *args: Any, **_kwargs: Any) -> CheckpointPolicy:
-    if op in ATTENTION or op in REDUCTIONS or (op in MATMULS and not _is_partial_sum(op, args)):
+def _selective_policy(_ctx: Any, op: Any, *_args: Any, **_kwargs: Any) -> CheckpointPolicy:
+    if op in ATTENTION or op in REDUCTIONS or (op in MATMULS and not _in_partial_sums[0]):
         return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE
 

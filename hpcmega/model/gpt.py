@@ -65,6 +65,8 @@ class Block(nn.Module):
 
     ``checkpoint_fn`` is set by :mod:`hpcmega.engine.recompute` (activation recompute); it runs the block body, e.g.
     under ``torch.utils.checkpoint``. Doing it here rather than with a wrapper module keeps parameter names intact.
+    ``sharded_body`` is set by :mod:`hpcmega.engine.tensor_parallel`: under tensor parallelism the block computes on
+    the local shards of its (DTensor) parameters with a few explicit collectives instead of the code below.
     """
 
     def __init__(self, d_model: int, n_heads: int) -> None:
@@ -74,8 +76,11 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(d_model)
         self.mlp = MLP(d_model)
         self.checkpoint_fn: Callable[..., torch.Tensor] | None = None
+        self.sharded_body: Callable[[Block, torch.Tensor], torch.Tensor] | None = None
 
     def body(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sharded_body is not None:
+            return self.sharded_body(self, x)
         x = x + self.attn(self.ln1(x))
         return x + self.mlp(self.ln2(x))
 

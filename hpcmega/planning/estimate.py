@@ -310,8 +310,9 @@ def tp_bytes(sh: Shape, pp_rank: int) -> float:
     """Per microbatch, in all-reduce equivalents (an all-gather + reduce-scatter pair with SP moves the same bytes):
     4 per block (6 with full recompute: the recomputed forward repeats its two); on the first stage one for the
     token embedding (b*s*h) and one for the position embedding (s*h, shared by the micro-batch); on the last stage
-    one for the column-parallel head's input. With SP the LayerNorm gradients (Partial over tp) are all-reduced
-    once per step in fp32."""
+    one for the column-parallel head's input. With SP the gradients of the replicated block parameters that only
+    see a sequence shard (both LayerNorms, the wo and fc2 biases: 6h per block; 2h for the final norm) are Partial
+    over tp and all-reduced once per step in fp32."""
     if sh.tp == 1:
         return 0.0
     stages, n_layers = _rank_stages(sh, pp_rank)
@@ -321,7 +322,7 @@ def tp_bytes(sh: Shape, pp_rank: int) -> float:
     elements = n_layers * per_block * sbh + first * (sbh + sh.s * sh.h) + last * sbh
     total = wire_bytes("all_reduce", elements * sh.compute_bytes * sh.m, sh.tp)
     if sh.sp:
-        total += wire_bytes("all_reduce", FP32 * (4 * sh.h * n_layers + 2 * sh.h * last), sh.tp)
+        total += wire_bytes("all_reduce", FP32 * (6 * sh.h * n_layers + 2 * sh.h * last), sh.tp)
     return total
 
 
