@@ -217,8 +217,8 @@ class CheckpointConfig:
     resume: str = setting("auto", "auto | none | a checkpoint URL.")
     verify_checksums: bool = setting(True, "Check every checkpoint file's SHA-256 on load (sizes are always "
                                            "checked); off for huge checkpoints.")
-    trust: bool = setting(False, "Allow --resume from outside this run's checkpoint location (DCP unpickles its "
-                                 ".metadata: only for checkpoints you trust).",
+    trust: bool = setting(False, "Load a checkpoint from outside the run's own checkpoint location (--resume, "
+                                 "sample, ckpt export; DCP unpickles its .metadata: only checkpoints you trust).",
                           flag="--trust-checkpoint/--no-trust-checkpoint")
     timeout_s: int = setting(1800, "Seconds checkpoint save/load collectives may take (their own gloo group): "
                                    "slow storage is not a hang.", flag="--ckpt-timeout", ge=1)

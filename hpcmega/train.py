@@ -280,6 +280,8 @@ def train(cfg: Config, mesh: DeviceMesh, run_dir: str, stop_flag=None, on_step=N
     app_state = {"model": ModelOptimizerState(trainer.model_parts, trainer.optimizers), "train": TrainState(trainer)}
     layout_meta = {"pp": trainer.pp, "dp": trainer.dp, "tp": trainer.tp, "world_size": mesh.size()}
     resumed = resume(cfg, ckpt, app_state, trainer.console.info if trainer.console else lambda msg: None)
+    if resumed:  # the guard's counts are the same on every rank: rank 0's meta.json carries them
+        trainer.guard.load_state_dict(resumed.meta.get("step_guard", {}))
     source = resumed.url if resumed else None
     last_saved = trainer.step if source else -1
 
@@ -287,7 +289,8 @@ def train(cfg: Config, mesh: DeviceMesh, run_dir: str, stop_flag=None, on_step=N
         nonlocal last_saved
         if last_saved != t.step:
             wandb_id = files.RunFolder(run_dir).wandb_id()
-            meta = {"layout": layout_meta, "wandb_run_id": wandb_id, "config": cfg.to_dict()}
+            meta = {"layout": layout_meta, "wandb_run_id": wandb_id, "config": cfg.to_dict(),
+                    "step_guard": t.guard.state_dict()}
             info = ckpt.save(t.step, app_state, meta)
             last_saved = t.step
             if t.console:

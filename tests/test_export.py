@@ -4,6 +4,7 @@ models and a non-empty output folder are refused before anything is written."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -87,3 +88,9 @@ def test_export_of_a_pipeline_parallel_checkpoint_round_trips_through_transforme
     missing = run_cli(["ckpt", "export", run_dir, "--step", "2", "--to", "hf", tmp_path / "other"])
     assert missing.returncode == 2 and "complete step(s): 3" in missing.stderr
     assert not (tmp_path / "other").exists()
+
+    # A copy outside any run folder is loaded only when trusted: its DCP .metadata is a pickle.
+    shutil.copytree(run_dir / "checkpoints", tmp_path / "copied")
+    untrusted = run_cli(["ckpt", "export", tmp_path / "copied", "--to", "hf", tmp_path / "from-copy"])
+    assert untrusted.returncode == 2 and "--trust-checkpoint" in untrusted.stderr, untrusted.stderr
+    assert "unpickles" in untrusted.stderr and not (tmp_path / "from-copy").exists()

@@ -110,3 +110,32 @@ def test_k_poisoned_steps_in_a_row_stop_the_run_on_every_rank(tmp_path):
         assert "--max-consecutive-skips" in rank["error"]
         assert [s["record"]["skipped_steps"] for s in rank["snapshots"]] == [0, 1]  # step 3 raised, no record
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def _train_twice_with_a_huge_lr(run_dir: str) -> dict:
+    """One rank, lr 1e30: step 1 throws the weights to ~1e30, so every later step's loss overflows and is skipped.
+    Train 3 steps (saved at the end), then resume the same run folder to 6 steps; the records of both, or the
+    resumed run's error."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from hpcmega.runs.files import RunFolder
+    from hpcmega.train import train
+
+    errors = []
+    for steps in (3, 6):
+        cfg = _cfg(max_skips=4)
+        cfg.train.steps, cfg.train.lr, cfg.train.min_lr = steps, 1e30, 1e30
+        mesh = init_device_mesh("cpu", (1, 1, 1), mesh_dim_names=("pp", "dp", "tp"))
+        try:
+            train(cfg, mesh, run_dir)
+        except NonFiniteStepsError as e:
+            errors.append(str(e))
+    return {"records": list(RunFolder(run_dir).steps()), "errors": errors}
+
+
+def test_skipped_steps_and_the_run_of_skips_survive_a_resume(tmp_path):
+    """Steps 2-3 are skipped before the checkpoint of step 3; the resumed run counts on (3 at step 4) and stops at
+    the 4th skip in a row (step 5) -- before, a resume restarted both counts at zero and the run went on."""
+    (result,) = spawn(1, _train_twice_with_a_huge_lr, str(tmp_path))
+    assert [(r["step"], r["skipped_steps"]) for r in result["records"]] == [(1, 0), (2, 1), (3, 2), (4, 3)]
+    assert len(result["errors"]) == 1 and "4 consecutive steps up to step 5" in result["errors"][0], result

@@ -2,6 +2,8 @@
 what the model learned; the same seed prints the same text, temperature 0 ignores the seed."""
 from __future__ import annotations
 
+import shutil
+
 import pytest
 from conftest import run_cli
 
@@ -18,6 +20,29 @@ def test_a_model_without_gpt2s_vocabulary_is_refused():
         sample_text(model, "hello", 5, 0.0, 0)
 
 
+def test_only_a_run_folders_own_checkpoints_load_without_trust(tmp_path):
+    """`sample` / `ckpt export` pick checkpoints with find_checkpoint: the --resume rule (DCP .metadata is a pickle)
+    applies -- a run folder, its checkpoints folder or one of its step folders load; a copy elsewhere needs
+    --trust-checkpoint."""
+    from hpcmega.config import Config
+    from hpcmega.inference.locate import find_checkpoint
+    from hpcmega.runs.files import RunFolder
+
+    run = RunFolder(tmp_path / "run")
+    run.path.mkdir()
+    run.write_config(Config().to_toml())
+    step = run / "checkpoints" / "step-00000002"
+    step.mkdir(parents=True)
+    (step / "meta.json").write_text('{"step": 2, "manifest": {}}')
+    for target in (run.path, run / "checkpoints", step):
+        assert find_checkpoint(str(target)).step == 2
+    copy = shutil.copytree(run / "checkpoints", tmp_path / "copy")
+    for target in (copy, copy / step.name):
+        with pytest.raises(ConfigError, match=r"not inside a run folder's checkpoint location.*--trust-checkpoint"):
+            find_checkpoint(str(target))
+        assert find_checkpoint(str(target), trust=True).step == 2
+
+
 @pytest.mark.slow
 def test_sample_prints_what_a_tp2_run_learned_and_is_deterministic(tmp_path):
     (tmp_path / "text.txt").write_text(LINE * 300)
@@ -29,14 +54,21 @@ def test_sample_prints_what_a_tp2_run_learned_and_is_deterministic(tmp_path):
                        "--min-lr", "3e-2", "--wandb", "disabled", "--run-dir", run_dir], cwd=tmp_path)
     assert trained.returncode == 0, trained.stdout + trained.stderr
 
-    def sample(*args):
-        result = run_cli(["sample", run_dir, "--max-new-tokens", "12", *args])
+    def sample(*args, target=run_dir):
+        result = run_cli(["sample", target, "--max-new-tokens", "12", *args])
         assert result.returncode == 0, result.stdout + result.stderr
         return result.stdout.rstrip("\n")
 
     greedy = sample("--prompt", "one two three", "--temperature", "0")
     assert greedy.startswith(LINE.strip()), greedy  # it learned the line (training loss ~0.3)
-    assert sample("--prompt", "one two three", "--temperature", "0", "--seed", "7") == greedy
+    step40 = run_dir / "checkpoints" / "step-00000040"  # a step folder of a run folder is the run's own
+    assert sample("--prompt", "one two three", "--temperature", "0", "--seed", "7", target=step40) == greedy
+    # A copy outside any run folder is loaded only with --trust-checkpoint: its DCP .metadata is a pickle.
+    copy = shutil.copytree(step40, tmp_path / "elsewhere" / step40.name)
+    refused = run_cli(["sample", copy, "--prompt", "one two three"])
+    assert refused.returncode == 2 and "--trust-checkpoint" in refused.stderr, refused.stdout + refused.stderr
+    assert "unpickles" in refused.stderr and refused.stdout == ""
+    assert sample("--prompt", "one two three", "--temperature", "0", "--trust-checkpoint", target=copy) == greedy
     warm = sample("--prompt", "six", "--temperature", "1.0", "--seed", "3")
     assert warm.startswith("six ") and len(warm) > len("six ")
     assert sample("--prompt", "six", "--temperature", "1.0", "--seed", "3", "--step", "40") == warm

@@ -6,6 +6,7 @@ from pathlib import Path
 import click
 
 from hpcmega.commands.ckpt import ckpt_group
+from hpcmega.commands.options import field_option
 
 FORMATS = ("hf",)
 
@@ -15,8 +16,9 @@ FORMATS = ("hf",)
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--to", "fmt", type=click.Choice(FORMATS), required=True, help="hf: Hugging Face GPT-2 folder.")
 @click.option("--step", type=click.IntRange(min=0), help="Checkpoint step (default: the newest complete one).")
+@field_option("checkpoint.trust", "trust")
 @click.option("--force", is_flag=True, help="Write into OUT even if it is not empty.")
-def export(target: str, out: str, fmt: str, step: int | None, force: bool) -> None:
+def export(target: str, out: str, fmt: str, step: int | None, trust: bool | None, force: bool) -> None:
     """Export RUN_OR_CKPT (a run folder, RUN/checkpoints or a step folder, written with any layout) to OUT.
 
     \b
@@ -29,7 +31,7 @@ def export(target: str, out: str, fmt: str, step: int | None, force: bool) -> No
     if Path(out).is_dir() and any(Path(out).iterdir()) and not force:
         raise click.UsageError(f"{out} is not empty; pick a new folder or pass --force to overwrite files in it")
     try:
-        info = find_checkpoint(target, step)
+        info = find_checkpoint(target, step, bool(trust))
         from hpcmega.inference.hf_gpt2 import export_hf
         from hpcmega.inference.load import load_model
 

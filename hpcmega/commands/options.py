@@ -29,7 +29,7 @@ def _help(info: FieldInfo) -> str:
     return f"{s.help}{shown} (config: {info.key})"
 
 
-def _option(info: FieldInfo) -> Callable:
+def _option(info: FieldInfo, param: str | None = None) -> Callable:
     kwargs: dict[str, Any] = dict(default=None, help=_help(info))
     if info.spec.choices:
         kwargs["type"] = click.Choice(list(info.spec.choices))
@@ -39,7 +39,13 @@ def _option(info: FieldInfo) -> Callable:
         kwargs.update(multiple=True, default=(), metavar="KEY=VALUE")
     elif info.value_type is not bool:
         kwargs["type"] = info.value_type
-    return click.option(info.decls, _param(info), **kwargs)
+    return click.option(info.decls, param or _param(info), **kwargs)
+
+
+def field_option(key: str, param: str) -> Callable:
+    """Decorator: the flag of one declared field for a command without a config (e.g. --trust-checkpoint of
+    `sample`); the command gets it as ``param`` (None when not given)."""
+    return _option(FIELDS[key], param)
 
 
 def field_flags(with_cluster: bool) -> list[FieldInfo]:

@@ -16,8 +16,9 @@ class NonFiniteStepsError(RuntimeError):
 
 
 class StepGuard:
-    """``check(step, loss, grad_norm)`` -> apply the optimizer step? Counts ``skipped_steps`` (since this job
-    started) and raises :class:`NonFiniteStepsError` at ``max_consecutive`` skips in a row."""
+    """``check(step, loss, grad_norm)`` -> apply the optimizer step? Counts ``skipped_steps`` (over the whole run:
+    a checkpoint carries ``state_dict()``, so a resumed run goes on counting) and raises
+    :class:`NonFiniteStepsError` at ``max_consecutive`` skips in a row, a run of skips across a resume included."""
 
     def __init__(self, max_consecutive: int) -> None:
         if max_consecutive < 1:
@@ -25,6 +26,14 @@ class StepGuard:
         self.max_consecutive = max_consecutive
         self.skipped_steps = 0
         self.consecutive = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"skipped_steps": self.skipped_steps, "consecutive": self.consecutive}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """``state`` from a checkpoint's meta.json; one written before the guard was saved restores zeros."""
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.consecutive = int(state.get("consecutive", 0))
 
     def check(self, step: int, loss: float, grad_norm: float) -> bool:
         if math.isfinite(loss) and math.isfinite(grad_norm):

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from hpcmega.checkpoint import MARKER, CheckpointInfo, by_save_order, list_checkpoints
 from hpcmega.config import ConfigError
-from hpcmega.runs.files import checkpoints_of
+from hpcmega.reliability.checkpoint_rules import check_trusted
+from hpcmega.runs.files import checkpoints_of, enclosing_run
 
 
 def _is_step_folder(target: str) -> bool:
@@ -13,10 +14,18 @@ def _is_step_folder(target: str) -> bool:
     return fs.exists(path.rstrip("/") + "/" + MARKER)
 
 
-def find_checkpoint(target: str, step: int | None = None) -> CheckpointInfo:
+def find_checkpoint(target: str, step: int | None = None, trust: bool = False) -> CheckpointInfo:
     """The newest intact save under ``target`` (the one ``--resume auto`` would take), or the newest of ``step``; a
-    step folder is taken as is. Damaged checkpoints (files not matching their manifest's sizes) are never chosen."""
-    target = target.rstrip("/")
+    step folder is taken as is. Damaged checkpoints (files not matching their manifest's sizes) are never chosen.
+    Outside the checkpoint location of the run folder ``target`` is (or is in), only with ``trust``: loading it
+    unpickles its DCP metadata (the rule of ``--resume``)."""
+    info = _choose(target.rstrip("/"), step)
+    run = enclosing_run(target)
+    check_trusted(info.url, run.checkpoint_url() if run else None, trust, named="checkpoint")
+    return info
+
+
+def _choose(target: str, step: int | None) -> CheckpointInfo:
     if _is_step_folder(target):
         parent, name = target.rsplit("/", 1)
         candidates = [i for i in list_checkpoints(parent) if i.name == name]

@@ -3,7 +3,9 @@
 - The model shape must match: DCP would load a 4-layer checkpoint into a 2-layer model silently (it loads the keys
   it is asked for) or fail with a raw tensor-shape traceback.
 - A checkpoint outside the run's own checkpoint location must be trusted explicitly: DCP's ``.metadata`` file is a
-  Python pickle, so loading it runs whatever code a crafted file contains, on every rank.
+  Python pickle, so loading it runs whatever code a crafted file contains, on every rank. The same rule holds for
+  `sample` and `ckpt export` (hpcmega.inference.locate): a run folder's own checkpoints load, anything else needs
+  --trust-checkpoint.
 """
 from __future__ import annotations
 
@@ -36,8 +38,12 @@ def is_inside(url: str, location: str) -> bool:
     return url == location or url.startswith(location.rstrip("/") + "/")
 
 
-def check_trusted(url: str, location: str, trust: bool) -> None:
-    if not trust and not is_inside(url, location):
-        raise ConfigError(f"--resume {url} is outside this run's checkpoint location {location}; loading a "
-                          "checkpoint unpickles its DCP .metadata, which can run code: pass --trust-checkpoint "
-                          "if you trust who wrote it")
+def check_trusted(url: str, location: str | None, trust: bool, named: str = "--resume") -> None:
+    """Refuse to load ``url`` (named on the command line as ``named``) unless it is inside ``location``, the
+    checkpoint location of the run it belongs to (None: it belongs to no run folder), or ``trust`` is given."""
+    if trust or (location is not None and is_inside(url, location)):
+        return
+    where = f"outside this run's checkpoint location {location}" if location is not None else \
+        "not inside a run folder's checkpoint location"
+    raise ConfigError(f"{named} {url} is {where}; loading a checkpoint unpickles its DCP .metadata, which can run "
+                      "code: pass --trust-checkpoint if you trust who wrote it")

@@ -195,6 +195,18 @@ def checkpoints_of(url_or_run: str) -> str:
     return run.checkpoint_url()
 
 
+def enclosing_run(target: str) -> RunFolder | None:
+    """The run folder that ``target`` is, or holds as its checkpoints folder or one of its step folders (local
+    paths; None for URLs and anything else)."""
+    if "://" in target:
+        return None
+    path = Path(target).absolute()
+    for folder in (path, path.parent, path.parent.parent):
+        if (folder / CONFIG).is_file():
+            return RunFolder(folder)
+    return None
+
+
 def find_runs(root: str | os.PathLike, depth: int = 2) -> list[RunFolder]:
     """Run folders under ``root`` (itself, its children, and theirs: a sweep keeps its points in one folder)."""
     base = Path(root)
