@@ -35,6 +35,14 @@ def run_cli(args: list[str], cwd: str | Path | None = None, timeout: float = 300
                           capture_output=True, text=True, timeout=timeout)
 
 
+def assert_refused(result: subprocess.CompletedProcess, words: list[str], folder: Path) -> None:
+    """Bad input: exit 2 with every one of ``words`` in the error, and nothing written into ``folder``."""
+    assert result.returncode == 2, result.stdout + result.stderr
+    for word in words:
+        assert word in result.stderr, (word, result.stderr)
+    assert list(Path(folder).iterdir()) == []
+
+
 def popen_cli(args: list[str], output: Path, cwd: str | Path | None = None,
               env: dict[str, str] | None = None) -> subprocess.Popen:
     """Start `hpcmega ARGS` in the background, stdout and stderr into the file ``output`` (a pipe nobody reads
@@ -55,6 +63,19 @@ def process_env(pid: int) -> dict[str, str]:
 
 def all_pids() -> list[int]:
     return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
+
+
+def rank_pids(run_dir: str | Path) -> list[int]:
+    """The rank processes (``python -m hpcmega.job``) of the local run in ``run_dir``."""
+    out = []
+    for pid in all_pids():
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if "hpcmega.job" in cmd and str(run_dir) in cmd:
+            out.append(pid)
+    return out
 
 
 def _sinfo_answers() -> bool:

@@ -8,13 +8,15 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import run_cli
+from conftest import rank_pids, run_cli
 from engine_harness import free_port
 
 from hpcmega.checkpoint import CheckpointManager, ModelOptimizerState, TrainState, list_checkpoints
 from hpcmega.config import load_config
 
 SMALL = ["--global-batch", "4", "--seq-len", "32", "--wandb", "disabled"]
+# 2 layers split over pp=2; 4 heads and vocab 128 divide by tp=4.
+SHAPE = ["--layers", "2", "--heads", "4", "--vocab-size", "128"]
 
 
 @pytest.fixture
@@ -30,7 +32,8 @@ def _trainer(tmp_path, name):
 
     from hpcmega.train import Trainer
 
-    cfg = load_config(overrides={"train.steps": 3, "train.global_batch": 4, "train.seq_len": 32})
+    cfg = load_config(overrides={"train.steps": 3, "train.global_batch": 4, "train.seq_len": 32,
+                                 "model.n_layers": 2, "model.n_heads": 4, "model.vocab_size": 128})
     mesh = init_device_mesh("cpu", (1, 1, 1), mesh_dim_names=("pp", "dp", "tp"))
     return Trainer(cfg, mesh, str(tmp_path / name))
 
@@ -89,14 +92,14 @@ def test_reshard_resume_and_incomplete_checkpoint(tmp_path):
     the uninterrupted run's steps 6-10. A checkpoint without its commit marker (what a save killed before the
     marker leaves) is listed INCOMPLETE and `--resume auto` takes the one before it."""
     base = tmp_path / "pp2tp2"
-    r = run_cli(["run", "--nproc", "4", "--tp", "2", "--pp", "2", "--steps", "10", "--save-every", "5", *SMALL,
-                 "--run-dir", base], timeout=600)
+    r = run_cli(["run", "--nproc", "4", "--tp", "2", "--pp", "2", "--steps", "10", "--save-every", "5", *SHAPE,
+                 *SMALL, "--run-dir", base], timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     want = _losses(base)
     step5 = base / "checkpoints" / "step-00000005"
     for name, layout in (("tp4", ["--nproc", "4", "--tp", "4"]), ("single", ["--nproc", "1"])):
         d = tmp_path / name
-        r = run_cli(["run", *layout, "--steps", "10", *SMALL, "--resume", step5, "--trust-checkpoint",
+        r = run_cli(["run", *layout, "--steps", "10", *SHAPE, *SMALL, "--resume", step5, "--trust-checkpoint",
                      "--run-dir", d], timeout=600)
         assert r.returncode == 0, r.stdout + r.stderr
         got = _losses(d)
@@ -110,8 +113,8 @@ def test_reshard_resume_and_incomplete_checkpoint(tmp_path):
     ls = run_cli(["ckpt", "ls", base / "checkpoints"])
     assert ls.returncode == 0 and "INCOMPLETE" in ls.stdout and "pp=2 dp=1 tp=2" in ls.stdout
     (base / "metrics.jsonl").unlink()
-    r = run_cli(["run", "--nproc", "4", "--tp", "2", "--pp", "2", "--steps", "10", "--save-every", "5", *SMALL,
-                 "--run-dir", base], timeout=600)
+    r = run_cli(["run", "--nproc", "4", "--tp", "2", "--pp", "2", "--steps", "10", "--save-every", "5", *SHAPE,
+                 *SMALL, "--run-dir", base], timeout=600)
     assert r.returncode == 0 and "resumed from" in r.stdout and "step-00000005" in r.stdout, r.stdout + r.stderr
     again = _losses(base)
     assert sorted(again) == list(range(6, 11))
@@ -127,20 +130,12 @@ def test_ckpt_ls_on_an_empty_url_names_the_problem(tmp_path):
 def _kill_ranks_of(run_dir) -> None:
     import os
     import signal
-    from pathlib import Path
 
-    from conftest import all_pids
-
-    for pid in all_pids():
+    for pid in rank_pids(run_dir):
         try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-        except OSError:
-            continue
-        if "hpcmega.job" in cmdline and str(run_dir) in cmdline:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def test_sigkill_during_a_save_leaves_the_previous_checkpoint_to_resume(tmp_path):
@@ -155,9 +150,10 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint_to_resume(tmp_path
     from conftest import CLI_ENV, hpcmega_exe
 
     run_dir = tmp_path / "run"
-    # A 50k vocabulary makes each checkpoint ~80 MB, so its write takes long enough to be caught half-way.
-    args = ["run", "--nproc", "1", "--vocab-size", "50304", "--steps", "6", "--save-every", "2", *SMALL,
-            "--run-dir", str(run_dir)]
+    # A 50k vocabulary makes each checkpoint ~80 MB (the embedding, the head and their Adam moments; 2 layers are a
+    # small part), so its write takes long enough to be caught half-way.
+    args = ["run", "--nproc", "1", "--vocab-size", "50304", "--layers", "2", "--steps", "6", "--save-every", "2",
+            *SMALL, "--run-dir", str(run_dir)]
     proc = subprocess.Popen([hpcmega_exe(), *args], env=CLI_ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     target = run_dir / "checkpoints" / "step-00000004"

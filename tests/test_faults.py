@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import rank_pids
 
 from hpcmega.cli import main
 from hpcmega.config import ConfigError, load_config
@@ -364,20 +365,6 @@ def _children(pid: int) -> list[int]:
         return []
 
 
-def _rank_pids(run_dir: Path) -> list[int]:
-    from conftest import all_pids
-
-    out = []
-    for pid in all_pids():
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-        except OSError:
-            continue
-        if "hpcmega.job" in cmd and str(run_dir) in cmd:
-            out.append(pid)
-    return out
-
-
 def _wait_for(predicate, timeout: float = 240.0, what: str = "") -> None:
     import time
 
@@ -421,7 +408,7 @@ def test_a_stop_signal_during_start_up_is_deferred_not_fatal(tmp_path):
     run_dir, log = tmp_path / "run", tmp_path / "out.txt"
     proc = popen_cli([*TINY_RUN, "--nproc", "2", "--steps", "3", "--run-dir", run_dir], log)
     try:
-        _wait_for(lambda: len(_rank_pids(run_dir)) == 2 or proc.poll() is not None, what="ranks to start")
+        _wait_for(lambda: len(rank_pids(run_dir)) == 2 or proc.poll() is not None, what="ranks to start")
         proc.send_signal(signal.SIGUSR2)
         code = proc.wait(timeout=240)
     finally:
@@ -444,12 +431,12 @@ def test_ranks_die_with_a_killed_launcher(tmp_path):
     metrics = run_dir / "metrics.jsonl"
     try:
         _wait_for(lambda: metrics.exists() and metrics.read_text().strip(), what="training")
-        assert len(_rank_pids(run_dir)) == 2
+        assert len(rank_pids(run_dir)) == 2
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-        _wait_for(lambda: not _rank_pids(run_dir), timeout=20, what="orphaned ranks to end")
+        _wait_for(lambda: not rank_pids(run_dir), timeout=20, what="orphaned ranks to end")
     finally:
-        for pid in _rank_pids(run_dir):
+        for pid in rank_pids(run_dir):
             os.kill(pid, signal.SIGKILL)
 
 
@@ -515,7 +502,7 @@ def test_a_second_run_on_a_busy_run_folder_is_refused_naming_the_holder(tmp_path
             assert f"in use by hpcmega run pid {proc.pid}" in out.stderr and "Traceback" not in out.output
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        _wait_for(lambda: not _rank_pids(run_dir), timeout=20, what="ranks to end")
+        _wait_for(lambda: not rank_pids(run_dir), timeout=20, what="ranks to end")
     finally:
         if proc.poll() is None:
             proc.kill()

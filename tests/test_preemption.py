@@ -19,7 +19,12 @@ from hpcmega.preemption import decide_requeue
 # Far from the limit even on a loaded CI machine (seconds per step): the time-limit USR2 (signal_grace_s before
 # the limit) would otherwise requeue an attempt a second time and the tests count attempts.
 TIME_LIMIT = "00:30:00"
-MODEL = ["--tp", "2", "--pp", "2", "--global-batch", "4", "--seq-len", "32", "--steps", "80"]
+# A 2-layer, 2-head model is enough for pp=2 x tp=2 (one block per stage, one head per rank). STEPS leaves dozens of
+# steps after the signal (sent once 3 steps are logged), so the save is mid-run even where steps are fast; both
+# preemption tests train the same run, so one uninterrupted reference serves both.
+STEPS = 60
+SHAPE = ["--layers", "2", "--heads", "2", "--vocab-size", "128", "--global-batch", "4", "--seq-len", "32"]
+MODEL = ["--tp", "2", "--pp", "2", *SHAPE, "--steps", str(STEPS)]
 
 
 def _losses(run_dir: Path) -> dict[int, float]:
@@ -27,6 +32,36 @@ def _losses(run_dir: Path) -> dict[int, float]:
     from hpcmega.runs.files import RunFolder
 
     return {rec["step"]: rec["loss"] for rec in RunFolder(run_dir).steps()}
+
+
+@pytest.fixture(scope="module")
+def reference_losses(tmp_path_factory) -> dict[int, float]:
+    """The losses of MODEL trained without interruption, same layout, on this machine (`hpcmega run`)."""
+    ref_dir = tmp_path_factory.mktemp("preemption") / "reference"
+    ref = run_cli(["run", "--nproc", "4", *MODEL, "--wandb", "disabled", "--run-dir", ref_dir], timeout=600)
+    assert ref.returncode == 0, ref.stdout + ref.stderr
+    return _losses(ref_dir)
+
+
+def _assert_losses_of_an_uninterrupted_run(run_dir: Path, want: dict[int, float]) -> dict[int, float]:
+    got = _losses(run_dir)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step in range(1, STEPS + 1):
+        assert abs(got[step] - want[step]) <= 1e-5 * abs(want[step]), (step, got[step], want[step])
+    return got
+
+
+def _wait_for_steps(proc, log: Path, run_dir: Path, steps: int, timeout: float) -> str:
+    """Wait until the submitted job has logged ``steps`` steps (metrics.jsonl); returns its SLURM job id."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        m = re.search(r"submitted job (\d+)", log.read_text())
+        metrics = run_dir / "metrics.jsonl"
+        if m and metrics.exists() and len(metrics.read_text().splitlines()) >= steps:
+            return m.group(1)
+        assert proc.poll() is None, log.read_text()
+        time.sleep(0.1)
+    raise AssertionError(f"no {steps} steps logged in {timeout} s:\n{log.read_text()}")
 
 
 def test_requeue_policy():
@@ -37,24 +72,14 @@ def test_requeue_policy():
 
 
 @pytest.mark.slurm
-def test_usr2_saves_requeues_and_resumes_with_identical_losses(slurm_cluster, tmp_path):
+def test_usr2_saves_requeues_and_resumes_with_identical_losses(slurm_cluster, tmp_path, reference_losses):
     run_dir, log = tmp_path / "run", tmp_path / "submit.out"
     api_key = "sk-" + secrets.token_hex(20)  # must never reach the run folder, sbatch script or pickled job
     proc = popen_cli(["submit", "--nodes", "2", "--gpus-per-node", "2", "--cpu", "--time", TIME_LIMIT, *MODEL,
                       "--wandb", "offline", "--wait", "--run-dir", run_dir], log, cwd=tmp_path,
                      env={"WANDB_API_KEY": api_key, "WANDB_SILENT": "true"})
     try:
-        deadline = time.monotonic() + 180
-        job_id = None
-        while time.monotonic() < deadline:
-            m = re.search(r"submitted job (\d+)", log.read_text())
-            job_id = m.group(1) if m else None
-            metrics = run_dir / "metrics.jsonl"
-            if job_id and metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
-                break
-            assert proc.poll() is None, log.read_text()
-            time.sleep(0.1)
-        assert job_id, log.read_text()
+        job_id = _wait_for_steps(proc, log, run_dir, 3, timeout=180)
         subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
         signalled_at = len((run_dir / "metrics.jsonl").read_text().splitlines())
         assert proc.wait(timeout=900) == 0, log.read_text()
@@ -68,16 +93,8 @@ def test_usr2_saves_requeues_and_resumes_with_identical_losses(slurm_cluster, tm
     assert [a["restart_count"] for a in attempts] == [0, 1], attempts  # SLURM_RESTART_COUNT=1 on the second
     ckpts = run_dir / "checkpoints"
     stop_steps = sorted(int(p.name.split("-")[1]) for p in ckpts.iterdir() if (p / "meta.json").exists())
-    assert stop_steps[-1] == 80 and signalled_at <= stop_steps[0] < 80, (stop_steps, signalled_at)
-
-    ref_dir = tmp_path / "reference"
-    ref = run_cli(["run", "--nproc", "4", *MODEL, "--wandb", "disabled", "--run-dir", ref_dir], cwd=tmp_path,
-                  timeout=600)
-    assert ref.returncode == 0, ref.stdout + ref.stderr
-    got, want = _losses(run_dir), _losses(ref_dir)
-    assert sorted(got) == list(range(1, 81))
-    for step in range(1, 81):
-        assert abs(got[step] - want[step]) <= 1e-5 * abs(want[step]), (step, got[step], want[step])
+    assert stop_steps[-1] == STEPS and signalled_at <= stop_steps[0] < STEPS, (stop_steps, signalled_at)
+    got = _assert_losses_of_an_uninterrupted_run(run_dir, reference_losses)
 
     # Both attempts logged to the same W&B run, and what they logged is metrics.jsonl.
     run_id = (run_dir / "wandb_run_id").read_text().strip()
@@ -106,28 +123,19 @@ def test_sigterm_policy_waits_for_slurm():
 
 
 @pytest.mark.slurm
-def test_a_higher_priority_job_preempts_ours_which_saves_and_resumes_with_identical_losses(slurm_cluster, tmp_path):
+def test_a_higher_priority_job_preempts_ours_which_saves_and_resumes_with_identical_losses(slurm_cluster, tmp_path,
+                                                                                           reference_losses):
     """Real preemption (slurm/start-cluster.sh: preempt/partition_prio, PreemptMode=REQUEUE, GraceTime=30): an
     "urgent" job needs our nodes, SLURM sends our tasks SIGTERM, they agree, save, and wait; SLURM requeues the
     job, which resumes after the urgent job and ends with the losses of an uninterrupted run. (Before: SIGTERM was
     not handled and the attempt's progress since the last checkpoint -- all of it with save_every=0 -- was lost.)"""
     run_dir, log = tmp_path / "run", tmp_path / "submit.out"
-    steps = ["--steps", "60"]
-    model = [*MODEL[:-2], *steps]
-    proc = popen_cli(["submit", "--nodes", "2", "--gpus-per-node", "2", "--cpu", "--time", TIME_LIMIT, *model,
+    proc = popen_cli(["submit", "--nodes", "2", "--gpus-per-node", "2", "--cpu", "--time", TIME_LIMIT, *MODEL,
                       "--partition", "preemptible", "--wandb", "disabled", "--wait", "--run-dir", run_dir], log,
                      cwd=tmp_path)
     urgent = None
     try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            m = re.search(r"submitted job (\d+)", log.read_text())
-            metrics = run_dir / "metrics.jsonl"
-            if m and metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
-                break
-            assert proc.poll() is None, log.read_text()
-            time.sleep(0.1)
-        job_id = m.group(1)
+        job_id = _wait_for_steps(proc, log, run_dir, 3, timeout=240)
         urgent = subprocess.run(["sbatch", "--parsable", "-p", "urgent", "-N", "2", "--exclusive", "-o", "/dev/null",
                                  "--wrap", "sleep 2"], capture_output=True, text=True, check=True).stdout.strip()
         signalled_at = len((run_dir / "metrics.jsonl").read_text().splitlines())
@@ -145,16 +153,8 @@ def test_a_higher_priority_job_preempts_ours_which_saves_and_resumes_with_identi
     assert "SIGTERM from SLURM: saved" in logs, logs[-3000:]
     ckpts = run_dir / "checkpoints"
     saved = sorted(int(p.name.split("-")[1]) for p in ckpts.iterdir() if (p / "meta.json").exists())
-    assert saved[-1] == 60 and signalled_at <= saved[0] < 60, (saved, signalled_at)
-
-    ref_dir = tmp_path / "reference"
-    ref = run_cli(["run", "--nproc", "4", *model, "--wandb", "disabled", "--run-dir", ref_dir], cwd=tmp_path,
-                  timeout=600)
-    assert ref.returncode == 0, ref.stdout + ref.stderr
-    got, want = _losses(run_dir), _losses(ref_dir)
-    assert sorted(got) == list(range(1, 61))
-    for step in range(1, 61):
-        assert abs(got[step] - want[step]) <= 1e-5 * abs(want[step]), (step, got[step], want[step])
+    assert saved[-1] == STEPS and signalled_at <= saved[0] < STEPS, (saved, signalled_at)
+    _assert_losses_of_an_uninterrupted_run(run_dir, reference_losses)
 
 
 @pytest.mark.slurm
@@ -164,18 +164,11 @@ def test_a_job_out_of_requeues_fails_saying_why(slurm_cluster, tmp_path):
     cfg = tmp_path / "c.toml"
     cfg.write_text("[cluster]\nmax_requeues = 0\n")
     proc = popen_cli(["submit", "--config", cfg, "--nodes", "1", "--gpus-per-node", "2", "--cpu", "--time",
-                      "00:10:00", *MODEL[:-2], "--steps", "100000", "--tp", "2", "--pp", "1", "--wandb", "disabled",
+                      "00:10:00", "--tp", "2", *SHAPE, "--steps", "100000", "--wandb", "disabled",
                       "--wait", "--run-dir", run_dir], log, cwd=tmp_path)
     try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            m = re.search(r"submitted job (\d+)", log.read_text())
-            metrics = run_dir / "metrics.jsonl"
-            if m and metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
-                break
-            assert proc.poll() is None, log.read_text()
-            time.sleep(0.1)
-        subprocess.run(["scancel", "--signal=USR2", m.group(1)], check=True)
+        job_id = _wait_for_steps(proc, log, run_dir, 2, timeout=240)
+        subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
         assert proc.wait(timeout=300) == 1, log.read_text()
     finally:
         if proc.poll() is None:
