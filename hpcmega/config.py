@@ -57,6 +57,8 @@ RESOLVED_BY_RULE = ("cluster.gpus_per_node", "train.precision", "parallel.recomp
 RANK_ORDERS = ("tp-dp-pp", "tp-pp-dp")
 RECOMPUTE_MODES = ("none", "selective", "full")
 PRECISIONS = ("fp32", "bf16")
+# How data-parallel ranks hold the model (hpcmega.engine.parallelize; docs/engine.md).
+DATA_PARALLEL_MODES = ("fsdp", "replicate")
 # What a GPU job and a CPU job use when the user does not say (see resolve_defaults).
 GPU_DEFAULTS = {"train.precision": "bf16", "parallel.recompute": "selective"}
 CPU_DEFAULTS = {"train.precision": "fp32", "parallel.recompute": "none"}
@@ -106,6 +108,10 @@ class ParallelConfig:
     tp: int = setting(1, "Tensor-parallel size (inside one node / NVLink domain).", ge=1)
     pp: int = setting(1, "Pipeline-parallel size.", ge=1)
     dp: int = setting(0, "Data-parallel size; must equal world / (tp x pp).", ge=0, zero="derived")
+    data_parallel: str = setting("fsdp", "How dp ranks hold the model: fsdp = FSDP2 shards parameters, gradients and "
+                                         "optimizer state over dp; replicate = a full copy per rank, gradients "
+                                         "all-reduced once per step (needs tp = pp = 1).",
+                                 choices=DATA_PARALLEL_MODES)
     sequence_parallel: bool = setting(True, "Sequence parallel for norms/dropout (only with tp > 1).")
     schedule: str = setting(schedules.DEFAULT_SCHEDULE, "Pipeline schedule (facts: hpcmega/schedules.py).",
                             choices=tuple(schedules.SCHEDULES))

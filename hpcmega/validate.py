@@ -211,6 +211,13 @@ def _check_parallel(cfg: Config) -> None:
                           f"{_round_up(cfg.train.seq_len, tp)} or --no-sequence-parallel")
 
 
+def check_data_parallel(mode: str, tp: int, pp: int) -> None:
+    """replicate is plain DDP: with TP or PP it silently drops or desynchronises DTensor parameters."""
+    if mode == "replicate" and (tp > 1 or pp > 1):
+        raise ConfigError(f"parallel.data_parallel=replicate needs tp=1 and pp=1 (got tp={tp}, pp={pp}); use "
+                          "--data-parallel fsdp with tensor or pipeline parallelism")
+
+
 def _check_pipeline(cfg: Config) -> None:
     m, p = cfg.model, cfg.parallel
     fixed = SCHEDULES[p.schedule].stages_per_rank
@@ -289,6 +296,7 @@ def validate(cfg: Config) -> list[str]:
     _check_values(cfg)
     _check_model(cfg)
     _check_parallel(cfg)
+    check_data_parallel(cfg.parallel.data_parallel, cfg.parallel.tp, cfg.parallel.pp)
     _check_pipeline(cfg)
     _check_batch(cfg)
     return _warnings(cfg)

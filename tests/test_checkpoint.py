@@ -122,6 +122,26 @@ def test_reshard_resume_and_incomplete_checkpoint(tmp_path):
     assert list_checkpoints(str(base / "checkpoints"))[-1].complete  # step 10 rewritten and committed
 
 
+def test_resume_across_fsdp_and_replicate(tmp_path):
+    """dp=2 replicate (DDP, plain tensors) for 6 steps saving every 2; FSDP2 dp=2 resumes its step-2 checkpoint and
+    saves its own; replicate resumes FSDP2's step-4 one. Both continue the uninterrupted run's losses (2
+    microbatches per rank, so gradient accumulation is on)."""
+    common = ["--nproc", "2", "--steps", "6", "--save-every", "2", *SMALL]
+    base = tmp_path / "replicate"
+    r = run_cli(["run", *common, "--data-parallel", "replicate", "--run-dir", base], timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    want = _losses(base)
+    for name, mode, source, first in (("fsdp", "fsdp", base / "checkpoints" / "step-00000002", 3),
+                                      ("back", "replicate", tmp_path / "fsdp" / "checkpoints" / "step-00000004", 5)):
+        r = run_cli(["run", *common, "--data-parallel", mode, "--resume", source, "--trust-checkpoint",
+                     "--run-dir", tmp_path / name], timeout=600)
+        assert r.returncode == 0, r.stdout + r.stderr
+        got = _losses(tmp_path / name)
+        assert sorted(got) == list(range(first, 7)), got
+        for s in got:
+            assert abs(got[s] - want[s]) <= 1e-5 * abs(want[s]), (name, s, got[s], want[s])
+
+
 def test_ckpt_ls_on_an_empty_url_names_the_problem(tmp_path):
     r = run_cli(["ckpt", "ls", tmp_path / "none"])
     assert r.returncode == 2 and "no checkpoints" in r.stderr

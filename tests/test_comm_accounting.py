@@ -43,6 +43,7 @@ TWO_RANKS = {
     "pp2-interleaved-v2": {"parallel.pp": 2, "parallel.schedule": "interleaved-1f1b", "parallel.virtual_stages": 2},
     "dp2-fsdp": {},
     "dp2-fsdp-no-reshard": {"parallel.reshard_after_forward": False},
+    "dp2-replicate": {"parallel.data_parallel": "replicate"},
 }
 FOUR_RANKS = {
     "pp2-dp2": {"parallel.pp": 2, "parallel.schedule": "1f1b"},
@@ -99,3 +100,23 @@ def test_fsdp_gathers_once_per_step_inside_a_pipeline(measured):
     _cfg, record = measured["pp2-dp2"]
     ops = record["comm_ops"]
     assert ops["dp/all_gather"]["count"] == 3 and ops["dp/reduce_scatter"]["count"] == 3, ops
+
+
+def test_zero2_gathers_once_per_step_with_accumulation(measured):
+    """dp2 without reshard_after_forward, 2 microbatches: the five FSDP units (four blocks, the root) stay gathered
+    from the first forward to the last backward -- one all-gather and one reduce-scatter each per step."""
+    _cfg, record = measured["dp2-fsdp-no-reshard"]
+    ops = record["comm_ops"]
+    assert ops["dp/all_gather"]["count"] == 5 and ops["dp/reduce_scatter"]["count"] == 5, ops
+
+
+def test_replicate_only_all_reduces_gradients(measured):
+    """dp2 replicate (DDP), 2 microbatches: no gathers or reduce-scatters, and the gradients cross once per step in
+    DDP's buckets (this model's 0.9 MB fit in at most two), next to the loss and grad-norm scalars. The only other
+    traffic is DDP's one-time bucket rebuild at the start of the second step (this recorded one): two broadcasts of
+    bucket indices and sizes, a few hundred bytes."""
+    _cfg, record = measured["dp2-replicate"]
+    ops = record["comm_ops"]
+    assert set(ops) <= {"dp/all_reduce", "dp/broadcast"}, ops
+    assert ops["dp/all_reduce"]["count"] <= 4, ops
+    assert ops.get("dp/broadcast", {"wire": 0})["wire"] <= 1024, ops

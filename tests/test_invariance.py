@@ -45,6 +45,9 @@ TWO_RANKS = {
     "tp2-no-sequence-parallel": {"parallel.tp": 2, "parallel.sequence_parallel": False},
     "dp2": {},
     "dp2-microbatch4": {"train.micro_batch": 1},
+    "dp2-no-reshard-microbatch4": {"train.micro_batch": 1, "parallel.reshard_after_forward": False},
+    "dp2-replicate-microbatch4": {"train.micro_batch": 1, "parallel.data_parallel": "replicate"},
+    "dp2-replicate-bf16": {"parallel.data_parallel": "replicate", "train.precision": "bf16"},
     "pp2-gpipe": {"parallel.pp": 2, "parallel.schedule": "gpipe"},
     "pp2-1f1b": {"parallel.pp": 2, "parallel.schedule": "1f1b"},
     "pp2-interleaved-1f1b-v2": {
@@ -73,7 +76,7 @@ EIGHT_RANKS = {
         "parallel.recompute": "full", "parallel.reshard_after_forward": False,
     },
 }
-BF16 = {"tp2-bf16"}
+BF16 = {"tp2-bf16", "dp2-replicate-bf16"}  # FSDP2's mixed-precision policy; autocast under replicate
 # Trained through the public ``hpcmega.train.train`` entry point (no gradient capture hook).
 VIA_TRAIN_ENTRY_POINT = {"pp2-dp2-tp2-interleaved-full-no-reshard"}
 # Configurations the engine must refuse, on every rank, with a ConfigError naming the fix, before writing anything.
@@ -82,6 +85,7 @@ BAD_TWO_RANKS = {
     "bad-too-few-microbatches": ({"parallel.pp": 2, "train.micro_batch": 8}, "parallel.microbatches"),
     "bad-batch-not-divisible-by-dp": ({"train.global_batch": 7, "train.micro_batch": 1}, "train.global_batch"),
     "bad-heads-not-divisible-by-tp": ({"parallel.tp": 2, "model.n_heads": 1}, "model.n_heads"),
+    "bad-replicate-with-tp": ({"parallel.tp": 2, "parallel.data_parallel": "replicate"}, "--data-parallel fsdp"),
 }
 
 
@@ -156,10 +160,11 @@ def test_the_model_learns(results):
     assert losses[-1] < losses[0] - 0.01, losses
 
 
-def test_bf16_close_to_fp32(results):
+@pytest.mark.parametrize("name", sorted(BF16))
+def test_bf16_close_to_fp32(results, name):
     ref = _get(results, "single")["losses"]
-    got = _get(results, "tp2-bf16")
-    _assert_losses_close("tp2-bf16", got["losses"], ref, BF16_RTOL)
+    got = _get(results, name)
+    _assert_losses_close(name, got["losses"], ref, BF16_RTOL)
     assert got["losses"] != ref, "bf16 gave bit-identical fp32 losses: mixed precision is not in effect"
     # fp32 master weights: the gradients handed to the optimizer are fp32.
     assert all(g.dtype == torch.float32 for g in got["grads"].values())

@@ -116,6 +116,35 @@ def test_comm_bytes_follow_ring_volumes():
     assert comm["dp"] == int((sh.dp - 1) / sh.dp * per_rank * (e + 4))  # one bf16 all-gather, one fp32 reduce-scatter
 
 
+def test_replicate_holds_the_full_model_and_all_reduces_gradients_once():
+    """data_parallel = replicate (plain DDP, tp = pp = 1): nothing divided by dp, DDP's gradient buckets held
+    through backward, and dp traffic is one fp32 ring all-reduce of every gradient, 2(n-1)/n x 4P."""
+    over = {"cluster.nodes": 1, "cluster.gpus_per_node": 8, "parallel.tp": 1, "parallel.pp": 1,
+            "model.preset": "gpt2-350m", "train.global_batch": 64, "train.micro_batch": 4}
+    fsdp = Shape.from_config(load_config(overrides={**over, "train.precision": "fp32"}))
+    rep = Shape.from_config(load_config(overrides={**over, "train.precision": "fp32",
+                                                   "parallel.data_parallel": "replicate"}))
+    P = total_params(rep)
+    mem = rank_memory(rep, 0)
+    assert (mem.params, mem.grads, mem.optimizer) == (4 * P, 4 * P, 8 * P)
+    assert mem.peak >= 16 * P + mem.activations
+    assert rank_memory(fsdp, 0).params == 4 * P // 8
+    assert estimate(rep).comm == {"tp": 0, "pp": 0, "dp": int(2 * 7 / 8 * 4 * P)}
+    bf16 = Shape.from_config(load_config(overrides={**over, "train.precision": "bf16",
+                                                    "parallel.data_parallel": "replicate"}))
+    assert rank_memory(bf16, 0).buffers - rank_memory(rep, 0).buffers >= 2 * P  # autocast's bf16 weight copies
+
+
+def test_zero2_gathers_once_per_step_zero3_per_microbatch():
+    over = {"cluster.nodes": 1, "cluster.gpus_per_node": 8, "model.preset": "gpt2-350m", "train.global_batch": 64,
+            "train.micro_batch": 2, "train.precision": "bf16"}  # m = 4 microbatches per rank
+    P = total_params(Shape.from_config(load_config(overrides=over)))
+    zero3 = estimate(Shape.from_config(load_config(overrides=over))).comm["dp"]
+    zero2 = estimate(Shape.from_config(load_config(overrides={**over, "parallel.reshard_after_forward": False})))
+    assert zero3 == int(7 / 8 * P * (2 * 4 * 2 + 4))  # bf16 gathered in forward and backward of 4 microbatches
+    assert zero2.comm["dp"] == int(7 / 8 * P * (2 + 4))  # one bf16 gather, one fp32 reduce-scatter
+
+
 def test_pipeline_sends_follow_stage_placement():
     two = gpt3(**{"parallel.pp": 2, "parallel.schedule": "1f1b"})
     assert [pp_sends(two, r) for r in range(2)] == [1, 1]  # activations one way, gradients the other

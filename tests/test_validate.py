@@ -114,6 +114,11 @@ NODE4 = dict(cluster__nodes=1, cluster__gpus_per_node=4)
          ["zero-bubble", "multiple of pp=4"]),
         (dict(cluster__nodes=1, cluster__gpus_per_node=2, parallel__pp=2, parallel__schedule="dualpipev",
               train__global_batch=2), ["dualpipev", "2 x pp", "--global-batch 4"]),
+        # data parallel mode: replicate is plain DDP, which TP/PP parameters break silently
+        (dict(**NODE4, parallel__tp=2, parallel__data_parallel="replicate"),
+         ["data_parallel=replicate needs tp=1 and pp=1", "tp=2", "--data-parallel fsdp"]),
+        (dict(**NODE4, parallel__pp=2, parallel__data_parallel="replicate"), ["pp=2", "--data-parallel fsdp"]),
+        (dict(parallel__data_parallel="ddp"), ["unknown parallel.data_parallel", "fsdp, replicate"]),
         # schedules and virtual stages
         (dict(cluster__nodes=1, cluster__gpus_per_node=2, parallel__pp=2, parallel__schedule="zbv",
               parallel__virtual_stages=3), ["zbv", "exactly 2 stages", "--virtual-stages 2"]),
@@ -182,6 +187,8 @@ def test_fixes_suggested_by_messages_make_the_config_valid():
     """Following the advice of a message gives a config that passes (for the arithmetic fixes)."""
     assert validate(make(**NODE4, train__global_batch=8)) == []
     assert validate(make(**NODE4, parallel__tp=4, train__seq_len=32)) == []
+    assert validate(make(**NODE4, parallel__tp=2, parallel__data_parallel="fsdp")) == []
+    assert validate(make(**NODE4, parallel__data_parallel="replicate", train__global_batch=8)) == []
     assert validate(make(**NODE4, parallel__tp=4, train__seq_len=30, parallel__sequence_parallel=False)) == []
     assert validate(make(cluster__nodes=3, cluster__gpus_per_node=1, parallel__pp=3, model__n_layers=6,
                          train__global_batch=6)) == []

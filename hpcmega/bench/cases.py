@@ -62,6 +62,8 @@ def default_cases() -> list[BenchCase]:
                   comm=True),
         BenchCase("dp=2 (FSDP2, no reshard)", 2, {"train.global_batch": 8, "parallel.reshard_after_forward": False},
                   "single B=8", goal=1.10, goal_ref="DDP dp=2", comm=True),
+        BenchCase("dp=2 (replicate)", 2, {"train.global_batch": 8, "parallel.data_parallel": "replicate"},
+                  "single B=8", goal=1.10, goal_ref="DDP dp=2", comm=True),
         BenchCase("single B=32", 1, {"train.global_batch": 32}),
         _pp("1f1b", "1f1b", 1, 8),
         _pp("interleaved-1f1b", "interleaved v=2", 2, 8),

@@ -71,6 +71,7 @@ def config_summary(cfg, placement_kind: str, chosen: list | None = None) -> dict
         "sequence_parallel": cfg.sequence_parallel,
         "recompute": cfg.parallel.recompute,
         "precision": cfg.train.precision,
+        "data_parallel": cfg.parallel.data_parallel,
         "chosen": [{"key": c.key, "value": c.value, "source": c.source} for c in chosen or []],
     }
 
@@ -214,8 +215,8 @@ def _print_table(layout, summary: dict[str, Any], warnings: list[str]) -> None:
                  f"{s['layers_per_stage']} layer(s) per stage")
     head.add_row("batch", f"global_batch={s['global_batch']} = dp {layout.dp} x micro_batch {s['micro_batch']} x "
                  f"{s['microbatches']} microbatches, seq_len={s['seq_len']}")
-    head.add_row("other", f"sequence_parallel={s['sequence_parallel']}, recompute={s['recompute']}, "
-                 f"precision={s['precision']}")
+    head.add_row("other", f"data_parallel={s['data_parallel']}, sequence_parallel={s['sequence_parallel']}, "
+                 f"recompute={s['recompute']}, precision={s['precision']}")
     for i, c in enumerate(s["chosen"]):
         head.add_row("chosen" if i == 0 else "", f"{c['key'].split('.')[-1]} {c['value']} ({c['source']})")
     console.print(head)

@@ -39,7 +39,7 @@ def forward_loss(runner: GradAccumulation | PipelineRunner, inputs: torch.Tensor
         return StageWalk(runner).loss(inputs, targets, n_microbatches)
     loss_fn, total = scaled_loss_fn(n_microbatches), torch.zeros((), device=inputs.device)
     for x, y in zip(inputs.chunk(n_microbatches), targets.chunk(n_microbatches)):
-        with loss_context(runner.tp):
+        with loss_context(runner.tp), runner.parts.compute_context():
             total += _value(loss_fn(runner.model(x), y))
     return total
 

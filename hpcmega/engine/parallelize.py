@@ -12,21 +12,32 @@ weights.
 (The ``PipelineStage`` wrappers and the schedule come after, in :mod:`hpcmega.engine.pipeline`.) FSDP2 must come
 after TP (it shards the TP-sharded DTensors again over "dp"); DDP or the DDP-based composable ``replicate`` must
 never be used with TP or PP here: they silently drop or desynchronise DTensor parameters.
+
+``parallel.data_parallel = "replicate"`` (tp = pp = 1 only; hpcmega.validate refuses the rest) keeps a full copy
+of the model on every dp rank: plain ``DistributedDataParallel`` around the one part, gradients all-reduced once per
+step in buckets that overlap backward. Chosen over FSDP2-based replication (``fully_shard`` on a (replicate, 1) mesh)
+by measurement (docs/performance.md): parameters stay plain tensors, so the optimizer, clipping and forward pay no
+DTensor dispatch. The part itself stays the bare GPT (DDP holds it, ``ModelParts.forward_module`` is the wrapper), so
+parameter names, the optimizer and DCP checkpoints are those of every other layout. bf16 under replicate is
+``torch.autocast``: fp32 parameters, gradients, all-reduce and optimizer state, bf16 matmuls.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel
 
 from hpcmega.config import Config, ConfigError
 from hpcmega.engine.recompute import apply_recompute
 from hpcmega.engine.stages import layers_for_stage, stage_ids_for_rank
 from hpcmega.engine.tensor_parallel import apply_tensor_parallel
 from hpcmega.model.gpt import GPT
+from hpcmega.validate import check_data_parallel
 
 
 @dataclass
@@ -39,6 +50,20 @@ class ModelParts:
     fsdp: bool
     device: torch.device
     layers: list[range] = field(default_factory=list)
+    reshard_after_forward: bool = True  # FSDP2's setting (hpcmega.config.Config.reshard_after_forward)
+    replicated: DistributedDataParallel | None = None  # data_parallel = replicate: the DDP wrapper of parts[0]
+    autocast: torch.dtype | None = None  # bf16 without FSDP2's mixed-precision policy (replicate)
+
+    @property
+    def forward_module(self) -> nn.Module:
+        """What a pp = 1 step calls: the DDP wrapper under replicate (it reduces gradients), else the part."""
+        return self.replicated or self.parts[0]
+
+    def compute_context(self):
+        """Where forward and loss run: autocast to bf16 under replicate + bf16, nothing otherwise."""
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast)
 
     @property
     def has_first_stage(self) -> bool:
@@ -94,8 +119,11 @@ def build_model_parts(cfg: Config, mesh: DeviceMesh, device: torch.device) -> Mo
     stages_per_rank = cfg.stages_per_rank if pp > 1 else 1
     num_stages = pp * stages_per_rank
     check_shapes(cfg, tp, num_stages)
+    check_data_parallel(cfg.parallel.data_parallel, tp, pp)
     stage_ids = stage_ids_for_rank(mesh["pp"].get_local_rank(), pp, stages_per_rank, cfg.parallel.schedule)
-    use_fsdp = dp > 1 or cfg.train.precision == "bf16"  # FSDP2 also carries the bf16 mixed-precision policy
+    replicate = cfg.parallel.data_parallel == "replicate"
+    # FSDP2 also carries the bf16 mixed-precision policy (replicate uses autocast instead, see the module docstring)
+    use_fsdp = not replicate and (dp > 1 or cfg.train.precision == "bf16")
     reshard = cfg.reshard_after_forward  # auto: off under PP; always off for split-backward schedules (see there)
 
     parts, layers = [], []
@@ -116,7 +144,16 @@ def build_model_parts(cfg: Config, mesh: DeviceMesh, device: torch.device) -> Mo
         model.init_weights(cfg.train.seed)  # each local shard = its slice of the layout-independent full value
         parts.append(model)
         layers.append(stage_layers)
-    return ModelParts(parts, stage_ids, num_stages, use_fsdp, device, layers)
+    bf16 = torch.bfloat16 if replicate and cfg.train.precision == "bf16" else None
+    ddp = replicate_module(parts[0], mesh["dp"]) if replicate and dp > 1 else None
+    return ModelParts(parts, stage_ids, num_stages, use_fsdp, device, layers, reshard, ddp, bf16)
+
+
+def replicate_module(model: GPT, dp_mesh: DeviceMesh) -> DistributedDataParallel:
+    """Plain DDP over "dp". Every rank initialised the same full weights (drawn per name from the seed), so the
+    initial broadcast is skipped; gradients are views into DDP's buckets (no second gradient copy)."""
+    return DistributedDataParallel(model, process_group=dp_mesh.get_group(), init_sync=False,
+                                   gradient_as_bucket_view=True)
 
 
 def apply_fsdp(model: GPT, dp_mesh: DeviceMesh, precision: str, reshard_after_forward: bool) -> None:

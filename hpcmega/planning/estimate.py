@@ -11,7 +11,12 @@ gradient per parameter and two fp32 moments. FSDP2 (used whenever dp > 1 or prec
 "dp" and all-gathers parameters in the compute dtype for forward and backward. Where the engine keeps unsharded
 copies: inside a pipeline (pp > 1) the schedule turns resharding after backward and gradient sync off until the last
 microbatch, so a rank holds its stage's gathered parameters and fp32 unsharded gradient accumulators for the whole
-step; with pp = 1 and several microbatches the gradient accumulators are unsharded too (sync only on the last).
+step; with pp = 1 and several microbatches the gradient accumulators are unsharded too (sync only on the last), and
+without ``reshard_after_forward`` the gathered parameters stay until the last backward (one all-gather per step).
+
+``parallel.data_parallel = "replicate"`` (plain DDP, tp = pp = 1): every rank holds the full fp32 parameters,
+gradients (DDP's buckets, allocated for the whole run) and both moments; with bf16, autocast's bf16 copies of the
+weights live from forward to backward. Its only dp traffic is one fp32 gradient all-reduce per step.
 """
 from __future__ import annotations
 
@@ -49,6 +54,7 @@ class Shape:
     sp: bool
     precision: str
     reshard_after_forward: bool
+    replicate: bool = False  # parallel.data_parallel = "replicate"
 
     @classmethod
     def from_config(cls, cfg: Config) -> "Shape":
@@ -59,7 +65,7 @@ class Shape:
             v=cfg.stages_per_rank if cfg.parallel.pp > 1 else 1, schedule=cfg.parallel.schedule, m=m,
             b=max(1, cfg.train.global_batch // max(1, cfg.dp * m)), s=cfg.train.seq_len,
             recompute=cfg.parallel.recompute, sp=cfg.sequence_parallel, precision=cfg.train.precision,
-            reshard_after_forward=cfg.reshard_after_forward,
+            reshard_after_forward=cfg.reshard_after_forward, replicate=cfg.parallel.data_parallel == "replicate",
         )
 
     @property
@@ -69,8 +75,14 @@ class Shape:
 
     @property
     def fsdp(self) -> bool:
-        """The engine wraps in FSDP2 whenever dp > 1, and for bf16 (it carries the mixed-precision policy)."""
-        return self.dp > 1 or self.precision == "bf16"
+        """The engine wraps in FSDP2 whenever dp > 1, and for bf16 (it carries the mixed-precision policy), unless
+        data_parallel is replicate."""
+        return not self.replicate and (self.dp > 1 or self.precision == "bf16")
+
+    @property
+    def ddp(self) -> bool:
+        """data_parallel = replicate with dp > 1: plain DDP."""
+        return self.replicate and self.dp > 1
 
     @property
     def tokens_per_microbatch(self) -> int:
@@ -253,7 +265,9 @@ def rank_memory(sh: Shape, pp_rank: int) -> RankMemory:
         else:
             buffers += sh.compute_bytes * (count - n_layers * block + 2 * block)  # root + two blocks in flight
         buffers += FP32 * (count if accumulating else 2 * block)  # unsharded gradient accumulators
-    if accumulating or sh.fsdp:
+    elif sh.replicate and sh.precision == "bf16":
+        buffers += sh.compute_bytes * count  # autocast's bf16 copies of the weights, kept for backward
+    if accumulating or sh.fsdp or sh.ddp:  # DDP's gradient buckets exist before backward starts
         backward_peak = params + optimizer + grads_at_peak + activations + buffers
     else:
         # One microbatch, plain gradients: backward frees a layer's activations as it fills its gradients.
@@ -344,8 +358,12 @@ def comm_bytes_per_step(sh: Shape) -> dict[str, int]:
     dp = 0.0
     if sh.dp > 1:
         count = max(rank_memory(sh, r).param_count for r in range(sh.pp))
-        gathers = 1 if sh.pp > 1 else sh.m * (2 if sh.reshard_after_forward else 1)
-        dp = wire_bytes("all_gather", count * gathers * e, sh.dp) + wire_bytes("reduce_scatter", count * FP32, sh.dp)
+        if sh.ddp:  # one bucketed fp32 gradient all-reduce per step (no_sync before the last microbatch)
+            dp = wire_bytes("all_reduce", count * FP32, sh.dp)
+        else:  # ZeRO-3 at pp = 1 gathers each unit in every forward and backward; otherwise once per step
+            gathers = 2 * sh.m if sh.pp == 1 and sh.reshard_after_forward else 1
+            dp = wire_bytes("all_gather", count * gathers * e, sh.dp)
+            dp += wire_bytes("reduce_scatter", count * FP32, sh.dp)
     return {
         "tp": int(max(tp_bytes(sh, r) for r in range(sh.pp))),
         "pp": max(pp_sends(sh, r) for r in range(sh.pp)) * boundary_bytes(sh) * sh.m,
