@@ -15,8 +15,8 @@ step; with pp = 1 and several microbatches the gradient accumulators are unshard
 without ``reshard_after_forward`` the gathered parameters stay until the last backward (one all-gather per step).
 
 ``parallel.data_parallel = "replicate"`` (plain DDP, tp = pp = 1): every rank holds the full fp32 parameters,
-gradients (DDP's buckets, allocated for the whole run) and both moments; with bf16, autocast's bf16 copies of the
-weights live from forward to backward. Its only dp traffic is one fp32 gradient all-reduce per step.
+gradients and both moments, plus DDP's gradient buckets (one more fp32 copy at the backward peak, measured with
+``plan --measure``); with bf16, autocast's bf16 copies of the weights live from forward to backward. Its only dp traffic is one fp32 gradient all-reduce per step.
 """
 from __future__ import annotations
 
@@ -267,6 +267,8 @@ def rank_memory(sh: Shape, pp_rank: int) -> RankMemory:
         buffers += FP32 * (count if accumulating else 2 * block)  # unsharded gradient accumulators
     elif sh.replicate and sh.precision == "bf16":
         buffers += sh.compute_bytes * count  # autocast's bf16 copies of the weights, kept for backward
+    if sh.ddp:  # DDP's gradient buckets next to the gradients autograd produces (plan --measure: one fp32 copy)
+        buffers += FP32 * count
     if accumulating or sh.fsdp or sh.ddp:  # DDP's gradient buckets exist before backward starts
         backward_peak = params + optimizer + grads_at_peak + activations + buffers
     else:

@@ -202,6 +202,8 @@ class RankStep:
         self.device = torch.device("cpu")
         torch.manual_seed(0)
         self.parts = build_model_parts(cfg, self.mesh, self.device)
+        if self.parts.replicated is not None:  # DDP cannot take the fake group's empty all-reduce results
+            self.parts.replicated.register_comm_hook(None, _keep_local_bucket)
         self.optimizers = [build_optimizer(part, cfg.train) for part in self.parts.parts]
         self.reshard_after_forward = Shape.from_config(cfg).reshard_after_forward
         self.m = cfg.microbatches
@@ -308,6 +310,15 @@ class RankStep:
         """Release FSDP2's gathered parameters (public API), so what stays allocated is activations."""
         for module in self.fsdp_modules():
             module.reshard()
+
+
+def _keep_local_bucket(_state, bucket):
+    """DDP comm hook for the fake world: the bucket stays this rank's own gradients (same buffers, same memory)."""
+    import torch
+
+    future = torch.futures.Future()
+    future.set_result(bucket.buffer())
+    return future
 
 
 def _ones_like(t):
