@@ -134,7 +134,8 @@ def profile(schedule: str, microbatches: int, steps: int = 2, warmup: int = 1, v
 
 
 def report(ranks: list[list[dict[str, Any]]]) -> str:
-    """One line per rank: CPU share of each part (calls), and the share of wall time spent without CPU (waiting)."""
+    """One line per rank: CPU share of each part (calls), and the share of wall time spent off CPU -- on a quiet
+    machine that is the bubble plus P2P waits; on a loaded one it also counts time other processes had the core."""
     lines = []
     for r, steps in enumerate(ranks):
         cpu = sum(s["step"]["cpu"] for s in steps)
@@ -142,7 +143,7 @@ def report(ranks: list[list[dict[str, Any]]]) -> str:
         parts = [f"{p} {100 * sum(s[p]['cpu'] for s in steps) / cpu:.1f}% ({steps[0][p]['calls']})"
                  for p in PARTS if p in steps[0]]
         lines.append(f"rank {r}: CPU {cpu / len(steps):.2f} s/step, wall {wall / len(steps):.2f} s/step, "
-                     f"waiting {100 * (1 - cpu / wall):.0f}% of wall | " + ", ".join(parts))
+                     f"off CPU {100 * (1 - cpu / wall):.0f}% of wall (waiting, or descheduled by other load) | " + ", ".join(parts))
     return "\n".join(lines)
 
 
