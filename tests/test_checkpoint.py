@@ -126,7 +126,7 @@ def test_resume_across_fsdp_and_replicate(tmp_path):
     """dp=2 replicate (DDP, plain tensors) for 6 steps saving every 2; FSDP2 dp=2 resumes its step-2 checkpoint and
     saves its own; replicate resumes FSDP2's step-4 one. Both continue the uninterrupted run's losses (2
     microbatches per rank, so gradient accumulation is on)."""
-    common = ["--nproc", "2", "--steps", "6", "--save-every", "2", *SMALL]
+    common = ["--nproc", "2", "--steps", "6", "--save-every", "2", *SMALL, *SHAPE]
     base = tmp_path / "replicate"
     r = run_cli(["run", *common, "--data-parallel", "replicate", "--run-dir", base], timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
