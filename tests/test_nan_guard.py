@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -78,14 +78,47 @@ def _train_with_poison(max_skips: int, poison_steps: tuple[int, ...], run_dir: s
     return {"snapshots": snapshots, "error": error}
 
 
+def _train_twice_with_a_huge_lr(run_dir: str) -> dict:
+    """lr 1e30: step 1 throws the weights to ~1e30, so every later step's loss overflows and is skipped. Train 3
+    steps (saved at the end), then resume the same run folder to 6 steps; the records of both and the errors."""
+    from torch.distributed.device_mesh import init_device_mesh
 
-def _run(tmp_path, max_skips: int, poison_steps: tuple[int, ...]) -> list[dict]:
-    return spawn(2, _train_with_poison, max_skips, poison_steps, str(tmp_path))
+    from hpcmega.runs.files import RunFolder
+    from hpcmega.train import train
+
+    errors = []
+    for steps in (3, 6):
+        cfg = _cfg(max_skips=4)
+        cfg.train.steps, cfg.train.lr, cfg.train.min_lr = steps, 1e30, 1e30
+        mesh = init_device_mesh("cpu", (1, 2, 1), mesh_dim_names=("pp", "dp", "tp"))
+        try:
+            train(cfg, mesh, run_dir)
+        except NonFiniteStepsError as e:
+            errors.append(str(e))
+    return {"records": list(RunFolder(run_dir).steps()), "errors": errors}
 
 
-def test_a_poisoned_batch_is_skipped_and_the_run_continues(tmp_path):
-    ranks = _run(tmp_path, max_skips=3, poison_steps=(2,))  # the third step
-    for rank in ranks:
+def _all_cases(root: str) -> dict[str, dict]:
+    """Every case of this module, one after the other in one 2-rank process group (one start-up for all)."""
+    import torch.distributed as dist
+
+    out = {}
+    for name, (max_skips, poison_steps) in {"one": (3, (2,)), "in_a_row": (2, (1, 2, 3, 4))}.items():
+        out[name] = _train_with_poison(max_skips, poison_steps, f"{root}/{name}")
+        dist.barrier()
+    out["resume"] = _train_twice_with_a_huge_lr(f"{root}/resume")
+    return out
+
+
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory) -> tuple[Path, list[dict]]:
+    root = tmp_path_factory.mktemp("nan_guard")
+    return root, spawn(2, _all_cases, str(root))
+
+
+def test_a_poisoned_batch_is_skipped_and_the_run_continues(cases):
+    root, ranks = cases  # max 3 skips in a row; the third step poisoned
+    for rank in (r["one"] for r in ranks):
         assert rank["error"] is None
         snaps = rank["snapshots"]
         assert [s["record"]["skipped_steps"] for s in snaps] == [0, 0, 1, 1, 1]
@@ -98,44 +131,23 @@ def test_a_poisoned_batch_is_skipped_and_the_run_continues(tmp_path):
             assert torch.equal(skipped["exp_avg"][name], m), f"Adam state of {name} changed in a skipped step"
         assert any(not torch.equal(after["weights"][n], w) for n, w in before["weights"].items())  # training goes on
         assert all(math.isfinite(s["record"]["loss"]) for s in snaps[3:])
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (root / "one" / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped_steps"] for r in records] == [0, 0, 1, 1, 1]
     assert all(r["mem_peak_gib"] > 0 for r in records)  # peak memory in every record (max RSS on CPU)
 
 
-def test_k_poisoned_steps_in_a_row_stop_the_run_on_every_rank(tmp_path):
-    ranks = _run(tmp_path, max_skips=2, poison_steps=(1, 2, 3, 4))
-    for rank in ranks:
+def test_k_poisoned_steps_in_a_row_stop_the_run_on_every_rank(cases):
+    root, ranks = cases  # max 2 skips in a row; steps 2-5 poisoned
+    for rank in (r["in_a_row"] for r in ranks):
         assert rank["error"] is not None and "2 consecutive steps up to step 3" in rank["error"]
         assert "--max-consecutive-skips" in rank["error"]
         assert [s["record"]["skipped_steps"] for s in rank["snapshots"]] == [0, 1]  # step 3 raised, no record
-    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+    assert len((root / "in_a_row" / "metrics.jsonl").read_text().splitlines()) == 2
 
 
-def _train_twice_with_a_huge_lr(run_dir: str) -> dict:
-    """One rank, lr 1e30: step 1 throws the weights to ~1e30, so every later step's loss overflows and is skipped.
-    Train 3 steps (saved at the end), then resume the same run folder to 6 steps; the records of both, or the
-    resumed run's error."""
-    from torch.distributed.device_mesh import init_device_mesh
-
-    from hpcmega.runs.files import RunFolder
-    from hpcmega.train import train
-
-    errors = []
-    for steps in (3, 6):
-        cfg = _cfg(max_skips=4)
-        cfg.train.steps, cfg.train.lr, cfg.train.min_lr = steps, 1e30, 1e30
-        mesh = init_device_mesh("cpu", (1, 1, 1), mesh_dim_names=("pp", "dp", "tp"))
-        try:
-            train(cfg, mesh, run_dir)
-        except NonFiniteStepsError as e:
-            errors.append(str(e))
-    return {"records": list(RunFolder(run_dir).steps()), "errors": errors}
-
-
-def test_skipped_steps_and_the_run_of_skips_survive_a_resume(tmp_path):
+def test_skipped_steps_and_the_run_of_skips_survive_a_resume(cases):
     """Steps 2-3 are skipped before the checkpoint of step 3; the resumed run counts on (3 at step 4) and stops at
     the 4th skip in a row (step 5) -- before, a resume restarted both counts at zero and the run went on."""
-    (result,) = spawn(1, _train_twice_with_a_huge_lr, str(tmp_path))
-    assert [(r["step"], r["skipped_steps"]) for r in result["records"]] == [(1, 0), (2, 1), (3, 2), (4, 3)]
-    assert len(result["errors"]) == 1 and "4 consecutive steps up to step 5" in result["errors"][0], result
+    for result in (r["resume"] for r in cases[1]):
+        assert [(r["step"], r["skipped_steps"]) for r in result["records"]] == [(1, 0), (2, 1), (3, 2), (4, 3)]
+        assert len(result["errors"]) == 1 and "4 consecutive steps up to step 5" in result["errors"][0], result
