@@ -80,3 +80,18 @@ def test_pp_profile_accounts_every_stage_call_of_the_split_backward():
         parts = sum(step[p]["wall"] for p in step if p != "step")
         assert parts == pytest.approx(step["step"]["wall"])  # the remainders close the sum: nothing double counted
         assert 0 < step["step"]["cpu"] <= step["step"]["wall"] * 1.05
+
+
+def test_tp_blocks_compute_on_local_shards_like_explicit_tp():
+    """hpcmega tp=2 keeps DTensor parameters but runs its blocks on local shards: per step it dispatches about as
+    many matmuls as the hand-written explicit TP (only the vocab-parallel head still runs on DTensors; a block on
+    DTensors counts each matmul twice, the DTensor op and the local one)."""
+    from hpcmega.bench.tp_profile import profile
+
+    tiny = {"model.d_model": 64, "model.n_heads": 4, "model.n_layers": 4, "model.vocab_size": 128,
+            "model.max_seq_len": 32, "train.seq_len": 32, "train.micro_batch": 4}
+    rank0, rank1 = profile(steps=1, warmup=1, model=tiny)
+    explicit, hpc = rank0["explicit TP"]["counts"], rank0["hpcmega tp=2"]["counts"]
+    assert explicit["matmul_dispatch"] == 4 * 18 + 3  # 6 matmuls per block forward, 12 backward; the head's 3
+    assert explicit["matmul_dispatch"] <= hpc["matmul_dispatch"] <= explicit["matmul_dispatch"] + 3, (explicit, hpc)
+    assert rank1["hpcmega tp=2"]["counts"] == {} and len(rank1["hpcmega tp=2"]["cpu_s"]) == 1

@@ -38,6 +38,11 @@ def _timed_steps(cfg: Config, steps: int, step_fn: Callable[[int], None]) -> lis
 
 
 def explicit_tp_times(cfg: Config, steps: int) -> list[float]:
+    return _timed_steps(cfg, steps, explicit_tp_step(cfg))
+
+
+def explicit_tp_step(cfg: Config) -> Callable[[int], None]:
+    """The explicit-TP reference's training step ``step_fn(step)`` on this rank (the process group is tp)."""
     from hpcmega.bench.explicit_tp import ExplicitTPGPT, clip_grad_norm_explicit
 
     model = ExplicitTPGPT(build_model(cfg.model, cfg.train.seed), dist.group.WORLD)
@@ -52,7 +57,7 @@ def explicit_tp_times(cfg: Config, steps: int) -> list[float]:
         clip_grad_norm_explicit(model, cfg.train.grad_clip)
         opt.step()
 
-    return _timed_steps(cfg, steps, step_fn)
+    return step_fn
 
 
 def ddp_times(cfg: Config, steps: int) -> list[float]:
