@@ -88,8 +88,8 @@ def test_measured_bytes_equal_the_planners_count(measured, name):
 
 
 def test_replicated_gradients_are_reduced_in_one_all_reduce(measured):
-    """tp2 + SP: the LayerNorm gradients (Partial over tp) cost one all-reduce per step, not one per parameter
-    (18 here); the other tp all-reduce is the global grad norm (tp is the whole world in this layout)."""
+    """tp2 + SP: the LayerNorm and row-parallel-bias gradients (Partial over tp) cost one all-reduce per step, not
+    one per parameter (26 here); the other tp all-reduce is the global grad norm (tp is the whole world in this layout)."""
     _cfg, record = measured["tp2"]
     assert record["comm_ops"]["tp/all_reduce"]["count"] == 2, record["comm_ops"]
 
