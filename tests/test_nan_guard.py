@@ -30,8 +30,9 @@ def test_guard_counts_skips_and_stops_at_k_in_a_row():
 
 
 # -- a real run ---------------------------------------------------------------------------------------------------
-def _cfg(max_skips: int) -> Config:
+def _cfg(max_skips: int, data_parallel: str = "fsdp") -> Config:
     cfg = Config()
+    cfg.parallel.data_parallel = data_parallel
     m, t = cfg.model, cfg.train
     m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.max_seq_len = 128, 32, 2, 2, 32
     t.steps, t.global_batch, t.micro_batch, t.seq_len, t.max_consecutive_skips = 5, 4, 2, 16, max_skips
@@ -43,7 +44,7 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return (t.to_local() if hasattr(t, "to_local") else t).detach().clone()
 
 
-def _train_with_poison(max_skips: int, poison_steps: tuple[int, ...], run_dir: str) -> dict:
+def _train_with_poison(max_skips: int, poison_steps: tuple[int, ...], run_dir: str, data_parallel: str) -> dict:
     """On every rank: train 5 steps; rank 1 turns its embeddings to NaN during the given (0-based) steps. Returns
     this rank's weights and AdamW state after each step (local shards), the records, or the error."""
     import torch.distributed as dist
@@ -52,7 +53,7 @@ def _train_with_poison(max_skips: int, poison_steps: tuple[int, ...], run_dir: s
     from hpcmega.train import Trainer
 
     mesh = init_device_mesh("cpu", (1, 2, 1), mesh_dim_names=("pp", "dp", "tp"))
-    trainer = Trainer(_cfg(max_skips), mesh, run_dir)
+    trainer = Trainer(_cfg(max_skips, data_parallel), mesh, run_dir)
     if dist.get_rank() == 1:
         def poison(_module, _inputs, output):
             return output * math.nan if trainer.step in poison_steps else None
@@ -103,8 +104,10 @@ def _all_cases(root: str) -> dict[str, dict]:
     import torch.distributed as dist
 
     out = {}
-    for name, (max_skips, poison_steps) in {"one": (3, (2,)), "in_a_row": (2, (1, 2, 3, 4))}.items():
-        out[name] = _train_with_poison(max_skips, poison_steps, f"{root}/{name}")
+    cases = {"one": (3, (2,), "fsdp"), "one-replicate": (3, (2,), "replicate"),
+             "in_a_row": (2, (1, 2, 3, 4), "fsdp")}
+    for name, (max_skips, poison_steps, data_parallel) in cases.items():
+        out[name] = _train_with_poison(max_skips, poison_steps, f"{root}/{name}", data_parallel)
         dist.barrier()
     out["resume"] = _train_twice_with_a_huge_lr(f"{root}/resume")
     return out
@@ -116,9 +119,10 @@ def cases(tmp_path_factory) -> tuple[Path, list[dict]]:
     return root, spawn(2, _all_cases, str(root))
 
 
-def test_a_poisoned_batch_is_skipped_and_the_run_continues(cases):
+@pytest.mark.parametrize("case", ["one", "one-replicate"])  # FSDP2 shards; DDP replicas (plain tensors)
+def test_a_poisoned_batch_is_skipped_and_the_run_continues(cases, case):
     root, ranks = cases  # max 3 skips in a row; the third step poisoned
-    for rank in (r["one"] for r in ranks):
+    for rank in (r[case] for r in ranks):
         assert rank["error"] is None
         snaps = rank["snapshots"]
         assert [s["record"]["skipped_steps"] for s in snaps] == [0, 0, 1, 1, 1]
@@ -131,7 +135,7 @@ def test_a_poisoned_batch_is_skipped_and_the_run_continues(cases):
             assert torch.equal(skipped["exp_avg"][name], m), f"Adam state of {name} changed in a skipped step"
         assert any(not torch.equal(after["weights"][n], w) for n, w in before["weights"].items())  # training goes on
         assert all(math.isfinite(s["record"]["loss"]) for s in snaps[3:])
-    records = [json.loads(line) for line in (root / "one" / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (root / case / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped_steps"] for r in records] == [0, 0, 1, 1, 1]
     assert all(r["mem_peak_gib"] > 0 for r in records)  # peak memory in every record (max RSS on CPU)
 

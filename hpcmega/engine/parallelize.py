@@ -151,7 +151,9 @@ def build_model_parts(cfg: Config, mesh: DeviceMesh, device: torch.device) -> Mo
 
 def replicate_module(model: GPT, dp_mesh: DeviceMesh) -> DistributedDataParallel:
     """Plain DDP over "dp". Every rank initialised the same full weights (drawn per name from the seed), so the
-    initial broadcast is skipped; gradients are views into DDP's buckets (no second gradient copy)."""
+    initial broadcast is skipped. Gradients end each backward as views into DDP's buckets; during backward
+    autograd's own gradients sit next to the buckets until copied in (one more fp32 copy at the peak, which the
+    planner counts and ``plan --measure`` confirms)."""
     return DistributedDataParallel(model, process_group=dp_mesh.get_group(), init_sync=False,
                                    gradient_as_bucket_view=True)
 

@@ -16,7 +16,8 @@ without ``reshard_after_forward`` the gathered parameters stay until the last ba
 
 ``parallel.data_parallel = "replicate"`` (plain DDP, tp = pp = 1): every rank holds the full fp32 parameters,
 gradients and both moments, plus DDP's gradient buckets (one more fp32 copy at the backward peak, measured with
-``plan --measure``); with bf16, autocast's bf16 copies of the weights live from forward to backward. Its only dp traffic is one fp32 gradient all-reduce per step.
+``plan --measure``); with bf16, autocast's bf16 copies of the weights live from forward to backward. Its only dp
+traffic is one fp32 gradient all-reduce per step.
 """
 from __future__ import annotations
 
