@@ -3,7 +3,7 @@
 With sequence parallelism every LayerNorm weight and bias, and the row-parallel (wo, fc2) biases added after the
 reduce-scatter, is replicated over "tp", but its gradient leaves backward as a ``Partial`` DTensor (each TP rank
 summed only its own sequence shard; :mod:`hpcmega.engine.tensor_parallel` declares it so). Redistributing each one to
-``Replicate`` costs one all-reduce per tensor -- 4 per block + 2 for the final norm, 18 tiny collectives per step on
+``Replicate`` costs one all-reduce per tensor -- 6 per block + 2 for the final norm, 26 tiny collectives per step on
 a 4-layer model, each paying the full collective latency (measured with ``hpcmega bench --comm``). Here they travel
 in one flat buffer per (mesh, placements, dtype): exact, since every element is the same sum of the same tp values;
 only the buffer changes. FSDP2 reduces the gradients it owns itself; this is for the parameters it does not wrap
