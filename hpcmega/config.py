@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_args, get_type_hints
 
-from hpcmega import schedules
+from hpcmega.planning import schedules
 from hpcmega.planning.gpus import GPU_NAMES
 
 
@@ -68,14 +68,14 @@ WANDB_MODES = ("online", "offline", "disabled")
 # ---------------------------------------------------------------------------------------------------------------------
 # Field declarations. Each field is declared once, here: name, type and default by the dataclass, the rest by
 # ``setting(...)``. The CLI flags (hpcmega.commands.options), the TOML key checks, the bound/choice checks in
-# hpcmega.validate, ``--set`` and ``config show --sources`` are all derived from these declarations.
+# hpcmega.planning.validate, ``--set`` and ``config show --sources`` are all derived from these declarations.
 @dataclass(frozen=True)
 class Spec:
     """What a field means beyond its type: help text, flag, bounds and choices."""
 
     help: str
     flag: str | None = ""  # "" = derived from the name (--snake-case, --x/--no-x for bools); None = no flag
-    ge: float | None = None  # bounds (greater/less than or equal), checked by hpcmega.validate
+    ge: float | None = None  # bounds (greater/less than or equal), checked by hpcmega.planning.validate
     gt: float | None = None
     le: float | None = None
     lt: float | None = None
@@ -113,7 +113,7 @@ class ParallelConfig:
                                          "all-reduced once per step (needs tp = pp = 1).",
                                  choices=DATA_PARALLEL_MODES)
     sequence_parallel: bool = setting(True, "Sequence parallel for norms/dropout (only with tp > 1).")
-    schedule: str = setting(schedules.DEFAULT_SCHEDULE, "Pipeline schedule (facts: hpcmega/schedules.py).",
+    schedule: str = setting(schedules.DEFAULT_SCHEDULE, "Pipeline schedule (facts: hpcmega/planning/schedules.py).",
                             choices=tuple(schedules.SCHEDULES))
     virtual_stages: int = setting(1, "Stages per pipeline rank (interleaved schedules; zbv/dualpipev use 2).", ge=1)
     microbatches: int = setting(0, "Microbatches per step on one DP rank = global_batch / (dp x micro_batch).",

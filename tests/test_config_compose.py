@@ -13,7 +13,7 @@ from conftest import REPO
 from hpcmega.cli import main
 from hpcmega.commands.options import field_flags
 from hpcmega.config import FIELDS, Config, ConfigError, get_value, load_config, parse_set
-from hpcmega.validate import validate
+from hpcmega.planning.validate import validate
 
 SITE = str(REPO / "slurm/sites/example.toml")
 LAUNCH = str(REPO / "launch/gpt2-124m-4node.toml")

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from hpcmega.cli import main
 from hpcmega.config import PRESET_TRAIN, Config, load_config, resolve_defaults
-from hpcmega.slurm import gres_gpus, partition_gpus
+from hpcmega.cluster.slurm import gres_gpus, partition_gpus
 
 HEADLINE = ["--nodes", "4", "--tp", "8", "--pp", "2"]
 

@@ -1,4 +1,4 @@
-"""hpcmega.distenv: what a rank concludes about itself from SLURM's or the local launcher's environment."""
+"""hpcmega.rank.distenv: what a rank concludes about itself from SLURM's or the local launcher's environment."""
 from __future__ import annotations
 
 import subprocess
@@ -6,7 +6,7 @@ import subprocess
 import pytest
 
 from hpcmega.config import ConfigError
-from hpcmega.distenv import (
+from hpcmega.rank.distenv import (
     DERIVED_PORT_BASE,
     DERIVED_PORT_SPAN,
     derived_port,

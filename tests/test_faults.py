@@ -17,7 +17,7 @@ from conftest import rank_pids
 
 from hpcmega.cli import main
 from hpcmega.config import ConfigError, load_config
-from hpcmega.slurm import sbatch_script
+from hpcmega.cluster.slurm import sbatch_script
 
 SUBMIT = ["submit", "--nodes", "1", "--gpus-per-node", "2", "--cpu", "--global-batch", "4", "--seq-len", "32",
           "--wandb", "disabled", "--time", "00:10:00", "--dry-run"]
@@ -164,8 +164,8 @@ def one_rank():
     from engine_harness import free_port
     from torch.distributed.device_mesh import init_device_mesh
 
-    from hpcmega.checkpoint import ModelOptimizerState, TrainState
-    from hpcmega.train import Trainer
+    from hpcmega.rank.checkpoint import ModelOptimizerState, TrainState
+    from hpcmega.rank.train import Trainer
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
                             timeout=timedelta(seconds=60))
@@ -191,7 +191,7 @@ def test_pruning_after_resuming_an_older_step_keeps_the_new_timeline(tmp_path, o
     """Timeline A saves 2, 4, 6; a new attempt resumes step 2 and saves 3 and 4 with keep=1. The new saves survive
     (main pruned them by step number), A's complete step 4 is not deleted by B's save at step 4, the checkpoint
     resumed from is kept, and `latest` is B's step 4 -- `--resume auto` continues the new timeline, not A's 6."""
-    from hpcmega.checkpoint import CheckpointManager
+    from hpcmega.rank.checkpoint import CheckpointManager
 
     make, _ = one_rank
     url = str(tmp_path / "ckpt")
@@ -237,7 +237,7 @@ def _damage(folder: Path, how: str) -> str:
 
 @pytest.mark.parametrize("how", ["truncate", "delete", "bitflip", "marker"])
 def test_damaged_latest_checkpoint_is_reported_and_auto_resume_falls_back(tmp_path, one_rank, how):
-    from hpcmega.checkpoint import CheckpointDamaged, CheckpointManager, verify_checkpoint
+    from hpcmega.rank.checkpoint import CheckpointDamaged, CheckpointManager, verify_checkpoint
 
     make, cfg = one_rank
     url = str(tmp_path / "ckpt")
@@ -272,7 +272,7 @@ def test_damaged_latest_checkpoint_is_reported_and_auto_resume_falls_back(tmp_pa
 
 
 def test_checksums_can_be_skipped_for_huge_checkpoints(tmp_path, one_rank):
-    from hpcmega.checkpoint import CheckpointManager
+    from hpcmega.rank.checkpoint import CheckpointManager
 
     make, _ = one_rank
     url = str(tmp_path / "ckpt")
@@ -295,8 +295,8 @@ def test_resume_refuses_another_model_naming_the_fields(tmp_path, one_rank):
     differing field, instead of loading silently."""
     import dataclasses
 
-    from hpcmega.checkpoint import CheckpointManager
-    from hpcmega.train import resume
+    from hpcmega.rank.checkpoint import CheckpointManager
+    from hpcmega.rank.train import resume
 
     make, cfg = one_rank
     url = str(tmp_path / "ckpt")
@@ -570,6 +570,6 @@ def test_a_bad_slurm_nodelist_is_one_line(tmp_path, nodelist):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM", "RANK", "WORLD_SIZE"))}
     env.update(SLURM_PROCID="0", SLURM_JOB_ID="7", SLURM_NTASKS="1", SLURM_LOCALID="0", SLURM_JOB_NODELIST=nodelist,
                SLURMD_NODENAME="node1", OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-m", "hpcmega.job", "--config", str(cfg), "--run-dir", str(tmp_path / "r")],
+    r = subprocess.run([sys.executable, "-m", "hpcmega.rank.job", "--config", str(cfg), "--run-dir", str(tmp_path / "r")],
                        env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "SLURM node list" in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -77,7 +77,7 @@ EIGHT_RANKS = {
     },
 }
 BF16 = {"tp2-bf16", "dp2-replicate-bf16"}  # FSDP2's mixed-precision policy; autocast under replicate
-# Trained through the public ``hpcmega.train.train`` entry point (no gradient capture hook).
+# Trained through the public ``hpcmega.rank.train.train`` entry point (no gradient capture hook).
 VIA_TRAIN_ENTRY_POINT = {"pp2-dp2-tp2-interleaved-full-no-reshard"}
 # Configurations the engine must refuse, on every rank, with a ConfigError naming the fix, before writing anything.
 BAD_TWO_RANKS = {

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hpcmega.config import ConfigError
-from hpcmega.layout import (
+from hpcmega.planning.layout import (
     Layout,
     LayoutError,
     RankPlacement,
@@ -221,7 +221,7 @@ def test_plan_and_the_job_share_one_placement_to_layout_sequence():
     """`plan` (planned_layout) and every rank (layout_of on the gathered placement) build the layout the same way:
     NVLink domains are consecutive nodes in natural name order (node2 before node10), whatever order SLURM lists."""
     from hpcmega.config import load_config
-    from hpcmega.layout import layout_of, natural_key, planned_layout
+    from hpcmega.planning.layout import layout_of, natural_key, planned_layout
 
     cfg = load_config(None, {"cluster.nodes": 4, "cluster.gpus_per_node": 2, "cluster.nvlink_domain_nodes": 2,
                              "parallel.tp": 4, "cluster.cpu": True, "train.global_batch": 8})

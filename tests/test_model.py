@@ -8,7 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from hpcmega.config import ModelConfig
 from hpcmega.engine.stages import layers_for_stage, stage_ids_for_rank
-from hpcmega.metrics import model_flops_per_step
+from hpcmega.rank.metrics import model_flops_per_step
 from hpcmega.model.gpt import GPT, build_model, cross_entropy
 
 CFG = ModelConfig(vocab_size=128, d_model=64, n_layers=4, n_heads=4, max_seq_len=64)

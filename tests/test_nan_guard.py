@@ -50,7 +50,7 @@ def _train_with_poison(max_skips: int, poison_steps: tuple[int, ...], run_dir: s
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    from hpcmega.train import Trainer
+    from hpcmega.rank.train import Trainer
 
     mesh = init_device_mesh("cpu", (1, 2, 1), mesh_dim_names=("pp", "dp", "tp"))
     trainer = Trainer(_cfg(max_skips, data_parallel), mesh, run_dir)
@@ -85,7 +85,7 @@ def _train_twice_with_a_huge_lr(run_dir: str) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
 
     from hpcmega.runs.files import RunFolder
-    from hpcmega.train import train
+    from hpcmega.rank.train import train
 
     errors = []
     for steps in (3, 6):

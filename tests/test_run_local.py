@@ -12,7 +12,7 @@ import pytest
 from conftest import popen_cli, process_env, run_cli
 
 from hpcmega.config import load_config
-from hpcmega.layout import Layout, block_placement, compute_layout
+from hpcmega.planning.layout import Layout, block_placement, compute_layout
 
 
 def _children(pid: int) -> list[int]:

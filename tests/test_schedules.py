@@ -1,4 +1,4 @@
-"""The schedule table (hpcmega/schedules.py) against torch's classes and the docs, and the facts derived from it:
+"""The schedule table (hpcmega/planning/schedules.py) against torch's classes and the docs, and the facts derived from it:
 stages per rank, placement, microbatch limits, bubble, and FSDP2's reshard-after-forward default under PP."""
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 from hpcmega.config import Config, ConfigError, resolve_defaults
 from hpcmega.engine.stages import stage_ids_for_rank
 from hpcmega.planning.schedule_facts import bubble_fraction
-from hpcmega.schedules import SCHEDULES, names
-from hpcmega.validate import validate
+from hpcmega.planning.schedules import SCHEDULES, names
+from hpcmega.planning.validate import validate
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "engine.md"
 

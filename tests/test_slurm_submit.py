@@ -1,5 +1,5 @@
 """`hpcmega submit` against the real local SLURM cluster (slurm/start-cluster.sh): sbatch -> srun -> submitit ->
-hpcmega.job.run_rank on 2 nodes x 2 CPU tasks, plus --dry-run, site profiles, refusals and a failing job."""
+hpcmega.rank.job.run_rank on 2 nodes x 2 CPU tasks, plus --dry-run, site profiles, refusals and a failing job."""
 from __future__ import annotations
 
 import json
@@ -14,7 +14,7 @@ import pytest
 from conftest import REPO, all_pids, popen_cli, process_env, run_cli
 
 from hpcmega.config import load_config
-from hpcmega.slurm import sbatch_script
+from hpcmega.cluster.slurm import sbatch_script
 
 SMALL = ["--cpu", "--global-batch", "4", "--seq-len", "32", "--wandb", "disabled", "--time", "00:10:00"]
 

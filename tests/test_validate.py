@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from hpcmega.config import MODEL_PRESETS, Config, ConfigError, load_config, resolve_defaults
-from hpcmega.validate import parse_slurm_time, validate
+from hpcmega.planning.validate import parse_slurm_time, validate
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,5 +1,5 @@
 """`hpcmega bench --gpu`: one GPU, GPT-2 124M and 350M, bf16, compiled blocks, sequence 1024 -- tokens/s, MFU and
-peak memory from the run's own ``metrics.jsonl`` (MFU against the card's bf16 peak, ``hpcmega.metrics``).
+peak memory from the run's own ``metrics.jsonl`` (MFU against the card's bf16 peak, ``hpcmega.rank.metrics``).
 
 The goal (issue 11) is >= 45% MFU for gpt2-350m on an H100. Each model runs as a one-process local job on
 ``cuda:0``; the first ``warmup`` steps (compilation) are not counted. Nothing here runs without a CUDA device:
@@ -17,7 +17,7 @@ GPU_CASES = (("gpt2-124m", 16), ("gpt2-350m", 8))  # (preset, micro-batch) at se
 
 def gpu_config(preset: str, micro_batch: int, steps: int):
     from hpcmega.config import load_config
-    from hpcmega.launcher import local_config
+    from hpcmega.cluster.launcher import local_config
 
     overrides = {"model.preset": preset, "train.seq_len": 1024, "train.micro_batch": micro_batch,
                  "train.global_batch": micro_batch, "train.precision": "bf16", "parallel.compile": True,

@@ -78,7 +78,7 @@ def _rank(rank: int, port: int, overrides: dict[str, Any], steps: int, warmup: i
 
     from hpcmega.bench.cases import BenchCase
     from hpcmega.bench.runner import case_config
-    from hpcmega.train import Trainer
+    from hpcmega.rank.train import Trainer
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
@@ -107,7 +107,7 @@ def check_config(overrides: dict[str, Any]) -> None:
     """Raise ConfigError (one line naming the fix) before any process starts."""
     from hpcmega.bench.cases import BenchCase
     from hpcmega.bench.runner import case_config
-    from hpcmega.validate import validate
+    from hpcmega.planning.validate import validate
 
     validate(case_config(BenchCase("pp profile", 2, overrides), 1))
 
@@ -118,8 +118,8 @@ def profile(schedule: str, microbatches: int, steps: int = 2, warmup: int = 1, v
     import torch.multiprocessing as mp
 
     from hpcmega.bench.cases import MODEL
-    from hpcmega.launcher import free_port
-    from hpcmega.schedules import SCHEDULES
+    from hpcmega.cluster.launcher import free_port
+    from hpcmega.planning.schedules import SCHEDULES
 
     model = {**MODEL, **(model or {})}
     overrides = {**model, "train.global_batch": microbatches * model["train.micro_batch"], "parallel.pp": 2,
@@ -149,7 +149,7 @@ def report(ranks: list[list[dict[str, Any]]]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    from hpcmega.schedules import SCHEDULES
+    from hpcmega.planning.schedules import SCHEDULES
 
     parser.add_argument("--schedule", default="1f1b", choices=list(SCHEDULES))
     parser.add_argument("--microbatches", type=int, default=8)

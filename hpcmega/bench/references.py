@@ -16,9 +16,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from hpcmega.config import Config
-from hpcmega.launcher import free_port
+from hpcmega.cluster.launcher import free_port
 from hpcmega.model.gpt import build_model, cross_entropy
-from hpcmega.optim import build_optimizer
+from hpcmega.rank.optim import build_optimizer
 
 
 def synthetic_batch(cfg: Config, step: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,7 +3,7 @@
 Every case runs ``repeats`` times, interleaved (case 1, 2, ..., then again), so a slow phase of a shared machine
 hits all cases alike; a case's ``min/median/max`` are over all its measured steps (after ``warmup`` steps of each
 run), and ratios are of medians measured in the same invocation. hpcmega cases run as real local jobs
-(``hpcmega.launcher``, gloo on CPU, one thread per rank) and report ``metrics.jsonl``'s ``step_time_s``; the
+(``hpcmega.cluster.launcher``, gloo on CPU, one thread per rank) and report ``metrics.jsonl``'s ``step_time_s``; the
 reference cases (explicit TP, DDP) run in :mod:`hpcmega.bench.references` and time the same step on rank 0.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from hpcmega.config import Config
 
 def case_config(case: BenchCase, steps: int, **extra: Any) -> Config:
     from hpcmega.config import load_config
-    from hpcmega.launcher import local_config
+    from hpcmega.cluster.launcher import local_config
 
     overrides = {**MODEL, **case.overrides, "train.steps": steps, "train.warmup_steps": 1,
                  "logging.wandb": "disabled", "checkpoint.resume": "none", **extra}
@@ -30,7 +30,7 @@ def case_config(case: BenchCase, steps: int, **extra: Any) -> Config:
 
 def run_job(cfg: Config, nproc: int, name: str, workdir: Path) -> list[dict[str, Any]]:
     """One local hpcmega job; its metrics.jsonl records."""
-    from hpcmega.launcher import launch_local
+    from hpcmega.cluster.launcher import launch_local
 
     run_dir = Path(tempfile.mkdtemp(prefix="bench-", dir=workdir))
     if launch_local(cfg, nproc, run_dir, out=io.StringIO()) != 0:

@@ -60,7 +60,7 @@ def _rank(rank: int, port: int, steps: int, warmup: int, model: dict[str, Any], 
     from hpcmega.bench.cases import default_cases
     from hpcmega.bench.references import explicit_tp_step
     from hpcmega.bench.runner import case_config
-    from hpcmega.train import Trainer
+    from hpcmega.rank.train import Trainer
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
@@ -83,7 +83,7 @@ def profile(steps: int = 3, warmup: int = 2, model: dict[str, Any] | None = None
     ``model``: overrides of the bench model (tests use a tiny one)."""
     import torch.multiprocessing as mp
 
-    from hpcmega.launcher import free_port
+    from hpcmega.cluster.launcher import free_port
 
     with tempfile.TemporaryDirectory() as out_dir:
         mp.start_processes(_rank, args=(free_port(), steps, warmup, model or {}, out_dir), nprocs=2, join=True,

@@ -28,7 +28,7 @@ def _toml_value(value: Any) -> str:
 
 def resolved_view(cfg, run_dir: str | None) -> Any:
     """A copy with what the job derives written out: dp, microbatches and the run folder."""
-    from hpcmega.launcher import default_run_dir
+    from hpcmega.cluster.launcher import default_run_dir
 
     out = copy.deepcopy(cfg)
     out.parallel.dp, out.parallel.microbatches = cfg.dp, cfg.microbatches

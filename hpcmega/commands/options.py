@@ -101,7 +101,7 @@ def settle_defaults(cfg: Config, sources: dict[str, str]) -> list[Setting]:
     given = c.gpus_per_node
     gres = None
     if not given and not c.cpu:
-        from hpcmega.slurm import partition_gpus
+        from hpcmega.cluster.slurm import partition_gpus
 
         gres = partition_gpus(c.partition)
     chosen = resolve_defaults(cfg, gres=gres)
@@ -117,7 +117,7 @@ def pass_config(fn: Callable | None = None, *, with_cluster: bool = True, source
     """Decorator: adds the config options and hands the resolved Config to the command as `cfg` (and the
     per-key sources as `sources` when asked). With the cluster flags (a cluster job: plan, submit, config show)
     unset values are resolved by rule here (settle_defaults), and `chosen` lists them when asked; `run` resolves
-    them once it knows whether the machine has GPUs (hpcmega.launcher.local_config)."""
+    them once it knows whether the machine has GPUs (hpcmega.cluster.launcher.local_config)."""
 
     def decorate(fn: Callable) -> Callable:
         @config_options(with_cluster)

@@ -1,6 +1,6 @@
 """`hpcmega plan`: check a configuration and show the groups it gives, before anything is queued.
 
-The layout printed here is computed by the same code the job runs on its real placement (hpcmega.layout), so
+The layout printed here is computed by the same code the job runs on its real placement (hpcmega.planning.layout), so
 what the plan shows is what the ranks will build. Nothing is written; bad input exits with status 2.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ _MAX_ROWS = 16
 
 
 def _node_names(cfg, node_names: str | None) -> list[str]:
-    from hpcmega.layout import default_node_names
+    from hpcmega.planning.layout import default_node_names
 
     if not node_names:
         return default_node_names(cfg.cluster.nodes)
@@ -37,8 +37,8 @@ def build_plan(cfg, placement_kind: str = "block", node_names: str | None = None
     Raises click.UsageError (exit 2) with the validator's one-line message on bad input.
     """
     from hpcmega.config import ConfigError
-    from hpcmega.layout import planned_layout
-    from hpcmega.validate import validate
+    from hpcmega.planning.layout import planned_layout
+    from hpcmega.planning.validate import validate
 
     try:
         warnings = validate(cfg)

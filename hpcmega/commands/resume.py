@@ -30,7 +30,7 @@ def resume(run: str, nproc: int | None, dry_run: bool, wait_: bool, no_memory_ch
     hpcmega resume runs/my-run                       # same layout, new job
     hpcmega resume runs/my-run --tp 1 --time 02:00:00 # another layout: the checkpoint is resharded on load
     """
-    from hpcmega.checkpoint import list_checkpoints
+    from hpcmega.rank.checkpoint import list_checkpoints
     from hpcmega.commands.runs import run_folder_arg
     from hpcmega.runs.state import ACTIVE, run_status
 
@@ -45,7 +45,7 @@ def resume(run: str, nproc: int | None, dry_run: bool, wait_: bool, no_memory_ch
     cfg.run_dir = str(folder.path)
     local = s.job is not None and s.job.kind == "local"
     if local:
-        from hpcmega.launcher import local_config
+        from hpcmega.cluster.launcher import local_config
 
         cfg = local_config(cfg, nproc or old.world_size, cpu=old.cluster.cpu)
     ckpts = [c for c in list_checkpoints(folder.checkpoint_url(cfg)) if c.complete] \
@@ -64,7 +64,7 @@ def resume(run: str, nproc: int | None, dry_run: bool, wait_: bool, no_memory_ch
 
 def _resume_local(cfg, folder, dry_run: bool) -> None:
     from hpcmega.commands.plan import build_plan
-    from hpcmega.launcher import launch_local
+    from hpcmega.cluster.launcher import launch_local
 
     _, warnings = build_plan(cfg)
     for w in warnings:

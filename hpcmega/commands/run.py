@@ -29,8 +29,8 @@ def run(cfg, nproc: int, force_cpu: bool, run_dir: str | None) -> None:
     """
     from hpcmega.commands.plan import build_plan
     from hpcmega.config import ConfigError
-    from hpcmega.launcher import default_run_dir, launch_local, local_config
-    from hpcmega.preemption import EXIT_UNFINISHED
+    from hpcmega.cluster.launcher import default_run_dir, launch_local, local_config
+    from hpcmega.rank.preemption import EXIT_UNFINISHED
     from hpcmega.reliability import run_lock
     from hpcmega.reliability.preflight import preflight
 

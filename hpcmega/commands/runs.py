@@ -51,7 +51,7 @@ def ls(runs_dir: str) -> None:
 @_RUN
 def status(run: str) -> None:
     """Job state, exit code, attempts, progress, last checkpoint, W&B run and layout of RUN."""
-    from hpcmega.checkpoint import list_checkpoints
+    from hpcmega.rank.checkpoint import list_checkpoints
     from hpcmega.runs.progress import duration
     from hpcmega.runs.state import run_status
 

@@ -34,7 +34,7 @@ def _tail(path: Path, lines: int = _TAIL_LINES) -> str:
 @pass_config(chosen=True)
 def submit(cfg, chosen, run_dir: str | None, dry_run: bool, wait_: bool, no_memory_check: bool, sweeps: tuple[str, ...],
            after: str | None) -> None:
-    """Queue the job on SLURM: NODES x GPUS_PER_NODE tasks, one per GPU, each running hpcmega.job.run_rank.
+    """Queue the job on SLURM: NODES x GPUS_PER_NODE tasks, one per GPU, each running hpcmega.rank.job.run_rank.
 
     GPUs per node: --gpus-per-node, else the config / site profile, else the partition's GRES (sinfo), else 8.
 
@@ -43,7 +43,7 @@ def submit(cfg, chosen, run_dir: str | None, dry_run: bool, wait_: bool, no_memo
     hpcmega submit --site example --config launch/gpt2-124m-4node.toml --time 02:00:00 --wait
     hpcmega submit --config launch/gpt2-124m-4node.toml --sweep train.lr=3e-4,6e-4 --sweep parallel.tp=4,8
     """
-    from hpcmega.launcher import default_run_dir
+    from hpcmega.cluster.launcher import default_run_dir
 
     if after is not None and not re.fullmatch(r"\d+(_\d+)?", after):
         raise click.UsageError(f"--after {after!r}: give a SLURM job id such as 1234 (or 1234_0 for an array task)")
@@ -58,7 +58,7 @@ def queue(cfg, path: Path, dry_run: bool, wait_: bool, no_memory_check: bool = F
           after: str | None = None, chosen: list | None = None) -> None:
     """Validate, then show (--dry-run) or queue the job for run folder ``path`` (shared by `submit` and `resume`);
     ``chosen``: the values resolved by rule, shown in the dry run's plan."""
-    from hpcmega import slurm
+    from hpcmega.cluster import slurm
     from hpcmega.commands.plan import _print_table, build_plan, config_summary, memory_check, print_estimate
     from hpcmega.config import ConfigError
     from hpcmega.reliability import run_lock
@@ -136,7 +136,7 @@ def _sweep_points(cfg, path: Path, sweeps: tuple[str, ...], no_memory_check: boo
 def queue_sweep(cfg, path: Path, sweeps: tuple[str, ...], dry_run: bool, wait_: bool, no_memory_check: bool,
                 after: str | None) -> None:
     """All points as one SLURM job array (submitit's batch): every point must give the same sbatch options."""
-    from hpcmega import slurm
+    from hpcmega.cluster import slurm
     from hpcmega.config import ConfigError
     from hpcmega.reliability.sbatch_options import check_run_folder
 
@@ -181,7 +181,7 @@ def queue_sweep(cfg, path: Path, sweeps: tuple[str, ...], dry_run: bool, wait_: 
 
 
 def _wait(job) -> int:
-    from hpcmega import slurm
+    from hpcmega.cluster import slurm
 
     started = time.monotonic()
     follow = slurm.LogFollower(job.log(0, "out"), lambda text: (click.echo(text, nl=False), sys.stdout.flush()))

@@ -13,7 +13,7 @@ weights.
 after TP (it shards the TP-sharded DTensors again over "dp"); DDP or the DDP-based composable ``replicate`` must
 never be used with TP or PP here: they silently drop or desynchronise DTensor parameters.
 
-``parallel.data_parallel = "replicate"`` (tp = pp = 1 only; hpcmega.validate refuses the rest) keeps a full copy
+``parallel.data_parallel = "replicate"`` (tp = pp = 1 only; hpcmega.planning.validate refuses the rest) keeps a full copy
 of the model on every dp rank: plain ``DistributedDataParallel`` around the one part, gradients all-reduced once per
 step in buckets that overlap backward. Chosen over FSDP2-based replication (``fully_shard`` on a (replicate, 1) mesh)
 by measurement (docs/performance.md): parameters stay plain tensors, so the optimizer, clipping and forward pay no
@@ -37,7 +37,7 @@ from hpcmega.engine.recompute import apply_recompute
 from hpcmega.engine.stages import layers_for_stage, stage_ids_for_rank
 from hpcmega.engine.tensor_parallel import apply_tensor_parallel
 from hpcmega.model.gpt import GPT
-from hpcmega.validate import check_data_parallel
+from hpcmega.planning.validate import check_data_parallel
 
 
 @dataclass

@@ -21,7 +21,7 @@ from hpcmega.config import ConfigError
 from hpcmega.engine.parallelize import ModelParts
 from hpcmega.engine.tensor_parallel import loss_context
 from hpcmega.model.gpt import cross_entropy
-from hpcmega.schedules import SCHEDULES, names
+from hpcmega.planning.schedules import SCHEDULES, names
 
 
 def scaled_loss_fn(n_microbatches: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:

@@ -1,12 +1,12 @@
 """Which pipeline stages a rank owns and which layers a stage holds. Pure arithmetic, no torch.
 
 Looped placement (most schedules): rank r owns stages r, r + pp, r + 2pp, ...
-V-shaped placement (``v_shape`` in :mod:`hpcmega.schedules`: zbv, dualpipev): rank r owns stages r and 2pp - 1 - r,
+V-shaped placement (``v_shape`` in :mod:`hpcmega.planning.schedules`: zbv, dualpipev): rank r owns stages r and 2pp - 1 - r,
 so rank 0 holds the first *and* the last stage and the loss is computed there.
 """
 from __future__ import annotations
 
-from hpcmega.schedules import SCHEDULES
+from hpcmega.planning.schedules import SCHEDULES
 
 
 def stage_ids_for_rank(pp_rank: int, pp: int, stages_per_rank: int, schedule: str) -> list[int]:

@@ -5,7 +5,7 @@ import warnings
 
 import torch
 
-from hpcmega.checkpoint import CheckpointInfo, verify_checkpoint
+from hpcmega.rank.checkpoint import CheckpointInfo, verify_checkpoint
 from hpcmega.config import Config, ConfigError
 from hpcmega.model.gpt import GPT
 

@@ -1,7 +1,7 @@
 """Which checkpoint a user means: a step folder, a checkpoint folder, or a run folder (pure fsspec, no torch)."""
 from __future__ import annotations
 
-from hpcmega.checkpoint import MARKER, CheckpointInfo, by_save_order, list_checkpoints
+from hpcmega.rank.checkpoint import MARKER, CheckpointInfo, by_save_order, list_checkpoints
 from hpcmega.config import ConfigError
 from hpcmega.reliability.checkpoint_rules import check_trusted
 from hpcmega.runs.files import checkpoints_of, enclosing_run

@@ -94,7 +94,7 @@ def candidate_changes(cfg: Config) -> list[tuple[str, Callable[[Config], None]]]
 
 
 def _fits(cfg: Config) -> bool:
-    from hpcmega.validate import validate
+    from hpcmega.planning.validate import validate
 
     try:
         validate(cfg)

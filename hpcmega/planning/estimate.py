@@ -6,7 +6,7 @@ tests/test_planning_measure.py). docs/planning.md explains each term with a work
 
 Units: elements are counted per tensor-parallel rank; bytes per GPU. ``sbh`` = sequence x micro-batch x hidden.
 
-Model state (AdamW, hpcmega.optim): parameters live in fp32 (with bf16 they are FSDP2's fp32 master copy), one fp32
+Model state (AdamW, hpcmega.rank.optim): parameters live in fp32 (with bf16 they are FSDP2's fp32 master copy), one fp32
 gradient per parameter and two fp32 moments. FSDP2 (used whenever dp > 1 or precision is bf16) shards all of it over
 "dp" and all-gathers parameters in the compute dtype for forward and backward. Where the engine keeps unsharded
 copies: inside a pipeline (pp > 1) the schedule turns resharding after backward and gradient sync off until the last
@@ -26,7 +26,7 @@ from typing import Any
 
 from hpcmega.config import Config
 from hpcmega.engine.stages import layers_for_stage, stage_ids_for_rank
-from hpcmega.metrics import model_flops_per_step
+from hpcmega.rank.metrics import model_flops_per_step
 from hpcmega.planning.gpus import GPU, INTERNODE_GB_S
 from hpcmega.planning.schedule_facts import bubble_fraction, chunks_in_flight
 
@@ -286,7 +286,7 @@ def rank_memory(sh: Shape, pp_rank: int) -> RankMemory:
 
 # -- throughput ---------------------------------------------------------------------------------------------------
 def flops_per_step(sh: Shape) -> float:
-    """Model FLOPs of one optimizer step (hpcmega.metrics): 6N + 12*L*h*s per token, N = 12*L*h^2 + V*h."""
+    """Model FLOPs of one optimizer step (hpcmega.rank.metrics): 6N + 12*L*h*s per token, N = 12*L*h^2 + V*h."""
     return model_flops_per_step(sh.b * sh.m * sh.dp, sh.s, sh.layers, sh.h, sh.vocab)
 
 

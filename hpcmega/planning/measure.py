@@ -8,7 +8,7 @@ How one rank is measured:
   rank, with real CPU tensors of the real local shapes; collectives return at once without moving data (values are
   meaningless, sizes are real).
 - The rank's model parts come from ``hpcmega.engine.parallelize.build_model_parts`` and its optimizers from
-  ``hpcmega.optim``: the code a job runs. pp = 1 uses the engine's own ``GradAccumulation``. With pp > 1 the fake
+  ``hpcmega.rank.optim``: the code a job runs. pp = 1 uses the engine's own ``GradAccumulation``. With pp > 1 the fake
   group cannot carry pipelining's peer-to-peer metadata, so the rank's forwards and backwards are issued here in the
   order of the configured schedule (the microbatches in flight come from the schedule table), with the FSDP2
   settings ``torch.distributed.pipelining`` uses (no resharding and no gradient sync before the last backward).
@@ -193,7 +193,7 @@ class RankStep:
         from torch.distributed.device_mesh import DeviceMesh
 
         from hpcmega.engine.parallelize import build_model_parts
-        from hpcmega.optim import build_optimizer
+        from hpcmega.rank.optim import build_optimizer
 
         self.cfg, self.pp_rank = cfg, pp_rank
         me = _ensure_world()
@@ -285,7 +285,7 @@ class RankStep:
         """One optimizer step as the trainer runs it (forward/backward, replicate grads, clip, AdamW)."""
         from hpcmega.engine.grad_sync import reduce_partial_grads
         from hpcmega.engine.pipeline import GradAccumulation
-        from hpcmega.optim import clip_grad_norm_
+        from hpcmega.rank.optim import clip_grad_norm_
 
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)

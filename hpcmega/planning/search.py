@@ -76,7 +76,7 @@ def layouts(cfg: Config) -> Iterator[Config]:
 
 def search(cfg: Config) -> list[Candidate]:
     """Layouts that validate and fit, fastest (estimated) first."""
-    from hpcmega.validate import validate
+    from hpcmega.planning.validate import validate
 
     gpu, mem = gpu_of(cfg)
     found = []

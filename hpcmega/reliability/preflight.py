@@ -76,7 +76,7 @@ def check_data(cfg: Config) -> None:
 def check_resume(cfg: Config, location: str) -> None:
     """An explicit --resume must be a complete checkpoint, trusted and of this model; with `auto`, the newest
     intact checkpoint in the location must be of this model."""
-    from hpcmega.checkpoint import by_save_order, list_checkpoints
+    from hpcmega.rank.checkpoint import by_save_order, list_checkpoints
 
     target = cfg.checkpoint.resume
     if target == "none":

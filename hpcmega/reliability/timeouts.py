@@ -6,7 +6,7 @@ for a big model, and the fastest rank waits in the first collective for the slow
 rank runs the same compiled code, so a rank stuck in a collective for ``cluster.collective_timeout_s`` is a hang
 and the job should end (and be requeued) rather than burn its allocation. One timeout for both either kills
 healthy first steps or lets real hangs run for half an hour. (Checkpoint save/load have their own gloo group and
-``checkpoint.timeout_s``: :func:`hpcmega.checkpoint.checkpoint_group`.)
+``checkpoint.timeout_s``: :func:`hpcmega.rank.checkpoint.checkpoint_group`.)
 
 The default process group is created with the first-step timeout; :class:`CollectiveTimeouts` sets it on every
 group of the mesh as well -- DeviceMesh creates its per-dimension groups with torch's backend default (10 min for

@@ -50,7 +50,7 @@ def attempt_marker(job: str, restart: int, rank: int) -> str:
 def job_key() -> str | None:
     """The id this attempt's job has in jobs.jsonl: the SLURM job's as submitit names it (``<array>_<index>`` inside
     a job array), the local launch's, or None outside both."""
-    from hpcmega.preemption import slurm_job_id
+    from hpcmega.rank.preemption import slurm_job_id
 
     return slurm_job_id() or os.environ.get(LOCAL_JOB_ENV)
 

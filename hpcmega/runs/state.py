@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hpcmega.preemption import EXIT_UNFINISHED
+from hpcmega.rank.preemption import EXIT_UNFINISHED
 from hpcmega.runs.files import RunFolder
 from hpcmega.runs.progress import eta_s
 
@@ -73,7 +73,7 @@ class Job:
                 return "COMPLETED" if code == 0 else "CANCELLED" if code in (128 + signal.SIGINT,
                                                                            128 + signal.SIGTERM) else "FAILED"
             return "RUNNING" if self._local_alive() else "LOST"  # the launcher died without recording an end
-        from hpcmega import slurm
+        from hpcmega.cluster import slurm
 
         state = _normalise(self.submitit_job().watcher.get_state(self.job_id, mode="cache"))
         return state if state != "UNKNOWN" else slurm.job_state(self.job_id)
@@ -81,7 +81,7 @@ class Job:
     def exit_code(self) -> str:
         if self.kind == "local":
             return str(self.record.get("exit_code", ""))
-        from hpcmega import slurm
+        from hpcmega.cluster import slurm
 
         return slurm.job_exit_code(self.job_id)
 

@@ -6,7 +6,7 @@ A rank starts in one of three ways and must build the same picture in each:
   the node from ``SLURMD_NODENAME``, the rendezvous host = the first node of the step's node list (where SLURM's
   block and cyclic distributions both put rank 0), the port derived from the job id so that concurrent jobs on a
   shared node do not collide and a requeued job reuses its port;
-- ``hpcmega run`` (hpcmega.launcher) or torchrun: ``RANK``/``LOCAL_RANK``/``WORLD_SIZE``/``MASTER_ADDR``/
+- ``hpcmega run`` (hpcmega.cluster.launcher) or torchrun: ``RANK``/``LOCAL_RANK``/``WORLD_SIZE``/``MASTER_ADDR``/
   ``MASTER_PORT`` (+ ``HPCMEGA_NODE`` from our launcher);
 - a plain ``python`` process: a world of one.
 

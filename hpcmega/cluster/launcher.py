@@ -1,6 +1,6 @@
 """`hpcmega run --nproc N`: the job on this machine, N rank processes with the same entry point as a SLURM task.
 
-Why our own launcher and not torchrun: a SLURM task runs ``hpcmega.job.run_rank`` directly (one task per GPU), and
+Why our own launcher and not torchrun: a SLURM task runs ``hpcmega.rank.job.run_rank`` directly (one task per GPU), and
 a local run must exercise the same code path, environment reading included. The launcher only does what srun
 does for a job step: start the ranks with their environment, collect their output, and end all of them as soon as
 one fails (srun's ``--kill-on-bad-exit``), so a dead rank never leaves its peers waiting in a collective.
@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import IO
 
 from hpcmega.config import Config, resolve_defaults
-from hpcmega.distenv import JOB_ENV
-from hpcmega.preemption import EXIT_UNFINISHED
+from hpcmega.rank.distenv import JOB_ENV
+from hpcmega.rank.preemption import EXIT_UNFINISHED
 from hpcmega.reliability.console import Console
 from hpcmega.reliability.process import LAUNCHER_PID_ENV
 from hpcmega.runs.files import CONFIG, LOCAL_JOB_ENV, RunFolder
@@ -64,7 +64,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def rank_env(rank: int, nproc: int, port: int, node: str, base: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment of local rank ``rank``: what hpcmega.distenv reads in launcher mode."""
+    """The environment of local rank ``rank``: what hpcmega.rank.distenv reads in launcher mode."""
     env = dict(os.environ if base is None else base)
     env.update(
         RANK=str(rank),
@@ -101,7 +101,7 @@ def _describe(code: int) -> str:
 
 
 class LocalLauncher:
-    """Start ``nproc`` ranks of ``python -m hpcmega.job``; stream rank 0; stop everything when one rank fails."""
+    """Start ``nproc`` ranks of ``python -m hpcmega.rank.job``; stream rank 0; stop everything when one rank fails."""
 
     def __init__(self, config_path: Path, run_dir: Path, nproc: int, out: IO[str] | None = None) -> None:
         self.config_path, self.run_dir, self.nproc = config_path, run_dir, nproc
@@ -117,7 +117,7 @@ class LocalLauncher:
     def _spawn(self) -> None:
         """Start the ranks with the stop signals blocked (inherited): one sent while a rank is still starting
         waits until the rank's StopFlag is installed, instead of killing it."""
-        from hpcmega.preemption import block_stop_signals
+        from hpcmega.rank.preemption import block_stop_signals
 
         previous = block_stop_signals()
         try:
@@ -129,7 +129,7 @@ class LocalLauncher:
         self.log_path(0).parent.mkdir(parents=True, exist_ok=True)
         port = free_port()
         node = socket.gethostname()
-        cmd = [sys.executable, "-u", "-m", "hpcmega.job", "--config", str(self.config_path),
+        cmd = [sys.executable, "-u", "-m", "hpcmega.rank.job", "--config", str(self.config_path),
                "--run-dir", str(self.run_dir)]
         for rank in range(self.nproc):
             env = {**rank_env(rank, self.nproc, port, node), LOCAL_JOB_ENV: self.job_id}

@@ -22,7 +22,7 @@ from hpcmega.config import (
 )
 from hpcmega.planning.schedule_facts import bubble_fraction
 from hpcmega.reliability.sbatch_options import check_cluster_values, check_text
-from hpcmega.schedules import SCHEDULES, names
+from hpcmega.planning.schedules import SCHEDULES, names
 
 
 def _range(info: FieldInfo) -> str:

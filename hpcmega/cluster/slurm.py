@@ -1,7 +1,7 @@
 """SLURM submission through submitit: executor parameters from the config, the exact sbatch script, waiting.
 
 One task per GPU (``--ntasks-per-node = gpus_per_node``) and no torchrun: every task runs
-``hpcmega.job.run_rank`` and reads its rank from SLURM's environment (hpcmega.distenv). ``srun`` runs with
+``hpcmega.rank.job.run_rank`` and reads its rank from SLURM's environment (hpcmega.rank.distenv). ``srun`` runs with
 ``--kill-on-bad-exit=1`` so one failed rank ends the step instead of leaving the others blocked in a collective.
 
 The sbatch script shown by ``--dry-run`` is rendered by submitit's own script builder from the same parameters
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from hpcmega.config import Config, ConfigError
-from hpcmega.distenv import JOB_ENV
+from hpcmega.rank.distenv import JOB_ENV
 from hpcmega.runs.files import RunFolder
 from hpcmega.reliability.sbatch_options import check_cluster_values, check_run_folder, parse_sbatch_extra
 
@@ -33,7 +33,7 @@ TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY
 SETUP_LINES = [
     # One thread per rank unless the site or the user says otherwise (ranks share the node's cores).
     'export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"',
-    # NCCL error handling, flight recorder, allocator (hpcmega.distenv.JOB_ENV); a value the user exports wins.
+    # NCCL error handling, flight recorder, allocator (hpcmega.rank.distenv.JOB_ENV); a value the user exports wins.
     *(f'export {name}="${{{name}:-{value}}}"' for name, value in JOB_ENV.items()),
 ]
 
@@ -70,7 +70,7 @@ def partition_gpus(partition: str = "") -> tuple[int, str] | None:
 
 def executor_parameters(cfg: Config) -> dict[str, Any]:
     """Keyword arguments for ``submitit.SlurmExecutor.update_parameters`` (its native sbatch names)."""
-    from hpcmega.validate import parse_slurm_time
+    from hpcmega.planning.validate import parse_slurm_time
 
     c = cfg.cluster
     check_cluster_values(c)  # validate() already refused these; a script is never rendered from unchecked values
@@ -181,7 +181,7 @@ class SubmittedJob:
 
 
 def submit(cfg: Config, run_dir: str | Path, after: str | None = None) -> SubmittedJob:
-    """Queue the job: every task calls ``hpcmega.job.run_rank(cfg_dict, run_dir)``. The config travels as a plain
+    """Queue the job: every task calls ``hpcmega.rank.job.run_rank(cfg_dict, run_dir)``. The config travels as a plain
     dict (the resolved Config, which holds no secrets: API keys stay in the environment)."""
     return submit_array([(cfg, Path(run_dir))], Path(run_dir), after)[0]
 
@@ -201,7 +201,7 @@ def submit_array(points: list[tuple[Config, Path]], root: Path, after: str | Non
     every point has the same ones). Each point's run folder gets its config and its job record."""
     import submitit
 
-    from hpcmega.job import run_rank
+    from hpcmega.rank.job import run_rank
 
     root = Path(root).absolute()
     folder = submission_folder(root)

@@ -1,6 +1,6 @@
 """The training loop on every rank: build the parallel model, then step optimizer, LR schedule, clipping, metrics.
 
-``train(cfg, mesh, run_dir)`` is the entry point (called by ``hpcmega.job`` once torch.distributed is up and the
+``train(cfg, mesh, run_dir)`` is the entry point (called by ``hpcmega.rank.job`` once torch.distributed is up and the
 ("pp", "dp", "tp") mesh is built). The work lives in :class:`Trainer`, whose pieces are public attributes so the
 checkpoint/resume and preemption code can plug in at step boundaries without touching the step itself:
 
@@ -29,8 +29,8 @@ from hpcmega.engine.memory import peak_memory_gib
 from hpcmega.engine.parallelize import build_model_parts, mesh_sizes
 from hpcmega.engine.pipeline import GradAccumulation, PipelineRunner
 from hpcmega.engine.step_guard import StepGuard
-from hpcmega.metrics import ConsoleLogger, MetricsWriter, model_flops_per_step, peak_tflops, step_record
-from hpcmega.optim import CosineWithWarmup, build_optimizer, clip_grad_norm_
+from hpcmega.rank.metrics import ConsoleLogger, MetricsWriter, model_flops_per_step, peak_tflops, step_record
+from hpcmega.rank.optim import CosineWithWarmup, build_optimizer, clip_grad_norm_
 from hpcmega.runs import files
 from hpcmega.runs.progress import Progress
 
@@ -267,10 +267,10 @@ def train(cfg: Config, mesh: DeviceMesh, run_dir: str, stop_flag=None, on_step=N
 
     Resumes from the newest complete checkpoint (``checkpoint.resume=auto``) or a given one (a URL, possibly
     written with another layout), saves every ``save_every`` steps and at the end, and -- when ``stop_flag``
-    (hpcmega.preemption.StopFlag) fires on any rank -- saves at the next step boundary on all ranks and stops.
+    (hpcmega.rank.preemption.StopFlag) fires on any rank -- saves at the next step boundary on all ranks and stops.
     ``on_step(record)`` is called after every step on this rank (the job passes rank 0's W&B logger).
     """
-    from hpcmega.checkpoint import CheckpointManager, ModelOptimizerState, TrainState, checkpoint_group
+    from hpcmega.rank.checkpoint import CheckpointManager, ModelOptimizerState, TrainState, checkpoint_group
     from hpcmega.reliability.preflight import checkpoint_location
 
     trainer = Trainer(cfg, mesh, run_dir)

@@ -1,5 +1,5 @@
 """The per-rank entry point, the same for a SLURM task (submitit calls ``run_rank``; one task per GPU, no torchrun)
-and a local rank (``hpcmega run`` starts ``python -m hpcmega.job``).
+and a local rank (``hpcmega run`` starts ``python -m hpcmega.rank.job``).
 
 Steps on every rank: read the rank environment -> init torch.distributed -> gather where every rank really runs
 -> compute the layout from that placement -> build the ("pp", "dp", "tp") DeviceMesh -> rank 0 writes the run
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import os
 import socket
 import sys
@@ -22,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from hpcmega.config import Config, ConfigError, load_config
-from hpcmega.distenv import DistEnv, from_environment
-from hpcmega.layout import layout_of, natural_key, planned_layout
+from hpcmega.rank.distenv import DistEnv, from_environment
+from hpcmega.planning.layout import layout_of, natural_key, planned_layout
 from hpcmega.reliability.timeouts import CollectiveTimeouts
 from hpcmega.runs.files import CONFIG, LAYOUT, RunFolder, attempt_marker, job_key
 
@@ -81,7 +80,7 @@ def gather_placement(env: DistEnv) -> list[Any]:
     """Every rank's (node, local rank), indexed by global rank."""
     import torch.distributed as dist
 
-    from hpcmega.layout import RankPlacement
+    from hpcmega.planning.layout import RankPlacement
 
     gathered: list[Any] = [None] * env.world_size
     dist.all_gather_object(gathered, (env.node, env.local_rank))
@@ -131,7 +130,7 @@ def _stop_for_requeue(cfg: Config, env: DistEnv, train: dict[str, Any], signum: 
 
     import torch.distributed as dist
 
-    from hpcmega.preemption import decide_requeue, requeue, slurm_job_id
+    from hpcmega.rank.preemption import decide_requeue, requeue, slurm_job_id
 
     job_id = slurm_job_id() if env.job_id else None
     decision = decide_requeue(job_id, env.restart_count, cfg.cluster.max_requeues if cfg.cluster.requeue else 0,
@@ -154,7 +153,7 @@ def run_rank(cfg: Config | dict[str, Any], run_dir: str) -> dict[str, Any]:
     run_path = Path(run_dir).absolute()
     cfg.run_dir = str(run_path)
     env = from_environment(master_port=cfg.cluster.master_port)
-    from hpcmega.preemption import StopFlag, stop_signals
+    from hpcmega.rank.preemption import StopFlag, stop_signals
 
     # First thing: a stop signal during start-up is remembered (and acted on at the first step), not fatal.
     stop_flag = StopFlag().install(stop_signals(under_slurm=bool(env.job_id)))
@@ -229,12 +228,12 @@ def run_rank(cfg: Config | dict[str, Any], run_dir: str) -> dict[str, Any]:
             "selftest": selftest,
             "train": None,
         }
-        if cfg.train.steps > 0 and importlib.util.find_spec("hpcmega.train") is not None:
-            from hpcmega.train import train  # an ImportError inside train.py is a real error, not "no training"
+        if cfg.train.steps > 0:
+            from hpcmega.rank.train import train
 
             logger = None
             if env.rank == 0:
-                from hpcmega.wandb_logger import WandbLogger
+                from hpcmega.rank.wandb_logger import WandbLogger
 
                 logger = WandbLogger(cfg, str(run_path), {
                     "world_size": env.world_size, "nodes": nodes, "slurm_job_id": env.job_id and job_key(),
@@ -255,8 +254,6 @@ def run_rank(cfg: Config | dict[str, Any], run_dir: str) -> dict[str, Any]:
                     logger.finish()
             if result["train"].get("preempted"):
                 _stop_for_requeue(cfg, env, result["train"], stop_flag.agreed_signum)
-        elif cfg.train.steps > 0:
-            _say(env, "notice: this build has no hpcmega.train; ran the self-test only")
         dist.barrier()
         ok = True
         return result
@@ -268,8 +265,8 @@ def run_rank(cfg: Config | dict[str, Any], run_dir: str) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m hpcmega.job --config FILE --run-dir DIR``: one rank of a local run (see hpcmega.launcher)."""
-    parser = argparse.ArgumentParser(prog="python -m hpcmega.job", description=main.__doc__)
+    """``python -m hpcmega.rank.job --config FILE --run-dir DIR``: one rank of a local run (see hpcmega.cluster.launcher)."""
+    parser = argparse.ArgumentParser(prog="python -m hpcmega.rank.job", description=main.__doc__)
     parser.add_argument("--config", required=True, help="resolved config TOML (written by the launcher)")
     parser.add_argument("--run-dir", required=True)
     args = parser.parse_args(argv)
@@ -283,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[rank {rank}] error: {e}", file=sys.stderr, flush=True)
         return 2
     except TrainingUnfinished as e:
-        from hpcmega.preemption import EXIT_UNFINISHED
+        from hpcmega.rank.preemption import EXIT_UNFINISHED
 
         print(f"[rank {os.environ.get('RANK', '?')}] {e}", flush=True)
         return EXIT_UNFINISHED
