@@ -108,9 +108,10 @@ def test_comm_bytes_follow_ring_volumes():
     comm = estimate(sh).comm
     e, sbh, ring = 2, sh.b * S * H, 2 * (T - 1) / T
     # Narayanan 3.2: 4 all-reduces of b*s*h per layer and microbatch; the first stage (the busiest rank) adds the
-    # token (b*s*h) and position (s*h) embeddings; SP LayerNorm gradients are reduced once per step in fp32.
+    # token (b*s*h) and position (s*h) embeddings; under SP the gradients of each block's two LayerNorms (4h) and of
+    # its row-parallel biases (wo, fc2: 2h), Partial over tp, are reduced once per step in fp32.
     first_stage = 4 * sbh * (L // P) + sbh + S * H
-    assert comm["tp"] == int(ring * first_stage * e * sh.m + ring * 4 * 4 * H * (L // P))
+    assert comm["tp"] == int(ring * first_stage * e * sh.m + ring * 4 * 6 * H * (L // P))
     assert comm["pp"] == 2 * sbh * e // T * sh.m  # a middle rank: activations forward + gradients backward
     per_rank = rank_memory(sh, 0).param_count
     assert comm["dp"] == int((sh.dp - 1) / sh.dp * per_rank * (e + 4))  # one bf16 all-gather, one fp32 reduce-scatter
