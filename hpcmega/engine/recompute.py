@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Iterator
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -55,7 +56,8 @@ ATTENTION = _ops(
 REDUCTIONS = _ops(torch.ops._c10d_functional, ("reduce_scatter_tensor", "all_reduce"))
 
 
-_in_partial_sums = [False]
+# Per thread (autograd may recompute on another thread than the forward's), never shared between threads.
+_in_partial_sums: ContextVar[bool] = ContextVar("in_partial_sums", default=False)
 
 
 @contextlib.contextmanager
@@ -63,15 +65,15 @@ def partial_sums() -> Iterator[None]:
     """Matmuls run inside this are row-parallel: they contract a dimension sharded over "tp", so each result is a
     partial sum of the full sequence (t times the size of the reduced shard) that only the following reduce feeds
     on -- selective recompute does not keep it."""
-    _in_partial_sums[0] = True
+    token = _in_partial_sums.set(True)
     try:
         yield
     finally:
-        _in_partial_sums[0] = False
+        _in_partial_sums.reset(token)
 
 
 def _selective_policy(_ctx: Any, op: Any, *_args: Any, **_kwargs: Any) -> CheckpointPolicy:
-    if op in ATTENTION or op in REDUCTIONS or (op in MATMULS and not _in_partial_sums[0]):
+    if op in ATTENTION or op in REDUCTIONS or (op in MATMULS and not _in_partial_sums.get()):
         return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE
 
