@@ -17,12 +17,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_args, get_type_hints
 
-from hpcmega.planning import schedules
-from hpcmega.planning.gpus import GPU_NAMES
-
-
-class ConfigError(ValueError):
-    """A configuration the user must fix; the message names the fix. The CLI exits with status 2."""
+from hpcmega import schedules
+from hpcmega.errors import ConfigError
+from hpcmega.gpus import GPU_NAMES
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -57,7 +54,7 @@ RESOLVED_BY_RULE = ("cluster.gpus_per_node", "train.precision", "parallel.recomp
 RANK_ORDERS = ("tp-dp-pp", "tp-pp-dp")
 RECOMPUTE_MODES = ("none", "selective", "full")
 PRECISIONS = ("fp32", "bf16")
-# How data-parallel ranks hold the model (hpcmega.engine.parallelize; docs/engine.md).
+# How data-parallel ranks hold the model (hpcmega.parallel.parallelize; docs/engine.md).
 DATA_PARALLEL_MODES = ("fsdp", "replicate")
 # What a GPU job and a CPU job use when the user does not say (see resolve_defaults).
 GPU_DEFAULTS = {"train.precision": "bf16", "parallel.recompute": "selective"}
@@ -113,7 +110,7 @@ class ParallelConfig:
                                          "all-reduced once per step (needs tp = pp = 1).",
                                  choices=DATA_PARALLEL_MODES)
     sequence_parallel: bool = setting(True, "Sequence parallel for norms/dropout (only with tp > 1).")
-    schedule: str = setting(schedules.DEFAULT_SCHEDULE, "Pipeline schedule (facts: hpcmega/planning/schedules.py).",
+    schedule: str = setting(schedules.DEFAULT_SCHEDULE, "Pipeline schedule (facts: hpcmega/schedules.py).",
                             choices=tuple(schedules.SCHEDULES))
     virtual_stages: int = setting(1, "Stages per pipeline rank (interleaved schedules; zbv/dualpipev use 2).", ge=1)
     microbatches: int = setting(0, "Microbatches per step on one DP rank = global_batch / (dp x micro_batch).",
@@ -160,7 +157,7 @@ class ClusterConfig:
                                  zero="the partition's GPU GRES (sinfo), else 8; with --cpu 1")
     cpu: bool = setting(False, "CPU-only nodes with gloo (tests, machines without GPUs).", flag="--cpu/--no-cpu")
     nvlink_domain_nodes: int = setting(1, "Nodes per NVLink domain (18 for GB200 NVL72 trays).", ge=1)
-    gpu: str = setting("h100", "GPU model (hpcmega.planning.gpus): memory for the fit check, peak for time "
+    gpu: str = setting("h100", "GPU model (hpcmega.gpus): memory for the fit check, peak for time "
                                "estimates.", choices=tuple(GPU_NAMES))
     gpu_mem_gib: float = setting(0.0, "Memory per GPU to plan for, GiB.", ge=0, zero="the GPU model's own")
     mfu: float = setting(0.4, "Model-FLOPs utilisation `plan` assumes for step-time estimates.", gt=0, le=1)

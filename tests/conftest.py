@@ -66,14 +66,14 @@ def all_pids() -> list[int]:
 
 
 def rank_pids(run_dir: str | Path) -> list[int]:
-    """The rank processes (``python -m hpcmega.rank.job``) of the local run in ``run_dir``."""
+    """The rank processes (``python -m hpcmega.training.job``) of the local run in ``run_dir``."""
     out = []
     for pid in all_pids():
         try:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
         except OSError:
             continue
-        if "hpcmega.rank.job" in cmd and str(run_dir) in cmd:
+        if "hpcmega.training.job" in cmd and str(run_dir) in cmd:
             out.append(pid)
     return out
 

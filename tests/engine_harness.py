@@ -80,7 +80,7 @@ def _full(t: torch.Tensor | None) -> torch.Tensor | None:
 def _train_one(layout: Layout) -> dict[str, Any]:
     from torch.distributed.device_mesh import init_device_mesh
 
-    from hpcmega.rank.train import Trainer, train
+    from hpcmega.training.train import Trainer, train
 
     p = layout.cfg.parallel
     dp = dist.get_world_size() // (p.tp * p.pp)

@@ -11,7 +11,7 @@ import torch.distributed as dist
 from conftest import rank_pids, run_cli
 from engine_harness import free_port
 
-from hpcmega.rank.checkpoint import CheckpointManager, ModelOptimizerState, TrainState, list_checkpoints
+from hpcmega.checkpoint.store import CheckpointManager, ModelOptimizerState, TrainState, list_checkpoints
 from hpcmega.config import load_config
 
 SMALL = ["--global-batch", "4", "--seq-len", "32", "--wandb", "disabled"]
@@ -30,7 +30,7 @@ def single_rank():
 def _trainer(tmp_path, name):
     from torch.distributed.device_mesh import init_device_mesh
 
-    from hpcmega.rank.train import Trainer
+    from hpcmega.training.train import Trainer
 
     cfg = load_config(overrides={"train.steps": 3, "train.global_batch": 4, "train.seq_len": 32,
                                  "model.n_layers": 2, "model.n_heads": 4, "model.vocab_size": 128})

@@ -1,5 +1,5 @@
 """Communication accounting: the collectives one real training step issues (recorded per mesh dimension and
-collective by hpcmega.engine.comm_stats, written to metrics.jsonl with ``logging.comm_stats``) equal the planner's
+collective by hpcmega.parallel.comm_stats, written to metrics.jsonl with ``logging.comm_stats``) equal the planner's
 analytical bytes per step (hpcmega.planning.estimate.comm_bytes_per_step) within 5% -- so a per-microbatch
 re-gather, a redundant all-reduce or a missing term in the planner shows up here. Real gloo process groups.
 """

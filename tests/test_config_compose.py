@@ -12,7 +12,8 @@ from conftest import REPO
 
 from hpcmega.cli import main
 from hpcmega.commands.options import field_flags
-from hpcmega.config import FIELDS, Config, ConfigError, get_value, load_config, parse_set
+from hpcmega.config import FIELDS, Config, get_value, load_config, parse_set
+from hpcmega.errors import ConfigError
 from hpcmega.planning.validate import validate
 
 SITE = str(REPO / "slurm/sites/example.toml")

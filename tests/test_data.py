@@ -8,7 +8,8 @@ import pytest
 import torch
 from conftest import run_cli
 
-from hpcmega.config import ConfigError, load_config
+from hpcmega.errors import ConfigError
+from hpcmega.config import load_config
 from hpcmega.data.loader import TokenShardLoader
 from hpcmega.data.prepare import prepare, shakespeare_files
 from hpcmega.data.tokenizer import EOT_ID, decode, encode, gpt2_encoding

@@ -1,12 +1,12 @@
-"""hpcmega.rank.distenv: what a rank concludes about itself from SLURM's or the local launcher's environment."""
+"""hpcmega.cluster.distenv: what a rank concludes about itself from SLURM's or the local launcher's environment."""
 from __future__ import annotations
 
 import subprocess
 
 import pytest
 
-from hpcmega.config import ConfigError
-from hpcmega.rank.distenv import (
+from hpcmega.errors import ConfigError
+from hpcmega.cluster.distenv import (
     DERIVED_PORT_BASE,
     DERIVED_PORT_SPAN,
     derived_port,

@@ -10,12 +10,13 @@ import pytest
 import torch
 from conftest import run_cli
 
-from hpcmega.config import ConfigError, ModelConfig
+from hpcmega.errors import ConfigError
+from hpcmega.config import ModelConfig
 from hpcmega.data.tokenizer import encode
-from hpcmega.inference.hf_gpt2 import export_hf
+from hpcmega.models.gpt2.state_dict_adapter import export_hf
 from hpcmega.inference.load import load_model
-from hpcmega.inference.locate import find_checkpoint
-from hpcmega.model.gpt import build_model
+from hpcmega.checkpoint.locate import find_checkpoint
+from hpcmega.models.gpt2.model import build_model
 
 LOGITS_ATOL = 1e-4
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from hpcmega.engine.fake_world import fake_mesh, fake_world
+from hpcmega.parallel.fake_world import fake_mesh, fake_world
 
 PACKAGE = Path(__file__).resolve().parents[1] / "hpcmega"
 

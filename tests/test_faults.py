@@ -16,7 +16,8 @@ from click.testing import CliRunner
 from conftest import rank_pids
 
 from hpcmega.cli import main
-from hpcmega.config import ConfigError, load_config
+from hpcmega.errors import ConfigError
+from hpcmega.config import load_config
 from hpcmega.cluster.slurm import sbatch_script
 
 SUBMIT = ["submit", "--nodes", "1", "--gpus-per-node", "2", "--cpu", "--global-batch", "4", "--seq-len", "32",
@@ -164,8 +165,8 @@ def one_rank():
     from engine_harness import free_port
     from torch.distributed.device_mesh import init_device_mesh
 
-    from hpcmega.rank.checkpoint import ModelOptimizerState, TrainState
-    from hpcmega.rank.train import Trainer
+    from hpcmega.checkpoint.store import ModelOptimizerState, TrainState
+    from hpcmega.training.train import Trainer
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
                             timeout=timedelta(seconds=60))
@@ -191,7 +192,7 @@ def test_pruning_after_resuming_an_older_step_keeps_the_new_timeline(tmp_path, o
     """Timeline A saves 2, 4, 6; a new attempt resumes step 2 and saves 3 and 4 with keep=1. The new saves survive
     (main pruned them by step number), A's complete step 4 is not deleted by B's save at step 4, the checkpoint
     resumed from is kept, and `latest` is B's step 4 -- `--resume auto` continues the new timeline, not A's 6."""
-    from hpcmega.rank.checkpoint import CheckpointManager
+    from hpcmega.checkpoint.store import CheckpointManager
 
     make, _ = one_rank
     url = str(tmp_path / "ckpt")
@@ -237,7 +238,7 @@ def _damage(folder: Path, how: str) -> str:
 
 @pytest.mark.parametrize("how", ["truncate", "delete", "bitflip", "marker"])
 def test_damaged_latest_checkpoint_is_reported_and_auto_resume_falls_back(tmp_path, one_rank, how):
-    from hpcmega.rank.checkpoint import CheckpointDamaged, CheckpointManager, verify_checkpoint
+    from hpcmega.checkpoint.store import CheckpointDamaged, CheckpointManager, verify_checkpoint
 
     make, cfg = one_rank
     url = str(tmp_path / "ckpt")
@@ -272,7 +273,7 @@ def test_damaged_latest_checkpoint_is_reported_and_auto_resume_falls_back(tmp_pa
 
 
 def test_checksums_can_be_skipped_for_huge_checkpoints(tmp_path, one_rank):
-    from hpcmega.rank.checkpoint import CheckpointManager
+    from hpcmega.checkpoint.store import CheckpointManager
 
     make, _ = one_rank
     url = str(tmp_path / "ckpt")
@@ -295,8 +296,8 @@ def test_resume_refuses_another_model_naming_the_fields(tmp_path, one_rank):
     differing field, instead of loading silently."""
     import dataclasses
 
-    from hpcmega.rank.checkpoint import CheckpointManager
-    from hpcmega.rank.train import resume
+    from hpcmega.checkpoint.store import CheckpointManager
+    from hpcmega.training.train import resume
 
     make, cfg = one_rank
     url = str(tmp_path / "ckpt")
@@ -506,7 +507,7 @@ def test_a_second_run_on_a_busy_run_folder_is_refused_naming_the_holder(tmp_path
     finally:
         if proc.poll() is None:
             proc.kill()
-    from hpcmega.reliability.run_lock import check_free, read
+    from hpcmega.runs.lock import check_free, read
 
     assert read(run_dir)["pid"] == proc.pid  # the killed run's lock is still there, but stale
     check_free(run_dir)  # ... so a new run may take the folder over
@@ -570,6 +571,6 @@ def test_a_bad_slurm_nodelist_is_one_line(tmp_path, nodelist):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM", "RANK", "WORLD_SIZE"))}
     env.update(SLURM_PROCID="0", SLURM_JOB_ID="7", SLURM_NTASKS="1", SLURM_LOCALID="0", SLURM_JOB_NODELIST=nodelist,
                SLURMD_NODENAME="node1", OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-m", "hpcmega.rank.job", "--config", str(cfg), "--run-dir", str(tmp_path / "r")],
+    r = subprocess.run([sys.executable, "-m", "hpcmega.training.job", "--config", str(cfg), "--run-dir", str(tmp_path / "r")],
                        env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "SLURM node list" in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -2,11 +2,11 @@
 shards plus, transiently, the full value of the one parameter being cut (the largest: the embedding / the head) --
 never its whole stage -- and the shards it writes are exactly the pieces of the single-process model's parameters.
 
-Peak memory is counted as live tensor bytes (hpcmega.engine.memory.LiveTensorBytes, the CPU analogue of
+Peak memory is counted as live tensor bytes (hpcmega.parallel.memory.LiveTensorBytes, the CPU analogue of
 ``torch.cuda.max_memory_allocated``). Cutting a parameter sharded over both "dp" and "tp" on the same dimension
 (FSDP2 on a column-parallel weight: DTensor's strided sharding) makes split copies inside ``distribute_tensor``:
 measured up to 2.5x that parameter at once (its value plus the copies), hence the bound of 3 full values of the
-largest parameter. Each fake rank runs in its own process (see hpcmega.engine.fake_world).
+largest parameter. Each fake rank runs in its own process (see hpcmega.parallel.fake_world).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import torch
 import torch.multiprocessing as mp
 
 from hpcmega.config import Config, resolve_defaults
-from hpcmega.model.gpt import GPT, build_model
+from hpcmega.models.gpt2.model import GPT, build_model
 
 PP, DP, TP = 2, 2, 4
 FP32 = 4
@@ -38,9 +38,9 @@ def _cfg() -> Config:
 def _build(index: int, out_dir: str) -> None:
     """One fake rank, in its own process: build its model parts as the trainer does, record the peak of live tensor
     bytes, the bytes of its shards and the shards themselves."""
-    from hpcmega.engine.fake_world import fake_mesh, fake_world
-    from hpcmega.engine.memory import LiveTensorBytes, local_storages
-    from hpcmega.engine.parallelize import build_model_parts
+    from hpcmega.parallel.fake_world import fake_mesh, fake_world
+    from hpcmega.parallel.memory import LiveTensorBytes, local_storages
+    from hpcmega.parallel.parallelize import build_model_parts
 
     torch.set_num_threads(1)
     rank = RANKS[index]

@@ -77,7 +77,7 @@ EIGHT_RANKS = {
     },
 }
 BF16 = {"tp2-bf16", "dp2-replicate-bf16"}  # FSDP2's mixed-precision policy; autocast under replicate
-# Trained through the public ``hpcmega.rank.train.train`` entry point (no gradient capture hook).
+# Trained through the public ``hpcmega.training.train.train`` entry point (no gradient capture hook).
 VIA_TRAIN_ENTRY_POINT = {"pp2-dp2-tp2-interleaved-full-no-reshard"}
 # Configurations the engine must refuse, on every rank, with a ConfigError naming the fix, before writing anything.
 BAD_TWO_RANKS = {
@@ -192,6 +192,6 @@ def test_bad_layouts_refused_with_a_fix(results, name):
     assert "error" in result, f"{name} trained although it should have been refused"
     assert result["failed_ranks"] == 2, "every rank must refuse the same configuration"
     last_line = result["error"].strip().splitlines()[-1]
-    assert last_line.startswith("hpcmega.config.ConfigError:"), last_line
+    assert last_line.startswith("hpcmega.errors.ConfigError:"), last_line
     assert fix in last_line, last_line
     assert not (result["run_dir"] / "metrics.jsonl").exists(), "nothing may be written before the refusal"

@@ -13,7 +13,7 @@ import pytest
 from engine_harness import spawn
 
 from hpcmega.config import Config, resolve_defaults
-from hpcmega.rank.distenv import JOB_ENV
+from hpcmega.cluster.distenv import JOB_ENV
 from hpcmega.cluster.launcher import rank_env
 from hpcmega.cluster.slurm import sbatch_script
 
@@ -26,7 +26,7 @@ def test_gpu_job_without_cuda_exits_non_zero_naming_the_node(tmp_path):
     conf.write_text(cfg.to_toml())
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "SLURM_PROCID")}
     env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "hpcmega.rank.job", "--config", str(conf), "--run-dir",
+    proc = subprocess.run([sys.executable, "-m", "hpcmega.training.job", "--config", str(conf), "--run-dir",
                            str(tmp_path / "run")], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert f"{socket.gethostname()}: rank 0 of a GPU job sees no CUDA device" in proc.stderr
@@ -63,7 +63,7 @@ def _slow_rank_saves(tmp: str) -> dict:
     import torch
     import torch.distributed as dist
 
-    from hpcmega.rank.checkpoint import CheckpointManager, checkpoint_group
+    from hpcmega.checkpoint.store import CheckpointManager, checkpoint_group
 
     short = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=2))
     ckpt = CheckpointManager(tmp, keep=1, process_group=checkpoint_group(60))
@@ -99,7 +99,7 @@ def _late_rank_in_and_after_the_first_step() -> dict:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    from hpcmega.reliability.timeouts import CollectiveTimeouts
+    from hpcmega.parallel.timeouts import CollectiveTimeouts
 
     mesh = init_device_mesh("cpu", (1, 2, 1), mesh_dim_names=("pp", "dp", "tp"))
     timeouts = CollectiveTimeouts(mesh, first_step_s=60, steady_s=2)

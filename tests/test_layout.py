@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hpcmega.config import ConfigError
+from hpcmega.errors import ConfigError
 from hpcmega.planning.layout import (
     Layout,
     LayoutError,

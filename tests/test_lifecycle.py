@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import popen_cli, run_cli
 
-from hpcmega.rank.checkpoint import list_checkpoints
+from hpcmega.checkpoint.store import list_checkpoints
 from hpcmega.runs.files import RunFolder
 
 TINY = ["--global-batch", "4", "--seq-len", "32", "--wandb", "disabled"]

@@ -13,7 +13,7 @@ import torch
 from engine_harness import spawn
 
 from hpcmega.config import Config
-from hpcmega.engine.step_guard import NonFiniteStepsError, StepGuard
+from hpcmega.parallel.step_guard import NonFiniteStepsError, StepGuard
 
 
 # -- the decision, pure ---------------------------------------------------------------------------------------------
@@ -50,7 +50,7 @@ def _train_with_poison(max_skips: int, poison_steps: tuple[int, ...], run_dir: s
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    from hpcmega.rank.train import Trainer
+    from hpcmega.training.train import Trainer
 
     mesh = init_device_mesh("cpu", (1, 2, 1), mesh_dim_names=("pp", "dp", "tp"))
     trainer = Trainer(_cfg(max_skips, data_parallel), mesh, run_dir)
@@ -85,7 +85,7 @@ def _train_twice_with_a_huge_lr(run_dir: str) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
 
     from hpcmega.runs.files import RunFolder
-    from hpcmega.rank.train import train
+    from hpcmega.training.train import train
 
     errors = []
     for steps in (3, 6):

@@ -25,7 +25,7 @@ from hpcmega.planning.estimate import (
     total_params,
     wire_bytes,
 )
-from hpcmega.planning.gpus import get_gpu, gpu_for_device_name
+from hpcmega.gpus import get_gpu, gpu_for_device_name
 from hpcmega.planning.schedule_facts import bubble_fraction, chunks_in_flight
 
 # GPT-3 175B as in Korthikanti et al. (2022) and Narayanan et al. (2021).

@@ -45,7 +45,7 @@ SCRIPT = textwrap.dedent("""
     import json, sys
     import torch.distributed as dist
     from hpcmega.config import load_config
-    from hpcmega.planning.measure import measure_config, _ensure_world
+    from hpcmega.bench.measure import measure_config, _ensure_world
     layouts = json.loads(sys.argv[1])
     out = {}
     for name, overrides in layouts.items():

@@ -14,7 +14,7 @@ import pytest
 from conftest import popen_cli, run_cli
 from wandb_reader import read_history
 
-from hpcmega.rank.preemption import decide_requeue
+from hpcmega.training.preemption import decide_requeue
 
 # Far from the limit even on a loaded CI machine (seconds per step): the time-limit USR2 (signal_grace_s before
 # the limit) would otherwise requeue an attempt a second time and the tests count attempts.

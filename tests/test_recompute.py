@@ -22,11 +22,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from hpcmega.config import ModelConfig
-from hpcmega.engine.fake_world import fake_mesh, fake_world
-from hpcmega.engine.memory import LiveTensorBytes, data_ptrs
-from hpcmega.engine.recompute import apply_recompute
-from hpcmega.engine.tensor_parallel import apply_tensor_parallel
-from hpcmega.model.gpt import GPT, build_model, cross_entropy
+from hpcmega.parallel.fake_world import fake_mesh, fake_world
+from hpcmega.parallel.memory import LiveTensorBytes, data_ptrs
+from hpcmega.parallel.recompute import apply_recompute
+from hpcmega.models.gpt2.parallelize import apply_tensor_parallel
+from hpcmega.models.gpt2.model import GPT, build_model, cross_entropy
 
 CFG = ModelConfig(vocab_size=128, d_model=64, n_layers=2, n_heads=4, max_seq_len=64)
 B, S, H = 2, 32, 64

@@ -7,9 +7,10 @@ import shutil
 import pytest
 from conftest import run_cli
 
-from hpcmega.config import ConfigError, ModelConfig
+from hpcmega.errors import ConfigError
+from hpcmega.config import ModelConfig
 from hpcmega.inference.sample import sample_text
-from hpcmega.model.gpt import build_model
+from hpcmega.models.gpt2.model import build_model
 
 LINE = "one two three four five six seven eight nine ten "
 
@@ -25,7 +26,7 @@ def test_only_a_run_folders_own_checkpoints_load_without_trust(tmp_path):
     applies -- a run folder, its checkpoints folder or one of its step folders load; a copy elsewhere needs
     --trust-checkpoint."""
     from hpcmega.config import Config
-    from hpcmega.inference.locate import find_checkpoint
+    from hpcmega.checkpoint.locate import find_checkpoint
     from hpcmega.runs.files import RunFolder
 
     run = RunFolder(tmp_path / "run")

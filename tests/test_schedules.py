@@ -1,4 +1,4 @@
-"""The schedule table (hpcmega/planning/schedules.py) against torch's classes and the docs, and the facts derived from it:
+"""The schedule table (hpcmega/schedules.py) against torch's classes and the docs, and the facts derived from it:
 stages per rank, placement, microbatch limits, bubble, and FSDP2's reshard-after-forward default under PP."""
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from hpcmega.config import Config, ConfigError, resolve_defaults
-from hpcmega.engine.stages import stage_ids_for_rank
+from hpcmega.config import Config, resolve_defaults
+from hpcmega.errors import ConfigError
+from hpcmega.planning.stages import stage_ids_for_rank
 from hpcmega.planning.schedule_facts import bubble_fraction
-from hpcmega.planning.schedules import SCHEDULES, names
+from hpcmega.schedules import SCHEDULES, names
 from hpcmega.planning.validate import validate
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "engine.md"
@@ -31,7 +32,7 @@ def test_each_entry_names_a_torch_class_of_the_right_kind(name):
     import torch.distributed.pipelining.schedules as torch_schedules
 
     facts = SCHEDULES[name]
-    cls = getattr(pipelining, facts.torch_class)  # where hpcmega.engine.pipeline looks it up
+    cls = getattr(pipelining, facts.torch_class)  # where hpcmega.parallel.pipeline looks it up
     base = torch_schedules.PipelineScheduleMulti if facts.multi_stage else torch_schedules.PipelineScheduleSingle
     assert issubclass(cls, base), (name, cls.__mro__)
 

@@ -1,5 +1,5 @@
 """`hpcmega submit` against the real local SLURM cluster (slurm/start-cluster.sh): sbatch -> srun -> submitit ->
-hpcmega.rank.job.run_rank on 2 nodes x 2 CPU tasks, plus --dry-run, site profiles, refusals and a failing job."""
+hpcmega.training.job.run_rank on 2 nodes x 2 CPU tasks, plus --dry-run, site profiles, refusals and a failing job."""
 from __future__ import annotations
 
 import json

@@ -9,7 +9,7 @@ import pytest
 from conftest import assert_refused, run_cli
 from wandb_reader import read_run
 
-from hpcmega.config import ConfigError
+from hpcmega.errors import ConfigError
 from hpcmega.runs.sweep import parse_sweeps, point_name, points
 
 BASE = ["submit", "--cpu", "--nodes", "1", "--gpus-per-node", "2", "--global-batch", "4", "--seq-len", "32",

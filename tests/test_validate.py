@@ -5,8 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from hpcmega.config import MODEL_PRESETS, Config, ConfigError, load_config, resolve_defaults
-from hpcmega.planning.validate import parse_slurm_time, validate
+from hpcmega.config import MODEL_PRESETS, Config, load_config, resolve_defaults
+from hpcmega.errors import ConfigError
+from hpcmega.cluster.sbatch import parse_slurm_time
+from hpcmega.planning.validate import validate
 
 REPO = Path(__file__).resolve().parents[1]
 

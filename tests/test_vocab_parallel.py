@@ -1,7 +1,7 @@
 """Vocab-parallel embeddings keep their gradients sharded, at a realistic vocabulary/width ratio.
 
 gpt-7b has vocab 50304 and width 4096 (ratio 12.3); these ranks use a quarter of both (12576 x 1024) so they build
-and step in seconds on the fake process group (one process per rank, see hpcmega.engine.fake_world). Before the
+and step in seconds on the fake process group (one process per rank, see hpcmega.parallel.fake_world). Before the
 vocab-parallel embedding, the token embedding's gradient arrived as a Replicate DTensor of the full table on every
 TP rank, and `plan --measure` found stage 0's peak at 2.9x the estimate at this shape (175.5 vs 61.1 MiB; gpt-7b:
 4,706 vs 3,008 MiB). The invariance suite (tests/test_invariance.py) checks the values; this file the shapes and the
@@ -41,9 +41,9 @@ def _cfg(tp: int, precision: str) -> Config:
 
 def _grads(name: str) -> dict:
     """One fake rank: one training step's forward and backward; the embeddings' gradients as they leave backward."""
-    from hpcmega.engine.fake_world import fake_mesh, fake_world
-    from hpcmega.engine.parallelize import build_model_parts
-    from hpcmega.engine.pipeline import GradAccumulation
+    from hpcmega.parallel.fake_world import fake_mesh, fake_world
+    from hpcmega.parallel.parallelize import build_model_parts
+    from hpcmega.parallel.pipeline import GradAccumulation
 
     pp, dp, tp, rank, precision = GRAD_CASES[name]
     with fake_world(pp * dp * tp, rank=rank):
@@ -61,7 +61,7 @@ def _grads(name: str) -> dict:
 
 
 def _measure() -> dict:
-    from hpcmega.planning.measure import measure_config
+    from hpcmega.bench.measure import measure_config
 
     got = measure_config(load_config(None, MEASURED))
     return {r.stage: (r.peak, got.estimate.ranks[r.stage].peak) for r in got.ranks}

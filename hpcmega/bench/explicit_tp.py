@@ -1,6 +1,6 @@
 """Explicit (hand-written, Megatron-style) tensor parallelism of hpcmega's GPT: the reference row of `hpcmega bench`.
 
-Plain tensors, no DTensor: each rank keeps slices of the same initialised weights (``hpcmega.model.gpt``), the
+Plain tensors, no DTensor: each rank keeps slices of the same initialised weights (``hpcmega.models.gpt2.model``), the
 attention projections q/k/v and fc1 split by output features (column-parallel), wo and fc2 by input features
 (row-parallel). Two autograd functions carry all the communication (Shoeybi et al. 2019): ``f`` (identity forward,
 all-reduce of the gradient backward) before a column-parallel pair and ``g`` (all-reduce forward, identity
@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hpcmega.model.gpt import GPT, cross_entropy
+from hpcmega.models.gpt2.model import GPT, cross_entropy
 
 
 class _CopyToTP(torch.autograd.Function):

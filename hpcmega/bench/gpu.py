@@ -1,5 +1,5 @@
 """`hpcmega bench --gpu`: one GPU, GPT-2 124M and 350M, bf16, compiled blocks, sequence 1024 -- tokens/s, MFU and
-peak memory from the run's own ``metrics.jsonl`` (MFU against the card's bf16 peak, ``hpcmega.rank.metrics``).
+peak memory from the run's own ``metrics.jsonl`` (MFU against the card's bf16 peak, ``hpcmega.training.metrics``).
 
 The goal (issue 11) is >= 45% MFU for gpt2-350m on an H100. Each model runs as a one-process local job on
 ``cuda:0``; the first ``warmup`` steps (compilation) are not counted. Nothing here runs without a CUDA device:

@@ -78,7 +78,7 @@ def _rank(rank: int, port: int, overrides: dict[str, Any], steps: int, warmup: i
 
     from hpcmega.bench.cases import BenchCase
     from hpcmega.bench.runner import case_config
-    from hpcmega.rank.train import Trainer
+    from hpcmega.training.train import Trainer
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
@@ -119,7 +119,7 @@ def profile(schedule: str, microbatches: int, steps: int = 2, warmup: int = 1, v
 
     from hpcmega.bench.cases import MODEL
     from hpcmega.cluster.launcher import free_port
-    from hpcmega.planning.schedules import SCHEDULES
+    from hpcmega.schedules import SCHEDULES
 
     model = {**MODEL, **(model or {})}
     overrides = {**model, "train.global_batch": microbatches * model["train.micro_batch"], "parallel.pp": 2,
@@ -149,7 +149,7 @@ def report(ranks: list[list[dict[str, Any]]]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    from hpcmega.planning.schedules import SCHEDULES
+    from hpcmega.schedules import SCHEDULES
 
     parser.add_argument("--schedule", default="1f1b", choices=list(SCHEDULES))
     parser.add_argument("--microbatches", type=int, default=8)
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    from hpcmega.config import ConfigError
+    from hpcmega.errors import ConfigError
 
     try:
         ranks = profile(args.schedule, args.microbatches, args.steps, args.warmup)

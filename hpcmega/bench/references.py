@@ -17,8 +17,8 @@ import torch.multiprocessing as mp
 
 from hpcmega.config import Config
 from hpcmega.cluster.launcher import free_port
-from hpcmega.model.gpt import build_model, cross_entropy
-from hpcmega.rank.optim import build_optimizer
+from hpcmega.models.gpt2.model import build_model, cross_entropy
+from hpcmega.training.optim import build_optimizer
 
 
 def synthetic_batch(cfg: Config, step: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -60,7 +60,7 @@ def _rank(rank: int, port: int, steps: int, warmup: int, model: dict[str, Any], 
     from hpcmega.bench.cases import default_cases
     from hpcmega.bench.references import explicit_tp_step
     from hpcmega.bench.runner import case_config
-    from hpcmega.rank.train import Trainer
+    from hpcmega.training.train import Trainer
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,

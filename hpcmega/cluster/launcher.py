@@ -1,6 +1,6 @@
 """`hpcmega run --nproc N`: the job on this machine, N rank processes with the same entry point as a SLURM task.
 
-Why our own launcher and not torchrun: a SLURM task runs ``hpcmega.rank.job.run_rank`` directly (one task per GPU), and
+Why our own launcher and not torchrun: a SLURM task runs ``hpcmega.training.job.run_rank`` directly (one task per GPU), and
 a local run must exercise the same code path, environment reading included. The launcher only does what srun
 does for a job step: start the ranks with their environment, collect their output, and end all of them as soon as
 one fails (srun's ``--kill-on-bad-exit``), so a dead rank never leaves its peers waiting in a collective.
@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import IO
 
 from hpcmega.config import Config, resolve_defaults
-from hpcmega.rank.distenv import JOB_ENV
-from hpcmega.rank.preemption import EXIT_UNFINISHED
-from hpcmega.reliability.console import Console
-from hpcmega.reliability.process import LAUNCHER_PID_ENV
+from hpcmega.cluster.distenv import JOB_ENV
+from hpcmega.errors import EXIT_UNFINISHED
+from hpcmega.cluster.console import Console
+from hpcmega.cluster.process import LAUNCHER_PID_ENV, block_stop_signals
 from hpcmega.runs.files import CONFIG, LOCAL_JOB_ENV, RunFolder
 
 # After the first rank fails, how long the others get to exit on SIGTERM before SIGKILL.
@@ -64,7 +64,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def rank_env(rank: int, nproc: int, port: int, node: str, base: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment of local rank ``rank``: what hpcmega.rank.distenv reads in launcher mode."""
+    """The environment of local rank ``rank``: what hpcmega.cluster.distenv reads in launcher mode."""
     env = dict(os.environ if base is None else base)
     env.update(
         RANK=str(rank),
@@ -76,7 +76,7 @@ def rank_env(rank: int, nproc: int, port: int, node: str, base: dict[str, str] |
         HPCMEGA_NODE=node,
         PYTHONUNBUFFERED="1",
     )
-    env[LAUNCHER_PID_ENV] = str(os.getpid())  # the rank dies with this process (hpcmega.reliability.process)
+    env[LAUNCHER_PID_ENV] = str(os.getpid())  # the rank dies with this process (hpcmega.cluster.process)
     env.setdefault("OMP_NUM_THREADS", "1")  # N ranks on one machine must not each start one thread per core
     for name, value in JOB_ENV.items():  # the same job environment as under SLURM; the user's values win
         env.setdefault(name, value)
@@ -101,11 +101,11 @@ def _describe(code: int) -> str:
 
 
 class LocalLauncher:
-    """Start ``nproc`` ranks of ``python -m hpcmega.rank.job``; stream rank 0; stop everything when one rank fails."""
+    """Start ``nproc`` ranks of ``python -m hpcmega.training.job``; stream rank 0; stop everything when one rank fails."""
 
     def __init__(self, config_path: Path, run_dir: Path, nproc: int, out: IO[str] | None = None) -> None:
         self.config_path, self.run_dir, self.nproc = config_path, run_dir, nproc
-        self.console = Console(out or sys.stdout)  # never blocks or fails training (hpcmega.reliability.console)
+        self.console = Console(out or sys.stdout)  # never blocks or fails training (hpcmega.cluster.console)
         self.folder = RunFolder(run_dir)
         self.job_id = f"local-{os.getpid()}"
         self.procs: list[subprocess.Popen] = []
@@ -117,8 +117,6 @@ class LocalLauncher:
     def _spawn(self) -> None:
         """Start the ranks with the stop signals blocked (inherited): one sent while a rank is still starting
         waits until the rank's StopFlag is installed, instead of killing it."""
-        from hpcmega.rank.preemption import block_stop_signals
-
         previous = block_stop_signals()
         try:
             self._spawn_ranks()
@@ -129,7 +127,7 @@ class LocalLauncher:
         self.log_path(0).parent.mkdir(parents=True, exist_ok=True)
         port = free_port()
         node = socket.gethostname()
-        cmd = [sys.executable, "-u", "-m", "hpcmega.rank.job", "--config", str(self.config_path),
+        cmd = [sys.executable, "-u", "-m", "hpcmega.training.job", "--config", str(self.config_path),
                "--run-dir", str(self.run_dir)]
         for rank in range(self.nproc):
             env = {**rank_env(rank, self.nproc, port, node), LOCAL_JOB_ENV: self.job_id}

@@ -1,7 +1,7 @@
 """SLURM submission through submitit: executor parameters from the config, the exact sbatch script, waiting.
 
 One task per GPU (``--ntasks-per-node = gpus_per_node``) and no torchrun: every task runs
-``hpcmega.rank.job.run_rank`` and reads its rank from SLURM's environment (hpcmega.rank.distenv). ``srun`` runs with
+``hpcmega.training.job.run_rank`` and reads its rank from SLURM's environment (hpcmega.cluster.distenv). ``srun`` runs with
 ``--kill-on-bad-exit=1`` so one failed rank ends the step instead of leaving the others blocked in a collective.
 
 The sbatch script shown by ``--dry-run`` is rendered by submitit's own script builder from the same parameters
@@ -21,10 +21,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hpcmega.config import Config, ConfigError
-from hpcmega.rank.distenv import JOB_ENV
+from hpcmega.cluster.distenv import JOB_ENV
+from hpcmega.cluster.sbatch import check_cluster_values, check_run_folder, parse_sbatch_extra, parse_slurm_time
+from hpcmega.config import Config
+from hpcmega.errors import ConfigError
 from hpcmega.runs.files import RunFolder
-from hpcmega.reliability.sbatch_options import check_cluster_values, check_run_folder, parse_sbatch_extra
+
+# What every task of a submitted job runs: entry(cfg_dict, run_dir). Handed in by the commands (the rank entry
+# point lives above this floor, in hpcmega.training.job).
+Entry = Callable[[dict, str], Any]
 
 # sacct states after which a job will not run again (a requeued job shows REQUEUED/PENDING instead).
 TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL",
@@ -33,7 +38,7 @@ TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY
 SETUP_LINES = [
     # One thread per rank unless the site or the user says otherwise (ranks share the node's cores).
     'export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"',
-    # NCCL error handling, flight recorder, allocator (hpcmega.rank.distenv.JOB_ENV); a value the user exports wins.
+    # NCCL error handling, flight recorder, allocator (hpcmega.cluster.distenv.JOB_ENV); a value the user exports wins.
     *(f'export {name}="${{{name}:-{value}}}"' for name, value in JOB_ENV.items()),
 ]
 
@@ -70,8 +75,6 @@ def partition_gpus(partition: str = "") -> tuple[int, str] | None:
 
 def executor_parameters(cfg: Config) -> dict[str, Any]:
     """Keyword arguments for ``submitit.SlurmExecutor.update_parameters`` (its native sbatch names)."""
-    from hpcmega.planning.validate import parse_slurm_time
-
     c = cfg.cluster
     check_cluster_values(c)  # validate() already refused these; a script is never rendered from unchecked values
     params: dict[str, Any] = {
@@ -180,10 +183,11 @@ class SubmittedJob:
             return None
 
 
-def submit(cfg: Config, run_dir: str | Path, after: str | None = None) -> SubmittedJob:
-    """Queue the job: every task calls ``hpcmega.rank.job.run_rank(cfg_dict, run_dir)``. The config travels as a plain
-    dict (the resolved Config, which holds no secrets: API keys stay in the environment)."""
-    return submit_array([(cfg, Path(run_dir))], Path(run_dir), after)[0]
+def submit(entry: Entry, cfg: Config, run_dir: str | Path, after: str | None = None) -> SubmittedJob:
+    """Queue the job: every task calls ``entry(cfg_dict, run_dir)`` (the commands pass
+    ``hpcmega.training.job.run_rank``). The config travels as a plain dict (the resolved Config, which holds no
+    secrets: API keys stay in the environment)."""
+    return submit_array(entry, [(cfg, Path(run_dir))], Path(run_dir), after)[0]
 
 
 def array_parameters(cfg: Config, root: Path, after: str | None = None) -> dict[str, Any]:
@@ -195,13 +199,12 @@ def array_parameters(cfg: Config, root: Path, after: str | None = None) -> dict[
     return params
 
 
-def submit_array(points: list[tuple[Config, Path]], root: Path, after: str | None = None) -> list[SubmittedJob]:
+def submit_array(entry: Entry, points: list[tuple[Config, Path]], root: Path,
+                 after: str | None = None) -> list[SubmittedJob]:
     """One sbatch: a single job, or -- for several points -- one job array with one array task per point
     (submitit's ``executor.batch()``), all with the first point's executor parameters (the caller checks that
     every point has the same ones). Each point's run folder gets its config and its job record."""
     import submitit
-
-    from hpcmega.rank.job import run_rank
 
     root = Path(root).absolute()
     folder = submission_folder(root)
@@ -217,10 +220,10 @@ def submit_array(points: list[tuple[Config, Path]], root: Path, after: str | Non
              for cfg, d in points]
     try:
         if len(calls) == 1:
-            jobs = [executor.submit(run_rank, *calls[0])]
+            jobs = [executor.submit(entry, *calls[0])]
         else:
             with executor.batch():
-                jobs = [executor.submit(run_rank, *call) for call in calls]
+                jobs = [executor.submit(entry, *call) for call in calls]
     except (submitit.core.utils.FailedJobError, subprocess.CalledProcessError) as e:
         message = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
         _remove_empty_submission(folder, root)

@@ -26,7 +26,7 @@ def _storage_error(url: str, e: Exception) -> click.ClickException:
 def ls(url: str, as_json: bool) -> None:
     """List step, layout, size and state (complete, INCOMPLETE, DAMAGED) of the checkpoints under URL (a run
     folder works too: its checkpoints are listed)."""
-    from hpcmega.rank.checkpoint import list_checkpoints
+    from hpcmega.checkpoint.store import list_checkpoints
     from hpcmega.runs.files import checkpoints_of
 
     url = checkpoints_of(url)
@@ -52,7 +52,7 @@ def ls(url: str, as_json: bool) -> None:
 @click.option("--no-checksums", is_flag=True, help="Check sizes only (fast on huge checkpoints).")
 def verify(checkpoint: str, no_checksums: bool) -> None:
     """Check one checkpoint folder against its manifest (every file's size and SHA-256); exit 1 if damaged."""
-    from hpcmega.rank.checkpoint import verify_checkpoint
+    from hpcmega.checkpoint.store import verify_checkpoint
 
     try:
         problems = verify_checkpoint(checkpoint, checksums=not no_checksums)

@@ -25,14 +25,14 @@ def export(target: str, out: str, fmt: str, step: int | None, trust: bool | None
     hpcmega ckpt export runs/shakespeare-tiny --to hf exported/
     python -c "import transformers; transformers.GPT2LMHeadModel.from_pretrained('exported')"
     """
-    from hpcmega.config import ConfigError
-    from hpcmega.inference.locate import find_checkpoint
+    from hpcmega.errors import ConfigError
+    from hpcmega.checkpoint.locate import find_checkpoint
 
     if Path(out).is_dir() and any(Path(out).iterdir()) and not force:
         raise click.UsageError(f"{out} is not empty; pick a new folder or pass --force to overwrite files in it")
     try:
         info = find_checkpoint(target, step, bool(trust))
-        from hpcmega.inference.hf_gpt2 import export_hf
+        from hpcmega.models.gpt2.state_dict_adapter import export_hf
         from hpcmega.inference.load import load_model
 
         model, _ = load_model(info)

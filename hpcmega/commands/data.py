@@ -18,9 +18,9 @@ def data_group() -> None:
 @click.option("--force", is_flag=True, help="Overwrite a prepared dataset at --out.")
 def prepare_cmd(source: str, out: str, shard_tokens: int, val_fraction: float, force: bool) -> None:
     """Tokenize SOURCE with GPT-2's BPE (offline) into uint16 shards + index.json at OUT."""
-    from hpcmega.config import ConfigError
+    from hpcmega.errors import ConfigError
     from hpcmega.data.prepare import prepare
-    from hpcmega.reliability.preflight import storage_filesystem
+    from hpcmega.cluster.preflight import storage_filesystem
 
     try:
         storage_filesystem(out, "--out")  # unknown protocol, missing s3 credentials: exit 2 before any work

@@ -12,8 +12,21 @@ from typing import Any, Callable
 
 import click
 
-from hpcmega.config import FIELDS, Append, Config, ConfigError, FieldInfo, Resolved, Setting, parse_set, read_toml, \
-    resolve_defaults, resolve_layers, site_path, toml_safe
+from hpcmega.config import (
+    FIELDS,
+    Append,
+    Config,
+    FieldInfo,
+    Resolved,
+    Setting,
+    parse_set,
+    read_toml,
+    resolve_defaults,
+    resolve_layers,
+    site_path,
+    toml_safe,
+)
+from hpcmega.errors import ConfigError
 
 _PREFIX = "cfg__"
 

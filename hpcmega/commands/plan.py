@@ -36,7 +36,7 @@ def build_plan(cfg, placement_kind: str = "block", node_names: str | None = None
 
     Raises click.UsageError (exit 2) with the validator's one-line message on bad input.
     """
-    from hpcmega.config import ConfigError
+    from hpcmega.errors import ConfigError
     from hpcmega.planning.layout import planned_layout
     from hpcmega.planning.validate import validate
 
@@ -78,7 +78,7 @@ def config_summary(cfg, placement_kind: str, chosen: list | None = None) -> dict
 
 def memory_check(cfg, skip: bool):
     """The planner's memory check (hpcmega.planning.check) with a refusal turned into exit 2."""
-    from hpcmega.config import ConfigError
+    from hpcmega.errors import ConfigError
     from hpcmega.planning.check import memory_gate
 
     try:
@@ -132,7 +132,7 @@ def print_estimate(est, notes: list[str], measured: dict[str, Any] | None = None
 
 def _auto(cfg, as_json: bool) -> None:
     """`plan --auto`: all fitting layouts (JSON) or the five fastest (table); exit 2 when none fits."""
-    from hpcmega.config import ConfigError
+    from hpcmega.errors import ConfigError
     from hpcmega.planning.search import nodes_that_fit, search
 
     try:
@@ -266,8 +266,8 @@ def plan(cfg, chosen, as_json: bool, placement_kind: str, node_names: str | None
     est, notes = memory_check(cfg, no_memory_check)
     measured = None
     if measure:
-        from hpcmega.config import ConfigError
-        from hpcmega.planning.measure import measure as run_measure
+        from hpcmega.errors import ConfigError
+        from hpcmega.bench.measure import measure as run_measure
 
         try:
             measured = run_measure(cfg, measure_mem_gib)

@@ -30,9 +30,9 @@ def resume(run: str, nproc: int | None, dry_run: bool, wait_: bool, no_memory_ch
     hpcmega resume runs/my-run                       # same layout, new job
     hpcmega resume runs/my-run --tp 1 --time 02:00:00 # another layout: the checkpoint is resharded on load
     """
-    from hpcmega.rank.checkpoint import list_checkpoints
+    from hpcmega.checkpoint.store import list_checkpoints
     from hpcmega.commands.runs import run_folder_arg
-    from hpcmega.runs.state import ACTIVE, run_status
+    from hpcmega.cluster.jobs import ACTIVE, run_status
 
     folder = run_folder_arg(run)
     s = run_status(folder)

@@ -28,11 +28,11 @@ def run(cfg, nproc: int, force_cpu: bool, run_dir: str | None) -> None:
     hpcmega run --nproc 2 --config launch/shakespeare-tiny.toml
     """
     from hpcmega.commands.plan import build_plan
-    from hpcmega.config import ConfigError
+    from hpcmega.errors import ConfigError
     from hpcmega.cluster.launcher import default_run_dir, launch_local, local_config
-    from hpcmega.rank.preemption import EXIT_UNFINISHED
-    from hpcmega.reliability import run_lock
-    from hpcmega.reliability.preflight import preflight
+    from hpcmega.errors import EXIT_UNFINISHED
+    from hpcmega.runs import lock as run_lock
+    from hpcmega.cluster.preflight import preflight
 
     gpus = 0 if (force_cpu or cfg.cluster.cpu) else _cuda_devices()
     if gpus and nproc > gpus:

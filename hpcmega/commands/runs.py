@@ -29,7 +29,7 @@ def ls(runs_dir: str) -> None:
     """One line per run under RUNS_DIR (default: runs): job, state, progress, loss, attempt, last update."""
     from hpcmega.runs.files import find_runs
     from hpcmega.runs.progress import duration
-    from hpcmega.runs.state import Job, ago, refresh_slurm_states, run_status
+    from hpcmega.cluster.jobs import Job, ago, refresh_slurm_states, run_status
 
     runs = find_runs(runs_dir) if Path(runs_dir).is_dir() else []
     if not runs:
@@ -51,9 +51,9 @@ def ls(runs_dir: str) -> None:
 @_RUN
 def status(run: str) -> None:
     """Job state, exit code, attempts, progress, last checkpoint, W&B run and layout of RUN."""
-    from hpcmega.rank.checkpoint import list_checkpoints
+    from hpcmega.checkpoint.store import list_checkpoints
     from hpcmega.runs.progress import duration
-    from hpcmega.runs.state import run_status
+    from hpcmega.cluster.jobs import run_status
 
     folder = run_folder_arg(run)
     s = run_status(folder)
@@ -93,7 +93,7 @@ def status(run: str) -> None:
 
 def _attempt_job(folder, attempt: int | None):
     """-> (Job, restart count) of attempt K (1-based; default: the latest submission, at its latest restart)."""
-    from hpcmega.runs.state import Job
+    from hpcmega.cluster.jobs import Job
 
     jobs = {str(j.get("job_id")): Job(j) for j in folder.jobs()}
     if not jobs:
@@ -122,7 +122,7 @@ def _attempt_job(folder, attempt: int | None):
 def logs(run: str, follow: bool, rank: int, attempt: int | None, stderr: bool) -> None:
     """Print one rank's log of one attempt of RUN (rank 0 of the latest attempt by default)."""
     from hpcmega.runs.files import log_section
-    from hpcmega.runs.state import ACTIVE
+    from hpcmega.cluster.jobs import ACTIVE
 
     folder = run_folder_arg(run)
     job, restart = _attempt_job(folder, attempt)
@@ -142,7 +142,7 @@ def logs(run: str, follow: bool, rank: int, attempt: int | None, stderr: bool) -
     try:
         while True:
             offset = _print_new(path, offset)
-            from hpcmega.runs.state import refresh_slurm_states
+            from hpcmega.cluster.jobs import refresh_slurm_states
 
             refresh_slurm_states([job])
             if job.state() not in ACTIVE:
@@ -173,7 +173,7 @@ def _print_new(path: Path, offset: int) -> int:
 def cancel(run: str) -> None:
     """Cancel RUN's current job (SLURM job or local launch). The run folder stays resumable: `hpcmega resume RUN`
     continues from its last checkpoint."""
-    from hpcmega.runs.state import ACTIVE, run_status
+    from hpcmega.cluster.jobs import ACTIVE, run_status
 
     folder = run_folder_arg(run)
     s = run_status(folder)

@@ -23,8 +23,8 @@ def sample(target: str, prompt: str, max_new_tokens: int, temperature: float, se
     hpcmega sample runs/shakespeare-tiny --prompt "ROMEO:" --max-new-tokens 60
     hpcmega sample runs/shakespeare-tiny --temperature 0 --step 20
     """
-    from hpcmega.config import ConfigError
-    from hpcmega.inference.locate import find_checkpoint
+    from hpcmega.errors import ConfigError
+    from hpcmega.checkpoint.locate import find_checkpoint
 
     try:
         info = find_checkpoint(target, step, bool(trust))

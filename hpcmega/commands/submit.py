@@ -34,7 +34,7 @@ def _tail(path: Path, lines: int = _TAIL_LINES) -> str:
 @pass_config(chosen=True)
 def submit(cfg, chosen, run_dir: str | None, dry_run: bool, wait_: bool, no_memory_check: bool, sweeps: tuple[str, ...],
            after: str | None) -> None:
-    """Queue the job on SLURM: NODES x GPUS_PER_NODE tasks, one per GPU, each running hpcmega.rank.job.run_rank.
+    """Queue the job on SLURM: NODES x GPUS_PER_NODE tasks, one per GPU, each running hpcmega.training.job.run_rank.
 
     GPUs per node: --gpus-per-node, else the config / site profile, else the partition's GRES (sinfo), else 8.
 
@@ -60,10 +60,11 @@ def queue(cfg, path: Path, dry_run: bool, wait_: bool, no_memory_check: bool = F
     ``chosen``: the values resolved by rule, shown in the dry run's plan."""
     from hpcmega.cluster import slurm
     from hpcmega.commands.plan import _print_table, build_plan, config_summary, memory_check, print_estimate
-    from hpcmega.config import ConfigError
-    from hpcmega.reliability import run_lock
-    from hpcmega.reliability.preflight import preflight
-    from hpcmega.reliability.sbatch_options import check_run_folder
+    from hpcmega.errors import ConfigError
+    from hpcmega.runs import lock as run_lock
+    from hpcmega.cluster.preflight import preflight
+    from hpcmega.cluster.sbatch import check_run_folder
+    from hpcmega.training.job import run_rank
 
     cfg.run_dir = str(path)  # the job name defaults to the run folder's name; containers mount it
     layout, warnings = build_plan(cfg)  # validation (incl. every sbatch value) + layout: exit 2 before writing
@@ -88,7 +89,7 @@ def queue(cfg, path: Path, dry_run: bool, wait_: bool, no_memory_check: bool = F
     for note in notes:
         click.echo(note, err=True)
     try:
-        job = slurm.submit(cfg, path, after)
+        job = slurm.submit(run_rank, cfg, path, after)
     except (ConfigError, slurm.SubmitError) as e:  # no sbatch/srun here, or sbatch refused the job (exit 1)
         raise click.ClickException(str(e)) from None
     run_lock.acquire(path, job_id=job.job_id)  # the job's attempts keep it (same id); leaving the queue frees it
@@ -110,7 +111,7 @@ def queue(cfg, path: Path, dry_run: bool, wait_: bool, no_memory_check: bool = F
 def _sweep_points(cfg, path: Path, sweeps: tuple[str, ...], no_memory_check: bool):
     """-> [(name, point, cfg, layout, warnings, notes)], every point validated (exit 2 naming the point)."""
     from hpcmega.commands.plan import build_plan, memory_check
-    from hpcmega.config import ConfigError
+    from hpcmega.errors import ConfigError
     from hpcmega.runs.sweep import apply_point, parse_sweeps, point_name, points
 
     try:
@@ -137,8 +138,9 @@ def queue_sweep(cfg, path: Path, sweeps: tuple[str, ...], dry_run: bool, wait_: 
                 after: str | None) -> None:
     """All points as one SLURM job array (submitit's batch): every point must give the same sbatch options."""
     from hpcmega.cluster import slurm
-    from hpcmega.config import ConfigError
-    from hpcmega.reliability.sbatch_options import check_run_folder
+    from hpcmega.errors import ConfigError
+    from hpcmega.cluster.sbatch import check_run_folder
+    from hpcmega.training.job import run_rank
 
     pts = _sweep_points(cfg, path, sweeps, no_memory_check)
     try:
@@ -164,7 +166,7 @@ def queue_sweep(cfg, path: Path, sweeps: tuple[str, ...], dry_run: bool, wait_: 
                                        slurm.submission_folder(path), count=len(pts), after=after))
         return
     try:
-        jobs = slurm.submit_array([(p[2], path / p[0]) for p in pts], path, after)
+        jobs = slurm.submit_array(run_rank, [(p[2], path / p[0]) for p in pts], path, after)
     except (ConfigError, slurm.SubmitError) as e:
         raise click.ClickException(str(e)) from None
     array_id = jobs[0].job_id.split("_")[0]

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from hpcmega.config import Config, ConfigError
+from hpcmega.config import Config
+from hpcmega.errors import ConfigError
 from hpcmega.data.prepare import INDEX
 
 _MASK64 = (1 << 64) - 1

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hpcmega.config import ConfigError
+from hpcmega.errors import ConfigError
 from hpcmega.data.tokenizer import EOT_ID, GPT2_VOCAB_SIZE, encode
 
 INDEX = "index.json"

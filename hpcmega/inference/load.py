@@ -5,9 +5,10 @@ import warnings
 
 import torch
 
-from hpcmega.rank.checkpoint import CheckpointInfo, verify_checkpoint
-from hpcmega.config import Config, ConfigError
-from hpcmega.model.gpt import GPT
+from hpcmega.checkpoint.store import CheckpointInfo, verify_checkpoint
+from hpcmega.config import Config
+from hpcmega.errors import ConfigError
+from hpcmega.models.gpt2.model import GPT
 
 
 def checkpoint_config(info: CheckpointInfo) -> Config:

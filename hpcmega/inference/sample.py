@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from hpcmega.config import ConfigError
+from hpcmega.errors import ConfigError
 from hpcmega.data.tokenizer import EOT_ID, GPT2_VOCAB_SIZE, decode, encode
-from hpcmega.model.gpt import GPT
+from hpcmega.models.gpt2.model import GPT
 
 
 def prompt_ids(model: GPT, prompt: str) -> list[int]:

@@ -11,22 +11,13 @@ import copy
 from dataclasses import dataclass
 from typing import Callable
 
-from hpcmega.config import Config, ConfigError
-from hpcmega.planning.estimate import GIB, Estimate, Shape, estimate
-from hpcmega.planning.gpus import GPU, get_gpu
+from hpcmega.config import Config
+from hpcmega.errors import ConfigError
+from hpcmega.planning.estimate import GIB, Estimate, Shape, estimate, estimate_config
+from hpcmega.planning.search import nodes_that_fit, search
+from hpcmega.planning.validate import validate
 
 WARN_FRACTION = 0.9
-
-
-def gpu_of(cfg: Config) -> tuple[GPU, float]:
-    """The GPU model and the memory (GiB) to plan for: ``cluster.gpu`` from the table, ``gpu_mem_gib`` if set."""
-    gpu = get_gpu(cfg.cluster.gpu)  # cluster.gpu_mem_gib and cluster.mfu bounds are checked by validate()
-    return gpu, cfg.cluster.gpu_mem_gib or gpu.memory_gib
-
-
-def estimate_config(cfg: Config) -> Estimate:
-    gpu, mem = gpu_of(cfg)
-    return estimate(Shape.from_config(cfg), gpu, mem, cfg.cluster.mfu)
 
 
 @dataclass
@@ -94,8 +85,6 @@ def candidate_changes(cfg: Config) -> list[tuple[str, Callable[[Config], None]]]
 
 
 def _fits(cfg: Config) -> bool:
-    from hpcmega.planning.validate import validate
-
     try:
         validate(cfg)
         return bool(estimate_config(cfg).fits)
@@ -106,8 +95,6 @@ def _fits(cfg: Config) -> bool:
 def suggest_fixes(cfg: Config, limit: int = 2) -> list[str]:
     """Up to ``limit`` single-flag changes that make ``cfg`` fit; else the first pair of flags that does; else the
     fastest layout of these nodes that fits (`plan --auto`); else the fewest nodes (doubling) with one that fits."""
-    from hpcmega.planning.search import nodes_that_fit, search
-
     changes = candidate_changes(cfg)
     single = [flag for flag, edit in changes if _fits(_changed(cfg, edit))]
     if single:

@@ -1,12 +1,12 @@
 """Per-rank memory, FLOPs, bubble, communication and step time of one layout, from arithmetic alone (no torch).
 
-The numbers model *the engine hpcmega runs* (hpcmega.engine), not a generic transformer, and every term is checked
+The numbers model *the engine hpcmega runs* (hpcmega.parallel), not a generic transformer, and every term is checked
 against a measurement of the real code on a fake process group (``hpcmega plan --measure``,
 tests/test_planning_measure.py). docs/planning.md explains each term with a worked 7B example.
 
 Units: elements are counted per tensor-parallel rank; bytes per GPU. ``sbh`` = sequence x micro-batch x hidden.
 
-Model state (AdamW, hpcmega.rank.optim): parameters live in fp32 (with bf16 they are FSDP2's fp32 master copy), one fp32
+Model state (AdamW, hpcmega.training.optim): parameters live in fp32 (with bf16 they are FSDP2's fp32 master copy), one fp32
 gradient per parameter and two fp32 moments. FSDP2 (used whenever dp > 1 or precision is bf16) shards all of it over
 "dp" and all-gathers parameters in the compute dtype for forward and backward. Where the engine keeps unsharded
 copies: inside a pipeline (pp > 1) the schedule turns resharding after backward and gradient sync off until the last
@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hpcmega.config import Config
-from hpcmega.engine.stages import layers_for_stage, stage_ids_for_rank
-from hpcmega.rank.metrics import model_flops_per_step
-from hpcmega.planning.gpus import GPU, INTERNODE_GB_S
+from hpcmega.planning.stages import layers_for_stage, stage_ids_for_rank
+from hpcmega.planning.flops import model_flops_per_step
+from hpcmega.gpus import GPU, INTERNODE_GB_S, get_gpu
 from hpcmega.planning.schedule_facts import bubble_fraction, chunks_in_flight
 
 GIB = 2**30
@@ -146,7 +146,7 @@ def korthikanti_bytes_per_layer(s: int, b: int, h: int, a: int, t: int, sp: bool
 
 # Tensors each block keeps for backward with recompute selective/full, in units of s*b*h elements:
 # (replicated over tp, split over tp). Recompute none is the Korthikanti breakdown above for this engine.
-#  selective: block input; results of the matmuls, attention and TP reductions (hpcmega.engine.recompute):
+#  selective: block input; results of the matmuls, attention and TP reductions (hpcmega.parallel.recompute):
 #             q, k, v, attention output, fc1 output (split); the wo and fc2 outputs at tp = 1 or the two
 #             all-reduce outputs with tp > 1 and no SP (replicated); with SP the block input and the two
 #             reduce-scatter outputs are sequence shards (split). Row-parallel partial sums and all-gather
@@ -286,7 +286,7 @@ def rank_memory(sh: Shape, pp_rank: int) -> RankMemory:
 
 # -- throughput ---------------------------------------------------------------------------------------------------
 def flops_per_step(sh: Shape) -> float:
-    """Model FLOPs of one optimizer step (hpcmega.rank.metrics): 6N + 12*L*h*s per token, N = 12*L*h^2 + V*h."""
+    """Model FLOPs of one optimizer step (hpcmega.training.metrics): 6N + 12*L*h*s per token, N = 12*L*h^2 + V*h."""
     return model_flops_per_step(sh.b * sh.m * sh.dp, sh.s, sh.layers, sh.h, sh.vocab)
 
 
@@ -307,7 +307,7 @@ def tokens_per_step(sh: Shape) -> int:
 # -- communication (Narayanan et al. 2021, section 3; ring volumes per rank) ----------------------------------------
 def wire_bytes(kind: str, payload: float, n: int) -> float:
     """Bytes one rank sends for one collective over ``n`` ranks with ring algorithms; ``payload`` is the whole
-    buffer (an all-gather's output, a reduce-scatter's input). The measured side (hpcmega.engine.comm_stats) uses
+    buffer (an all-gather's output, a reduce-scatter's input). The measured side (hpcmega.parallel.comm_stats) uses
     the same convention, so measurement and estimate compare directly."""
     if n <= 1 or kind == "recv":
         return 0.0
@@ -452,3 +452,14 @@ def estimate(sh: Shape, gpu: GPU | None = None, gpu_mem_gib: float | None = None
         comm=comm,
         per_layer={mode: activation_bytes_per_layer(sh, mode) for mode in ("none", "selective", "full")},
     )
+
+
+def gpu_of(cfg: Config) -> tuple[GPU, float]:
+    """The GPU model and the memory (GiB) to plan for: ``cluster.gpu`` from the table, ``gpu_mem_gib`` if set."""
+    gpu = get_gpu(cfg.cluster.gpu)  # cluster.gpu_mem_gib and cluster.mfu bounds are checked by validate()
+    return gpu, cfg.cluster.gpu_mem_gib or gpu.memory_gib
+
+
+def estimate_config(cfg: Config) -> Estimate:
+    gpu, mem = gpu_of(cfg)
+    return estimate(Shape.from_config(cfg), gpu, mem, cfg.cluster.mfu)

@@ -19,7 +19,8 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
-from hpcmega.config import RANK_ORDERS, ConfigError
+from hpcmega.config import RANK_ORDERS
+from hpcmega.errors import ConfigError
 
 if TYPE_CHECKING:
     from hpcmega.config import Config

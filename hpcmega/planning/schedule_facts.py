@@ -15,7 +15,7 @@ same bound, which over-estimates their idle time.
 """
 from __future__ import annotations
 
-from hpcmega.planning.schedules import SCHEDULES
+from hpcmega.schedules import SCHEDULES
 
 
 def chunks_in_flight(schedule: str, pp: int, pp_rank: int, v: int, m: int) -> int:

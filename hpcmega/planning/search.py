@@ -12,9 +12,10 @@ import copy
 from dataclasses import dataclass
 from typing import Iterator
 
-from hpcmega.config import Config, ConfigError, RECOMPUTE_MODES
-from hpcmega.planning.check import gpu_of
-from hpcmega.planning.estimate import Estimate, Shape, estimate
+from hpcmega.config import Config, RECOMPUTE_MODES
+from hpcmega.errors import ConfigError
+from hpcmega.planning.estimate import Estimate, Shape, estimate, gpu_of
+from hpcmega.planning.validate import validate
 
 MICRO_BATCHES = (1, 2, 4, 8)
 SCHEDULE_CHOICES = (("1f1b", 1), ("gpipe", 1), ("interleaved-1f1b", 2), ("interleaved-1f1b", 4))
@@ -76,8 +77,6 @@ def layouts(cfg: Config) -> Iterator[Config]:
 
 def search(cfg: Config) -> list[Candidate]:
     """Layouts that validate and fit, fastest (estimated) first."""
-    from hpcmega.planning.validate import validate
-
     gpu, mem = gpu_of(cfg)
     found = []
     for new in layouts(cfg):

@@ -9,20 +9,11 @@ from __future__ import annotations
 import math
 import re
 
-from hpcmega.config import (
-    AUTO,
-    FIELDS,
-    MODEL_PRESETS,
-    RESOLVED_BY_RULE,
-    Config,
-    ConfigError,
-    FieldInfo,
-    get_value,
-    named,
-)
+from hpcmega.config import AUTO, FIELDS, MODEL_PRESETS, RESOLVED_BY_RULE, Config, FieldInfo, get_value, named
+from hpcmega.errors import ConfigError
 from hpcmega.planning.schedule_facts import bubble_fraction
-from hpcmega.reliability.sbatch_options import check_cluster_values, check_text
-from hpcmega.planning.schedules import SCHEDULES, names
+from hpcmega.cluster.sbatch import check_cluster_values, check_text, parse_slurm_time
+from hpcmega.schedules import SCHEDULES, names
 
 
 def _range(info: FieldInfo) -> str:
@@ -78,48 +69,6 @@ def _round_up(value: int, multiple: int) -> int:
 
 
 # -- SLURM time ---------------------------------------------------------------------------------------------------------
-_TIME = re.compile(r"^(?:(?P<days>\d+)-)?(?P<parts>\d+(?::\d+){0,2})$")
-
-
-def parse_slurm_time(text: str) -> int:
-    """Minutes in a SLURM ``--time`` value, rounded up like SLURM does.
-
-    Accepts ``minutes``, ``minutes:seconds``, ``hours:minutes:seconds``, ``days-hours``, ``days-hours:minutes`` and
-    ``days-hours:minutes:seconds``. Zero / UNLIMITED are refused: preemption handling needs a finite limit.
-    """
-    raw = str(text).strip()
-    bad = (f"cluster.time={raw!r} is not a SLURM time limit; write minutes, MM:SS, HH:MM:SS or D-HH:MM:SS, "
-           "e.g. 01:00:00")
-    if raw.lower() in ("unlimited", "infinite"):
-        raise ConfigError(f"cluster.time={raw!r}: give a finite time limit such as 24:00:00 "
-                          "(the job saves and requeues before it)")
-    m = _TIME.match(raw)
-    if not m:
-        raise ConfigError(bad)
-    nums = [int(x) for x in m.group("parts").split(":")]
-    if m.group("days") is not None:
-        hours, minutes, seconds = (nums + [0, 0])[:3]
-        days = int(m.group("days"))
-        if hours >= 24 or (len(nums) > 1 and minutes >= 60) or (len(nums) > 2 and seconds >= 60):
-            raise ConfigError(bad)
-    else:
-        days = 0
-        if len(nums) == 1:
-            hours, minutes, seconds = 0, nums[0], 0
-        elif len(nums) == 2:
-            hours, (minutes, seconds) = 0, nums
-            if seconds >= 60:
-                raise ConfigError(bad)
-        else:
-            hours, minutes, seconds = nums
-            if minutes >= 60 or seconds >= 60:
-                raise ConfigError(bad)
-    total_s = ((days * 24 + hours) * 60 + minutes) * 60 + seconds
-    if total_s == 0:
-        raise ConfigError(f"cluster.time={raw!r} means no limit to SLURM; give a finite time limit such as 01:00:00")
-    return math.ceil(total_s / 60)
-
-
 # -- checks -------------------------------------------------------------------------------------------------------------
 def _check_values(cfg: Config) -> None:
     check_declared(cfg)

@@ -35,7 +35,7 @@ LOGS = "logs"
 SLURM = "slurm"
 WANDB_ID = "wandb_run_id"
 WANDB_DIR = "wandb"
-LOCK = ".hpcmega.lock"  # who uses the folder now (hpcmega.reliability.run_lock)
+LOCK = ".hpcmega.lock"  # who uses the folder now (hpcmega.runs.lock)
 
 # Set by the local launcher for its ranks: the id of a local launch ("local-<launcher pid>").
 LOCAL_JOB_ENV = "HPCMEGA_LOCAL_JOB"
@@ -50,8 +50,6 @@ def attempt_marker(job: str, restart: int, rank: int) -> str:
 def job_key() -> str | None:
     """The id this attempt's job has in jobs.jsonl: the SLURM job's as submitit names it (``<array>_<index>`` inside
     a job array), the local launch's, or None outside both."""
-    from hpcmega.rank.preemption import slurm_job_id
-
     return slurm_job_id() or os.environ.get(LOCAL_JOB_ENV)
 
 
@@ -222,3 +220,10 @@ def find_runs(root: str | os.PathLike, depth: int = 2) -> list[RunFolder]:
                 nxt += sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith("."))
         frontier = nxt
     return sorted(found, key=lambda r: r.path)
+
+
+def slurm_job_id() -> str | None:
+    # For array jobs, requeue the array task's own id.
+    return os.environ.get("SLURM_ARRAY_JOB_ID") and (
+        f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    ) or os.environ.get("SLURM_JOB_ID")

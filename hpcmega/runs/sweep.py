@@ -6,7 +6,8 @@ import itertools
 import re
 from typing import Any
 
-from hpcmega.config import FIELDS, Config, ConfigError, flatten, parse_set, resolve_layers
+from hpcmega.config import FIELDS, Config, flatten, parse_set, resolve_layers
+from hpcmega.errors import ConfigError
 
 
 def parse_sweeps(items: tuple[str, ...] | list[str]) -> list[tuple[str, list[str]]]:

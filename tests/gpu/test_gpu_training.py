@@ -36,7 +36,7 @@ def test_attention_uses_the_flash_kernel():
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from hpcmega.config import load_config
-    from hpcmega.model.gpt import Block
+    from hpcmega.models.gpt2.model import Block
 
     m = load_config(None, {"model.preset": "gpt2-124m"}).model
     block = Block(m.d_model, m.n_heads).cuda().to(torch.bfloat16)

@@ -1,0 +1,128 @@
+"""Checks made on the login node before anything is queued or written (no torch): the things that used to fail
+only inside every rank -- after the queue wait, with a traceback per rank, or (an unwritable checkpoint folder) at
+the first save after all the training. Each failure is one ConfigError line naming the fix (exit 2).
+"""
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+
+from hpcmega.config import Config
+from hpcmega.errors import ConfigError
+from hpcmega.checkpoint.rules import check_model_matches, check_trusted
+from hpcmega.checkpoint.store import by_save_order, list_checkpoints
+from hpcmega.data.prepare import INDEX
+from hpcmega.runs.files import RunFolder
+
+# Environment and files from which s3fs/botocore take credentials.
+_AWS_ENV = ("AWS_ACCESS_KEY_ID", "AWS_PROFILE", "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+            "AWS_CONTAINER_CREDENTIALS_FULL_URI")
+
+
+def checkpoint_location(cfg: Config, run_dir: str | Path) -> str:
+    """Where this run's checkpoints go (checkpoint.url, else RUN_DIR/checkpoints): the one owner of that rule."""
+    return RunFolder(run_dir).checkpoint_url(cfg)
+
+
+def storage_filesystem(url: str, what: str):
+    """(fs, path) for ``url``; ConfigError naming ``what`` (the flag) for an unknown protocol, a missing package or
+    missing s3 credentials."""
+    import fsspec
+
+    protocol = url.split("://", 1)[0] if "://" in url else "file"
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except ValueError:
+        raise ConfigError(f"{what} {url!r}: unknown storage protocol '{protocol}://'; use a path, file://, "
+                          "memory:// or s3://") from None
+    except ImportError as e:
+        raise ConfigError(f"{what} {url!r}: the '{protocol}://' protocol needs a package that is not installed "
+                          f"({e}); install it or use another location") from None
+    if protocol in ("s3", "s3a") and not _aws_credentials():
+        raise ConfigError(f"{what} {url!r}: no AWS credentials found; set AWS_ACCESS_KEY_ID and "
+                          "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) in the environment that submits and runs the job")
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs, path
+
+
+def _aws_credentials() -> bool:
+    if any(os.environ.get(k) for k in _AWS_ENV):
+        return True
+    files = [os.environ.get("AWS_SHARED_CREDENTIALS_FILE", "~/.aws/credentials"),
+             os.environ.get("AWS_CONFIG_FILE", "~/.aws/config")]
+    return any(os.path.isfile(os.path.expanduser(f)) for f in files)
+
+
+def check_data(cfg: Config) -> None:
+    if cfg.train.data == "synthetic":
+        return
+    fs, root = storage_filesystem(cfg.train.data, "--data")
+    index = root.rstrip("/") + "/" + INDEX
+    if not fs.exists(index):
+        raise ConfigError(f"--data {cfg.train.data}: no prepared dataset there ({INDEX} missing); run `hpcmega data "
+                          f"prepare --source shakespeare --out {cfg.train.data}` or use --data synthetic")
+    try:
+        vocab = int(json.loads(fs.cat_file(index))["vocab_size"])
+    except (ValueError, KeyError, TypeError):
+        raise ConfigError(f"--data {cfg.train.data}: {INDEX} is unreadable; prepare the data again with "
+                          "`hpcmega data prepare --force`") from None
+    if vocab > cfg.model.vocab_size:
+        raise ConfigError(f"the data's vocabulary has {vocab} tokens but model.vocab_size={cfg.model.vocab_size}; "
+                          f"use --vocab-size {vocab}")
+
+
+def check_resume(cfg: Config, location: str) -> None:
+    """An explicit --resume must be a complete checkpoint, trusted and of this model; with `auto`, the newest
+    intact checkpoint in the location must be of this model."""
+    target = cfg.checkpoint.resume
+    if target == "none":
+        return
+    if target == "auto":
+        fs, root = storage_filesystem(location, "--ckpt-url")
+        usable = [c for c in by_save_order(list_checkpoints(location)) if c.usable] if fs.exists(root) else []
+        if usable:
+            check_model_matches(usable[-1].meta, cfg, usable[-1].url)
+        return
+    target = target if "://" in target else os.path.abspath(target)
+    fs, path = storage_filesystem(target, "--resume")
+    if not fs.exists(path.rstrip("/") + "/meta.json"):
+        what = "is not a complete checkpoint (no meta.json)" if fs.exists(path) else "does not exist"
+        raise ConfigError(f"--resume {target} {what}; pick one listed complete by `hpcmega ckpt ls`, or --resume "
+                          "auto / none")
+    check_trusted(target, location, cfg.checkpoint.trust)
+    try:
+        meta = json.loads(fs.cat_file(path.rstrip("/") + "/meta.json"))
+    except ValueError:
+        raise ConfigError(f"--resume {target}: its meta.json is damaged; pick another checkpoint") from None
+    check_model_matches(meta, cfg, target)
+
+
+def probe_writable(location: str) -> None:
+    """Write and delete a probe file where checkpoints will go (or the nearest existing folder above it)."""
+    fs, path = storage_filesystem(location, "--ckpt-url")
+    probe_dir = path.rstrip("/")
+    if "://" not in location or location.startswith("file://"):
+        while probe_dir and not os.path.exists(probe_dir):
+            parent = os.path.dirname(probe_dir)
+            if parent == probe_dir:
+                break
+            probe_dir = parent
+    probe = f"{probe_dir}/.hpcmega-write-probe-{uuid.uuid4().hex[:8]}"
+    try:
+        fs.pipe_file(probe, b"probe")
+        fs.rm(probe)
+    except Exception as e:  # PermissionError, read-only FS, S3 AccessDenied, ...
+        raise ConfigError(f"cannot write checkpoints to {location} ({type(e).__name__}: "
+                          f"{(str(e).splitlines() or [''])[0]}); choose a writable --ckpt-url or --run-dir") from None
+
+
+def preflight(cfg: Config, run_dir: str | Path, probe: bool = True) -> None:
+    """Everything above, in the order a user would fix it. ``probe=False`` for dry runs (they write nothing)."""
+    location = checkpoint_location(cfg, run_dir)
+    check_data(cfg)
+    storage_filesystem(location, "--ckpt-url")
+    check_resume(cfg, location)
+    if probe:
+        probe_writable(location)

@@ -1,0 +1,179 @@
+"""GPT-2 style decoder whose parameter names do not depend on how it is split or sharded.
+
+Why the shape of this module matters for parallelism:
+- Blocks live in an ``nn.ModuleDict`` keyed by their *global* index. A pipeline stage deletes the blocks it does
+  not own (and sets the embeddings / final norm / head to ``None``), so every parameter keeps the name it has in the
+  full model and sharded checkpoints can be loaded into any other layout.
+- Attention has separate ``wq``/``wk``/``wv`` projections: a fused qkv Linear split column-wise by tensor
+  parallelism would hand each rank a mix of q, k and v columns.
+- ``forward`` accepts token ids (the stage holding the embeddings) or hidden states (every later stage).
+- Initialisation draws each parameter from its own generator seeded by (seed, parameter name), so any stage on any
+  rank produces exactly the values the single-process model has, without building the full model. It also works
+  after sharding: for a DTensor parameter only this rank's local shard is written (the full value of one parameter
+  is drawn, sliced and dropped before the next), so the engine can build on the meta device, shard, allocate only
+  the shards with ``to_empty`` and then initialise.
+"""
+from __future__ import annotations
+
+import math
+import zlib
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from hpcmega.config import ModelConfig
+
+INIT_STD = 0.02
+
+
+class Attention(nn.Module):
+    def __init__(self, d_model: int, n_heads: int) -> None:
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"d_model {d_model} is not divisible by n_heads {n_heads}")
+        self.head_dim = d_model // n_heads
+        self.wq = nn.Linear(d_model, d_model)
+        self.wk = nn.Linear(d_model, d_model)
+        self.wv = nn.Linear(d_model, d_model)
+        self.wo = nn.Linear(d_model, d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        # -1 heads: under tensor parallelism each rank holds only its share of the heads.
+        q = self.wq(x).view(b, s, -1, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(b, s, -1, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(b, s, -1, self.head_dim).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.wo(y.transpose(1, 2).reshape(b, s, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, d_model: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d_model, 4 * d_model)
+        self.fc2 = nn.Linear(4 * d_model, d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block.
+
+    ``checkpoint_fn`` is set by :mod:`hpcmega.parallel.recompute` (activation recompute); it runs the block body, e.g.
+    under ``torch.utils.checkpoint``. Doing it here rather than with a wrapper module keeps parameter names intact.
+    ``sharded_body`` is set by :mod:`hpcmega.models.gpt2.parallelize`: under tensor parallelism the block computes on
+    the local shards of its (DTensor) parameters with a few explicit collectives instead of the code below.
+    """
+
+    def __init__(self, d_model: int, n_heads: int) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(d_model)
+        self.attn = Attention(d_model, n_heads)
+        self.ln2 = nn.LayerNorm(d_model)
+        self.mlp = MLP(d_model)
+        self.checkpoint_fn: Callable[..., torch.Tensor] | None = None
+        self.sharded_body: Callable[[Block, torch.Tensor], torch.Tensor] | None = None
+
+    def body(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sharded_body is not None:
+            return self.sharded_body(self, x)
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.checkpoint_fn is not None:
+            return self.checkpoint_fn(self.body, x)
+        return self.body(x)
+
+
+class GPT(nn.Module):
+    """The full model, or one pipeline stage of it after :meth:`keep_only`."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb: nn.Embedding | None = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb: nn.Embedding | None = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+        self.blocks = nn.ModuleDict({str(i): Block(cfg.d_model, cfg.n_heads) for i in range(cfg.n_layers)})
+        self.ln_f: nn.LayerNorm | None = nn.LayerNorm(cfg.d_model)
+        self.head: nn.Linear | None = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+
+    # -- pipeline split ---------------------------------------------------------------------------------------------
+    def keep_only(self, layers: range, first: bool, last: bool) -> GPT:
+        """Turn this model into one pipeline stage: keep ``layers`` (global indices), embeddings iff ``first``,
+        final norm and head iff ``last``. Names of what is kept do not change."""
+        for name in list(self.blocks.keys()):
+            if int(name) not in layers:
+                del self.blocks[name]
+        if not first:
+            self.tok_emb = None
+            self.pos_emb = None
+        if not last:
+            self.ln_f = None
+            self.head = None
+        return self
+
+    # -- initialisation ---------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def init_weights(self, seed: int) -> None:
+        """GPT-2 initialisation, each tensor from a generator seeded by (seed, its name): layout-independent."""
+        residual_std = INIT_STD / math.sqrt(2 * self.cfg.n_layers)
+        for module_name, module in self.named_modules():
+            if isinstance(module, nn.LayerNorm):
+                module.weight.fill_(1.0)
+                module.bias.zero_()
+            elif isinstance(module, (nn.Linear, nn.Embedding)):
+                # Residual-stream projections are scaled down by depth (GPT-2).
+                std = residual_std if module_name.endswith(("attn.wo", "mlp.fc2")) else INIT_STD
+                name = f"{module_name}.weight"
+                gen = torch.Generator(device="cpu").manual_seed(param_seed(seed, name))
+                copy_full_value(module.weight, torch.randn(module.weight.shape, generator=gen).mul_(std))
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+
+    # -- forward ----------------------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Token ids [b, s] on the first stage, hidden states [b, s, d] elsewhere; logits [b, s, vocab] on the last."""
+        if self.tok_emb is not None:
+            positions = torch.arange(x.shape[1], device=x.device).unsqueeze(0)
+            x = self.tok_emb(x) + self.pos_emb(positions)
+        for block in self.blocks.values():
+            x = block(x)
+        if self.ln_f is not None:
+            x = self.ln_f(x)
+        if self.head is not None:
+            x = self.head(x)
+        return x
+
+
+def copy_full_value(param: torch.Tensor, value: torch.Tensor) -> None:
+    """Write the full (unsharded) ``value`` of a parameter into ``param``; for a DTensor only the local shard is
+    written. Every rank holds the same ``value``, so the shard is cut locally (no communication)."""
+    if isinstance(param, DTensor):
+        shard = distribute_tensor(value, param.device_mesh, param.placements, src_data_rank=None)
+        param.to_local().copy_(shard.to_local())
+    else:
+        param.copy_(value.to(device=param.device, dtype=param.dtype))
+
+
+def param_seed(seed: int, name: str) -> int:
+    """A generator seed for one parameter: stable across processes and Python runs (unlike ``hash``)."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
+
+
+def build_model(cfg: ModelConfig, seed: int, device: torch.device | str = "cpu") -> GPT:
+    """The full model, initialised; for a single process and for tests."""
+    with torch.device("meta"):
+        model = GPT(cfg)
+    model.to_empty(device=device)
+    model.init_weights(seed)
+    return model
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean token cross entropy, always on fp32 logits (bf16 logits lose too much in log-softmax)."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(0, 1))

@@ -1,0 +1,293 @@
+"""The per-rank entry point, the same for a SLURM task (submitit calls ``run_rank``; one task per GPU, no torchrun)
+and a local rank (``hpcmega run`` starts ``python -m hpcmega.training.job``).
+
+Steps on every rank: read the rank environment -> init torch.distributed -> gather where every rank really runs
+-> compute the layout from that placement -> build the ("pp", "dp", "tp") DeviceMesh -> rank 0 writes the run
+folder's ``config.toml`` and ``layout.json`` -> a collectives self-test on every group -> training.
+
+The layout comes from the real placement, not from rank arithmetic: SLURM may place tasks cyclically or unevenly,
+and the groups must follow where ranks are (TP inside a node / NVLink domain). Any refusal is raised on every rank
+from the same gathered data, so all ranks fail together with the same message instead of some of them hanging.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from hpcmega.config import Config, load_config
+from hpcmega.errors import ConfigError
+from hpcmega.cluster.distenv import DistEnv, from_environment
+from hpcmega.planning.layout import layout_of, natural_key, planned_layout
+from hpcmega.parallel.timeouts import CollectiveTimeouts
+from hpcmega.runs.files import CONFIG, LAYOUT, RunFolder, attempt_marker, job_key
+
+
+
+def _say(env: DistEnv, msg: str, all_ranks: bool = False) -> None:
+    if all_ranks or env.rank == 0:
+        print(f"[rank {env.rank} {env.node}] {msg}", flush=True)
+
+
+def _as_config(cfg: Config | dict[str, Any]) -> Config:
+    if isinstance(cfg, Config):
+        return cfg
+    if isinstance(cfg, dict):
+        return Config.from_dict(cfg)
+    raise TypeError(f"run_rank needs a Config or a dict, got {type(cfg).__name__}")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _select_device(cfg: Config, env: DistEnv):
+    """-> (device_type, backend, torch.device). One task per GPU: the local rank picks the GPU."""
+    import torch
+
+    if cfg.cluster.cpu:
+        return "cpu", "gloo", torch.device("cpu")
+    if not torch.cuda.is_available():  # never fall back to CPU: a GPU job on CPU is a wrong, silent 100x slowdown
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        raise ConfigError(
+            f"{env.node}: rank {env.rank} of a GPU job sees no CUDA device (CUDA_VISIBLE_DEVICES="
+            f"{visible if visible is not None else 'unset'}); check that the partition's nodes have GPUs and a "
+            "working driver, or submit with --cpu"
+        )
+    count = torch.cuda.device_count()
+    if count >= env.local_world_size:
+        index = env.local_rank  # every task sees all of the node's GPUs
+    elif count == 1:
+        index = 0  # the site binds one GPU per task (--gpus-per-task=1 / --gpu-bind)
+    else:
+        raise ConfigError(
+            f"{env.node}: {env.local_world_size} tasks on this node but {count} visible GPUs; "
+            "use --gpus-per-node equal to the node's GPU count (one task per GPU)"
+        )
+    torch.cuda.set_device(index)
+    # fp32 matmuls (master-weight math, fp32 runs) on tensor cores as TF32, as Megatron does; bf16 is unaffected.
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    return "cuda", "nccl", torch.device("cuda", index)
+
+
+def gather_placement(env: DistEnv) -> list[Any]:
+    """Every rank's (node, local rank), indexed by global rank."""
+    import torch.distributed as dist
+
+    from hpcmega.planning.layout import RankPlacement
+
+    gathered: list[Any] = [None] * env.world_size
+    dist.all_gather_object(gathered, (env.node, env.local_rank))
+    return [RankPlacement(str(node), int(local)) for node, local in gathered]
+
+
+def collectives_self_test(mesh, layout, rank: int, device) -> dict[str, Any]:
+    """All-reduce (rank + 1) over each of this rank's tp/pp/dp groups and the world; check the sums.
+
+    Catches a mesh whose groups disagree with the layout (or a broken fabric) before the model is built, with a
+    message that names the group instead of a wrong loss later.
+    """
+    import torch
+    import torch.distributed as dist
+
+    report: dict[str, Any] = {}
+    for dim in ("tp", "pp", "dp"):
+        group = mesh[dim].get_group()
+        members = sorted(dist.get_process_group_ranks(group))
+        expected_members = next(sorted(g) for g in getattr(layout, f"{dim}_groups") if rank in g)
+        if members != expected_members:
+            raise RuntimeError(f"rank {rank}: mesh {dim} group {members} != layout {dim} group {expected_members}")
+        t = torch.tensor([float(rank + 1)], device=device)
+        dist.all_reduce(t, group=group)
+        want = float(sum(r + 1 for r in members))
+        if t.item() != want:
+            raise RuntimeError(f"rank {rank}: all-reduce over {dim} group {members} gave {t.item()}, expected {want}")
+        report[dim] = {"ranks": members, "sum": t.item()}
+    t = torch.tensor([float(rank + 1)], device=device)
+    dist.all_reduce(t)
+    world = dist.get_world_size()
+    if t.item() != world * (world + 1) / 2:
+        raise RuntimeError(f"rank {rank}: world all-reduce gave {t.item()}, expected {world * (world + 1) / 2}")
+    report["world_sum"] = t.item()
+    return report
+
+
+class TrainingUnfinished(RuntimeError):
+    """The job stopped before its last step (a stop signal; no requeue left). Exit status EXIT_UNFINISHED."""
+
+
+def _stop_for_requeue(cfg: Config, env: DistEnv, train: dict[str, Any], signum: int | None) -> None:
+    """After the agreed save: rank 0 requeues the job (USR2, within cluster.max_requeues); every rank then waits for
+    SLURM to end this attempt, so no attempt is reported as finished while its requeue is under way. Without a
+    requeue (local run, SIGTERM, budget spent) the attempt ends with TrainingUnfinished, never as a success."""
+    import signal
+
+    import torch.distributed as dist
+
+    from hpcmega.training.preemption import decide_requeue, requeue
+    from hpcmega.runs.files import slurm_job_id
+
+    job_id = slurm_job_id() if env.job_id else None
+    decision = decide_requeue(job_id, env.restart_count, cfg.cluster.max_requeues if cfg.cluster.requeue else 0,
+                              signum or signal.SIGUSR2)
+    _say(env, f"stop signal: checkpoint saved; {decision.reason}")
+    if not (decision.requeue or decision.slurm_ends):
+        raise TrainingUnfinished(
+            f"stopped at step {train.get('final_step')} of {cfg.train.steps} ({decision.reason}); run the same "
+            "command again to continue from the last checkpoint")
+    if env.rank == 0 and decision.requeue:
+        requeue(job_id)
+    dist.barrier()
+    time.sleep(600)  # SLURM stops the tasks of a requeued / preempted job; waking up here means it did not
+    raise TrainingUnfinished(f"job {job_id}: {decision.reason}, but SLURM did not end this attempt within 600 s")
+
+
+def run_rank(cfg: Config | dict[str, Any], run_dir: str) -> dict[str, Any]:
+    """Run this rank's part of the job; returns a summary (and the training result when training ran)."""
+    cfg = _as_config(cfg)
+    run_path = Path(run_dir).absolute()
+    cfg.run_dir = str(run_path)
+    env = from_environment(master_port=cfg.cluster.master_port)
+    from hpcmega.training.preemption import StopFlag, stop_signals
+
+    # First thing: a stop signal during start-up is remembered (and acted on at the first step), not fatal.
+    stop_flag = StopFlag().install(stop_signals(under_slurm=bool(env.job_id)))
+    # every rank's log starts the attempt's section with this line (`hpcmega logs --attempt K` cuts there)
+    print(attempt_marker(str(job_key()), env.restart_count, env.rank), flush=True)
+    if env.world_size != cfg.world_size:
+        raise ConfigError(
+            f"the job has {env.world_size} ranks but the config expects nodes={cfg.cluster.nodes} x "
+            f"gpus_per_node={cfg.cluster.gpus_per_node} = {cfg.world_size}; submit with matching --nodes and "
+            "--gpus-per-node (one task per GPU) and no task-count options in --sbatch"
+        )
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import DeviceMesh
+
+    device_type, backend, device = _select_device(cfg, env)
+    port = env.master_port or (_free_port() if env.world_size == 1 else 0)
+    t0 = time.perf_counter()
+    dist.init_process_group(
+        backend,
+        init_method=f"tcp://{env.master_addr}:{port}",
+        rank=env.rank,
+        world_size=env.world_size,
+        timeout=datetime.timedelta(seconds=max(cfg.cluster.first_step_timeout_s, cfg.cluster.collective_timeout_s)),
+        device_id=device if device_type == "cuda" else None,
+    )
+    ok = False
+    try:
+        _say(env, f"torch.distributed up: {backend}, world {env.world_size}, rendezvous "
+                  f"{env.master_addr}:{port} ({time.perf_counter() - t0:.1f}s)"
+                  + (f", SLURM job {env.job_id} attempt {env.restart_count + 1}" if env.job_id else ""))
+        placement = gather_placement(env)
+        layout = layout_of(cfg, placement)  # the same sequence `plan` and `submit` ran
+        nodes = sorted({p.node for p in placement}, key=natural_key)
+        try:
+            diffs = layout.differences(planned_layout(cfg, nodes))
+        except ConfigError as e:
+            diffs = [f"no block layout to compare with ({e})"]
+        if diffs:
+            _say(env, "notice: the real placement gives different groups than the planned block layout "
+                      f"(real vs planned: {'; '.join(diffs)}); TP groups still stay inside one node/NVLink domain")
+        for w in layout.warnings:
+            _say(env, f"notice: {w}")
+
+        mesh = DeviceMesh(device_type, layout.mesh_grid(), mesh_dim_names=("pp", "dp", "tp"))
+        timeouts = CollectiveTimeouts(mesh, cfg.cluster.first_step_timeout_s, cfg.cluster.collective_timeout_s)
+        if env.rank == 0:
+            if env.job_id:  # every attempt of a SLURM job (re)claims its run folder; another live holder refuses
+                from hpcmega.runs.lock import acquire
+
+                acquire(run_path, job_id=env.job_id)
+            folder = RunFolder(run_path)
+            folder.write_config(cfg.to_toml())
+            folder.write_layout(layout.to_json())
+            folder.record_attempt({"job_id": job_key(), "restart_count": env.restart_count,  # requeues are visible
+                                   "world_size": env.world_size, "nodes": nodes,
+                                   "layout": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp}})
+            attempt = len(folder.attempts())
+            if attempt > 1:  # metrics.jsonl says where an attempt starts; a step repeated after it replaces the old one
+                folder.mark_restart({"attempt": attempt, "job_id": job_key(), "restart_count": env.restart_count,
+                                     "last_step_before": max((r["step"] for r in folder.steps()), default=0)})
+            _say(env, f"wrote {folder / CONFIG} and {folder / LAYOUT} ({len(nodes)} node(s): {', '.join(nodes)})")
+        selftest = collectives_self_test(mesh, layout, env.rank, device)
+        _say(env, f"collectives self-test passed on tp/pp/dp groups and world (sum {selftest['world_sum']:.0f})")
+
+        result: dict[str, Any] = {
+            "rank": env.rank,
+            "node": env.node,
+            "local_rank": env.local_rank,
+            "world_size": env.world_size,
+            "coords": layout.coords[env.rank].to_dict(),
+            "selftest": selftest,
+            "train": None,
+        }
+        if cfg.train.steps > 0:
+            from hpcmega.training.train import train
+
+            logger = None
+            if env.rank == 0:
+                from hpcmega.training.wandb_logger import WandbLogger
+
+                logger = WandbLogger(cfg, str(run_path), {
+                    "world_size": env.world_size, "nodes": nodes, "slurm_job_id": env.job_id and job_key(),
+                    "attempt": attempt, "restart_count": env.restart_count,
+                    "layout": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp}})
+                if logger.describe():
+                    _say(env, logger.describe())
+            try:
+
+                def on_step(record: dict[str, Any]) -> None:
+                    timeouts.first_step_done()  # compile and checkpoint load are behind us: hangs end sooner
+                    if logger is not None:
+                        logger.log(record)
+
+                result["train"] = train(cfg, mesh, str(run_path), stop_flag=stop_flag, on_step=on_step)
+            finally:
+                if logger is not None:
+                    logger.finish()
+            if result["train"].get("preempted"):
+                _stop_for_requeue(cfg, env, result["train"], stop_flag.agreed_signum)
+        dist.barrier()
+        ok = True
+        return result
+    finally:
+        # On success leave cleanly; on error with NCCL a destroy could block on a peer stuck in a collective, so
+        # let process exit tear it down (the launcher / srun ends the peers).
+        if ok or backend == "gloo":
+            dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m hpcmega.training.job --config FILE --run-dir DIR``: one rank of a local run (see hpcmega.cluster.launcher)."""
+    parser = argparse.ArgumentParser(prog="python -m hpcmega.training.job", description=main.__doc__)
+    parser.add_argument("--config", required=True, help="resolved config TOML (written by the launcher)")
+    parser.add_argument("--run-dir", required=True)
+    args = parser.parse_args(argv)
+    from hpcmega.cluster.process import die_with_launcher
+
+    die_with_launcher()
+    try:
+        run_rank(load_config(args.config), args.run_dir)
+    except ConfigError as e:
+        rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "?"))
+        print(f"[rank {rank}] error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except TrainingUnfinished as e:
+        from hpcmega.errors import EXIT_UNFINISHED
+
+        print(f"[rank {os.environ.get('RANK', '?')}] {e}", flush=True)
+        return EXIT_UNFINISHED
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
