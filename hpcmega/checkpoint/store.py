@@ -21,7 +21,7 @@ nested one breaks reloading with pipeline parallelism) and full-model parameter 
 one layout loads into another (DCP reshards on load).
 
 Trust: DCP's ``.metadata`` is a pickle, so loading a checkpoint runs whatever code a crafted one contains; the
-run refuses checkpoints from outside its own checkpoint location unless told to trust them (hpcmega.reliability).
+run refuses checkpoints from outside its own checkpoint location unless told to trust them (hpcmega.checkpoint.rules).
 """
 from __future__ import annotations
 
