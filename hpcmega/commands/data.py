@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from hpcmega.commands.options import field_option
+from hpcmega.data.sources import PIECE_BYTES
 
 
 @click.group("data")
@@ -33,6 +34,8 @@ def _cluster_options(fn):
 @click.option("--shard-tokens", type=click.IntRange(min=1024), default=10_000_000, show_default=True)
 @click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.01, show_default=True,
               help="Share of the tokens (the end of the stream) held out as the validation split.")
+@click.option("--piece-bytes", type=click.IntRange(min=4096), default=PIECE_BYTES, show_default=True,
+              help="Input bytes per unit of work (restart granularity, load balance); never changes the output.")
 @click.option("--strict", is_flag=True, help="Fail on the first bad row instead of skipping and counting it.")
 @click.option("--force", is_flag=True, help="Overwrite a prepared dataset at --out.")
 @click.option("--submit", "submit_", is_flag=True, help="Tokenize on --nodes SLURM nodes (one task each, its cores as "
@@ -40,7 +43,7 @@ def _cluster_options(fn):
 @click.option("--wait", "wait_", is_flag=True, help="With --submit: block until the final job ends.")
 @_cluster_options
 def prepare_cmd(source: str, out: str, tokenizer: str, text_field: str, workers: int, shard_tokens: int,
-                val_fraction: float, strict: bool, force: bool, submit_: bool, wait_: bool, site: str | None,
+                val_fraction: float, piece_bytes: int, strict: bool, force: bool, submit_: bool, wait_: bool, site: str | None,
                 config_paths: tuple[str, ...], **cluster) -> None:
     """Tokenize SOURCE into token shards + index.json at OUT (uint16 ids, uint32 above 65,536), restartable:
     run the same command again after an interruption and it continues.
@@ -55,7 +58,8 @@ def prepare_cmd(source: str, out: str, tokenizer: str, text_field: str, workers:
     from hpcmega.cluster.preflight import storage_filesystem
 
     args = dict(source=source, out=out, tokenizer=tokenizer, text_field=text_field, shard_tokens=shard_tokens,
-                val_fraction=val_fraction, strict=strict, force=force)
+                val_fraction=val_fraction, strict=strict, force=force,
+                piece_bytes=piece_bytes)
     try:
         storage_filesystem(out, "--out")  # unknown protocol, missing s3 credentials: exit 2 before any work
         if submit_:

@@ -7,6 +7,8 @@ validation split -- one line each, naming the fix. On the ranks, a shard is chec
 (``open_shard``): its size, its sha256 against the index, and that every id is inside the vocabulary (one pass
 over the bytes, ~20 ms for a 10M-token shard), so a damaged or replaced shard stops the run with one line naming
 the shard before a step is taken on it.
+
+numpy is imported where it is used: `hpcmega --help` reads this module's constants.
 """
 from __future__ import annotations
 
@@ -14,8 +16,6 @@ import hashlib
 import json
 import os
 import re
-
-import numpy as np
 
 from hpcmega.errors import ConfigError
 
@@ -71,6 +71,8 @@ def _count(value, url: str, what: str, minimum: int = 0) -> int:
 
 def check_fields(index: dict, url: str) -> None:
     """Every field the loader uses has the right type (an index written before ``dtype`` existed is uint16)."""
+    import numpy as np
+
     vocab = _count(index.get("vocab_size"), url, "vocab_size", 1)
     index.setdefault("dtype", "uint16")
     if index["dtype"] not in DTYPES:
@@ -107,6 +109,8 @@ def check_dataset(url: str, fs, root: str, model_vocab: int, seq_len: int, eval_
         if (tokens - 1) // (seq_len + 1) < 1:
             raise DataError(f"the {split} split of {url} has {tokens} tokens, fewer than one sequence of "
                             f"{seq_len + 1}; lower --seq-len or prepare more data (or a larger --val-fraction)")
+    import numpy as np
+
     sizes = {p["name"].rstrip("/").rsplit("/", 1)[-1]: p.get("size") for p in fs.ls(root, detail=True)}
     itemsize = np.dtype(index["dtype"]).itemsize
     for s in index.get("shards", []) + index.get("val_shards", []):
@@ -123,6 +127,8 @@ def check_dataset(url: str, fs, root: str, model_vocab: int, seq_len: int, eval_
 def open_shard(path: str, entry: dict, dtype: str, vocab_size: int) -> np.ndarray:
     """Shard ``path`` memory-mapped, after checking it against its index entry: its size, its sha256 (when the
     index has one) and every id < ``vocab_size``. DataError naming the shard otherwise."""
+    import numpy as np
+
     fix = "prepare the data again with `hpcmega data prepare --force`"
     size, expected = os.path.getsize(path), entry["tokens"] * np.dtype(dtype).itemsize
     if size != expected:

@@ -16,6 +16,7 @@ A bad row (not JSON, no text field, text that is not a string, invalid UTF-8) is
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 from collections import Counter
@@ -170,7 +171,8 @@ class Reader:
     def _lines(self) -> Iterator[list[str]]:
         import fsspec
 
-        with fsspec.open(self.inp.url, "rb", compression=self.inp.compression, **self.storage) as f:
+        with fsspec.open(self.inp.url, "rb", compression=self.inp.compression, **self.storage) as raw:
+            f = io.BufferedReader(raw, 1 << 20) if self.inp.compression else raw  # zstd's reader has no readline
             pos = self._seek_line_start(f)
             stop = self.piece.stop if self.piece.stop >= 0 else None
             batch, size, text = [], 0, self.inp.fmt == ".txt"

@@ -121,6 +121,7 @@ class HFTokenizer(Tokenizer):
         except Exception as e:  # the Rust side raises a bare Exception for a malformed file
             raise ConfigError(f"--tokenizer {path}: not a readable tokenizer.json ({str(e).splitlines()[0]}); give "
                               "a file saved by Hugging Face tokenizers") from None
+        self._tok.encode_special_tokens = True  # a "</s>" in a document's text is text, not a document boundary
         self.spec = str(path)
         self.name = path.parent.name if path.name == "tokenizer.json" else path.stem
         self.vocab_size = max(self._tok.get_vocab(with_added_tokens=True).values()) + 1
