@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from conftest import popen_cli, run_cli
 
-from hpcmega.errors import ConfigError, load_config
+from hpcmega.config import load_config
+from hpcmega.errors import ConfigError
 from hpcmega.data.index import DataError
 from hpcmega.data.loader import TokenShardLoader
 from hpcmega.data.prepare import prepare
@@ -201,3 +202,28 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, case, words)
     assert result.returncode == 2, result.stdout + result.stderr
     assert all(w in result.stderr for w in words) and "Traceback" not in result.stderr, result.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slurm
+def test_a_prepare_on_two_slurm_nodes_equals_a_local_one(slurm_cluster, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    docs = _docs(900, seed=3)
+    for k in range(3):
+        _write_jsonl(src / f"part-{k}.jsonl", docs[k * 300: (k + 1) * 300])
+    common = ["data", "prepare", "--source", src, "--piece-bytes", "16384", "--shard-tokens", "20000"]
+    submitted = run_cli([*common, "--out", tmp_path / "slurm", "--submit", "--nodes", "2", "--time", "00:10:00",
+                         "--wait"], cwd=tmp_path, timeout=600)
+    out = submitted.stdout + submitted.stderr
+    assert submitted.returncode == 0, out
+    jobs = [line.split()[1] for line in out.splitlines() if line.startswith("job ") and "finished: COMPLETED" in line]
+    assert len(jobs) == 2, out
+    nodes = subprocess.run(["sacct", "-j", jobs[0], "-X", "-n", "-P", "-o", "NNodes"], capture_output=True, text=True,
+                           check=True).stdout.split()
+    assert nodes == ["2"]
+    local = run_cli([*common, "--out", tmp_path / "local"])
+    assert local.returncode == 0, local.stderr
+    slurm_files = _files(tmp_path / "slurm")
+    assert slurm_files == _files(tmp_path / "local") and len(slurm_files) > 3  # index + shards, byte for byte
+    logs = list((tmp_path / "slurm" / "prepare-job" / "slurm").rglob(f"{jobs[0]}_1_log.err"))
+    assert logs and "task 1/2" in logs[0].read_text()  # the second node tokenized its share

@@ -63,9 +63,7 @@ def prepare_cmd(source: str, out: str, tokenizer: str, text_field: str, workers:
     try:
         storage_filesystem(out, "--out")  # unknown protocol, missing s3 credentials: exit 2 before any work
         if submit_:
-            from hpcmega.commands.data_submit import submit_prepare
-
-            submit_prepare(args, site, config_paths, cluster, wait_)
+            submit_prepare(args, cluster_config(site, config_paths, cluster), wait_)
             return
         info = prepare(**args, workers=workers, progress=True)
     except ConfigError as e:
@@ -74,6 +72,63 @@ def prepare_cmd(source: str, out: str, tokenizer: str, text_field: str, workers:
         raise click.ClickException(f"cannot write the dataset to {out}: {type(e).__name__}: "
                                    f"{(str(e).splitlines() or [''])[0]}; choose a writable --out") from None
     click.echo(summary_line(info, out))
+
+
+def cluster_config(site: str | None, config_paths: tuple[str, ...], flags: dict):
+    """The [cluster] settings of a multi-node prepare (site profile, files, flags): one CPU task per node."""
+    from hpcmega.commands.options import resolve
+    from hpcmega.config import FIELDS, Append
+
+    given = {k.replace("__", "."): v for k, v in flags.items() if v is not None and v != ()}
+    cfg = resolve(site, config_paths, {k: Append(v) if FIELDS[k].is_list else v for k, v in given.items()}).config
+    cfg.cluster.cpu, cfg.cluster.gpus_per_node = True, 1
+    cfg.cluster.job_name = cfg.cluster.job_name or "data-prepare"
+    return cfg
+
+
+def submit_prepare(args: dict, cfg, wait_: bool) -> None:
+    """Plan on this node, then two SLURM jobs through the training jobs' submit path: NODES tasks tokenizing
+    every NODES-th piece each, and, after it succeeded, one task assembling the shards and writing the index."""
+    import dataclasses
+    import sys
+    import time
+    from pathlib import Path
+
+    import fsspec
+
+    from hpcmega.cluster import slurm
+    from hpcmega.cluster.sbatch import check_cluster_values, check_run_folder
+    from hpcmega.data.index import read_index
+    from hpcmega.data.prepare import JOB_FOLDER, begin, finish_entry, tokenize_entry
+    from hpcmega.errors import ConfigError
+
+    out = args["out"]
+    if "://" in out and not out.startswith("file://"):
+        raise ConfigError(f"--submit needs --out on a filesystem every node shares (a path), not {out}")
+    job_dir = Path(out.removeprefix("file://")).absolute() / JOB_FOLDER
+    check_run_folder(str(job_dir))
+    check_cluster_values(cfg.cluster)
+    start = time.monotonic()
+    plan, resumed, _ = begin(**args)
+    final = dataclasses.replace(cfg, cluster=dataclasses.replace(
+        cfg.cluster, nodes=1, sbatch_extra=[*cfg.cluster.sbatch_extra, "--kill-on-invalid-dep=yes"]))
+    try:
+        tokenize = slurm.submit(tokenize_entry, cfg, job_dir)
+        last = slurm.submit(finish_entry, final, job_dir, after=tokenize.job_id)
+    except slurm.SubmitError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"submitted job {tokenize.job_id}: {cfg.cluster.nodes} node(s) tokenize {len(plan['pieces'])} "
+               f"piece(s)" + (f" ({resumed} already done)" if resumed else "") +
+               f"; job {last.job_id} writes the index after it")
+    click.echo(f"follow:     hpcmega status {job_dir}\n            tail -f {tokenize.log(0, 'out')}")
+    if wait_:
+        states = [(job.job_id, slurm.wait_for_job(job.job_id)) for job in (tokenize, last)]
+        for job_id, state in states:
+            click.echo(f"job {job_id} finished: {state}")
+        if any(state != "COMPLETED" for _, state in states):
+            sys.exit(1)
+        fs, root = fsspec.core.url_to_fs(out)
+        click.echo(summary_line({**read_index(fs, root, out), "seconds": time.monotonic() - start}, out))
 
 
 def summary_line(info: dict, out: str) -> str:

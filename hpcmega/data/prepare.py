@@ -191,10 +191,27 @@ def run_task(out: str, task: int, ntasks: int, workers: int = 0, storage: dict |
     fs, root = fsspec.core.url_to_fs(out, **(storage or {}))
     plan, done = read_plan(fs, root), done_parts(fs, root)
     mine = [t for t in piece_tasks(out, storage, plan) if t.number % ntasks == task and t.number not in done]
-    progress = Progress(sum(t.weight for t in mine), label=f"node task {task}/{ntasks}")
+    progress = Progress(sum(t.weight for t in mine), label=f"task {task}/{ntasks}")
     run_pieces(mine, workers or usable_cores(), progress)
     progress.close()
     return {"task": task, "pieces": len(mine)}
+
+
+# SLURM entry points (hpcmega.cluster.slurm.submit calls entry(cfg_dict, run_dir)): the job's run folder is
+# OUT/JOB_FOLDER, so the dataset is its parent.
+JOB_FOLDER = "prepare-job"
+
+
+def tokenize_entry(cfg: dict, run_dir: str) -> dict:
+    """Every task of the tokenizing job: its share of the pieces, with the cores SLURM gave it."""
+    task, ntasks = int(os.environ.get("SLURM_PROCID", 0)), int(os.environ.get("SLURM_NTASKS", 1))
+    return run_task(os.path.dirname(os.path.abspath(run_dir)), task, ntasks)
+
+
+def finish_entry(cfg: dict, run_dir: str) -> dict:
+    """The final job: shards and index from every task's parts."""
+    index = finish(os.path.dirname(os.path.abspath(run_dir)))
+    return {"documents": index["documents"], "tokens": index["tokens"], "val_tokens": index["val_tokens"]}
 
 
 # -- phase 2: parts -> shards + index ----------------------------------------------------------------------------
@@ -301,18 +318,15 @@ def _input_summary(plan: dict, stats: list[dict]) -> list[dict]:
 
 
 # -- the whole prepare, on this machine --------------------------------------------------------------------------
-def prepare(source: str, out: str, shard_tokens: int = 10_000_000, force: bool = False,
-            storage_options: dict | None = None, val_fraction: float = VAL_FRACTION, tokenizer: str = "gpt2",
-            text_field: str = "text", workers: int = 0, strict: bool = False, piece_bytes: int = PIECE_BYTES,
-            progress: bool | Progress = False) -> dict:
-    """Tokenize ``source`` into a dataset at ``out``; -> its index plus ``seconds`` and ``resumed`` (parts kept
-    from an interrupted run). Bad input raises ConfigError before anything is written, or (found while
-    tokenizing: an empty corpus, a bad row with ``strict``) removes what this run wrote."""
+def begin(source: str, out: str, shard_tokens: int = 10_000_000, force: bool = False,
+          storage_options: dict | None = None, val_fraction: float = VAL_FRACTION, tokenizer: str = "gpt2",
+          text_field: str = "text", strict: bool = False, piece_bytes: int = PIECE_BYTES) -> tuple[dict, int, bool]:
+    """Check the arguments and inputs (ConfigError before anything is written), then write the plan into the work
+    folder; -> (plan, parts kept from an interrupted run, whether this call created ``out``)."""
     import fsspec
 
     if not 0 <= val_fraction < 1:
         raise ConfigError(f"--val-fraction {val_fraction} must be in [0, 1); e.g. 0.01")
-    start = time.perf_counter()
     fs, root = fsspec.core.url_to_fs(out, **(storage_options or {}))
     if fs.exists(_join(root, INDEX)) and not force:
         raise ConfigError(f"{out} already holds a prepared dataset; pass --force to overwrite it")
@@ -323,13 +337,27 @@ def prepare(source: str, out: str, shard_tokens: int = 10_000_000, force: bool =
     created = not fs.exists(root)
     if fs.exists(_join(root, INDEX)):
         fs.rm(_join(root, INDEX))  # --force: the old dataset stops being readable before it is overwritten
-    resumed = start_work(fs, root, plan)
+    return plan, start_work(fs, root, plan), created
+
+
+def prepare(source: str, out: str, shard_tokens: int = 10_000_000, force: bool = False,
+            storage_options: dict | None = None, val_fraction: float = VAL_FRACTION, tokenizer: str = "gpt2",
+            text_field: str = "text", workers: int = 0, strict: bool = False, piece_bytes: int = PIECE_BYTES,
+            progress: bool = False) -> dict:
+    """Tokenize ``source`` into a dataset at ``out`` on this machine; -> its index plus ``seconds``, ``pieces`` and
+    ``resumed`` (parts kept from an interrupted run). Bad input raises ConfigError before anything is written, or
+    (found while tokenizing: an empty corpus, a bad row with ``strict``) removes what this run wrote."""
+    import fsspec
+
+    start = time.perf_counter()
+    plan, resumed, created = begin(source, out, shard_tokens, force, storage_options, val_fraction, tokenizer,
+                                   text_field, strict, piece_bytes)
+    fs, root = fsspec.core.url_to_fs(out, **(storage_options or {}))
     tasks = piece_tasks(out, storage_options, plan)
     done = done_parts(fs, root)
     todo = [t for t in tasks if t.number not in done]
-    bar = progress if isinstance(progress, Progress) else Progress(
-        sum(t.weight for t in tasks), enabled=progress, done_bytes=sum(t.weight for t in tasks
-                                                                               if t.number in done))
+    bar = Progress(sum(t.weight for t in tasks), enabled=progress,
+                   done_bytes=sum(t.weight for t in tasks if t.number in done))
     if "memory" in fs.protocol:
         workers = 1  # memory:// lives in this process only: worker processes would write elsewhere
     try:
