@@ -30,7 +30,7 @@ def _cluster_options(fn):
 @click.option("--tokenizer", default="gpt2", show_default=True,
               help="'gpt2', a Hugging Face tokenizer.json, or a model folder holding one.")
 @click.option("--text-field", default="text", show_default=True, help="The text's key (jsonl) or column (parquet).")
-@click.option("--workers", type=click.IntRange(min=0), default=0, help="Tokenizer processes [default: usable cores].")
+@click.option("--workers", type=click.IntRange(min=0), default=0, help="Tokenizer processes [default: the usable cores, one per 8 MB of input at most].")
 @click.option("--shard-tokens", type=click.IntRange(min=1024), default=10_000_000, show_default=True)
 @click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.01, show_default=True,
               help="Share of the tokens (the end of the stream) held out as the validation split.")

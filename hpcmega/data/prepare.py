@@ -39,8 +39,16 @@ COPY_BLOCK = 8 << 20  # bytes copied at once from a part into the shards
 FORMAT = 2
 
 
+MIN_WORKER_BYTES = 8 << 20  # a worker process costs ~1 s to start (imports, the tokenizer): not for less input
+
+
 def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def default_workers(todo_bytes: int) -> int:
+    """The cores this process may use, but no more processes than the input keeps busy."""
+    return max(1, min(usable_cores(), todo_bytes // MIN_WORKER_BYTES))
 
 
 def _join(root: str, *names: str) -> str:
@@ -192,7 +200,7 @@ def run_task(out: str, task: int, ntasks: int, workers: int = 0, storage: dict |
     plan, done = read_plan(fs, root), done_parts(fs, root)
     mine = [t for t in piece_tasks(out, storage, plan) if t.number % ntasks == task and t.number not in done]
     progress = Progress(sum(t.weight for t in mine), label=f"task {task}/{ntasks}")
-    run_pieces(mine, workers or usable_cores(), progress)
+    run_pieces(mine, workers or default_workers(sum(t.weight for t in mine)), progress)
     progress.close()
     return {"task": task, "pieces": len(mine)}
 
@@ -361,7 +369,7 @@ def prepare(source: str, out: str, shard_tokens: int = 10_000_000, force: bool =
     if "memory" in fs.protocol:
         workers = 1  # memory:// lives in this process only: worker processes would write elsewhere
     try:
-        run_pieces(todo, workers or usable_cores(), bar)
+        run_pieces(todo, workers or default_workers(sum(t.weight for t in todo)), bar)
         index = finish(out, storage_options)
     except DataError:
         _remove_work(fs, root, created)
