@@ -180,6 +180,7 @@ def test_bad_rows_are_skipped_and_counted_or_fail_with_strict(tmp_path):
     ("unknown", ["unknown format"]),
     ("tokenizer", ["--tokenizer", "no tokenizer.json there"]),
     ("parquet-column", ["no column 'text'", "--text-field"]),
+    ("corrupt-gzip", ["c.jsonl.gz: cannot read it", "BadGzipFile"]),
 ])
 def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, case, words):
     import pyarrow as pa
@@ -196,6 +197,8 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, case, words)
     elif case == "tokenizer":
         (src / "c.txt").write_text("text")
         extra = ["--tokenizer", str(tmp_path / "no-such-model")]
+    elif case == "corrupt-gzip":
+        (src / "c.jsonl.gz").write_bytes(b"this is not gzip data" * 10)
     else:
         pq.write_table(pa.table({"content": ["a", "b"]}), src / "d.parquet")
     result = run_cli(["data", "prepare", "--source", src, "--out", tmp_path / "out", *extra])
@@ -227,3 +230,12 @@ def test_a_prepare_on_two_slurm_nodes_equals_a_local_one(slurm_cluster, tmp_path
     assert slurm_files == _files(tmp_path / "local") and len(slurm_files) > 3  # index + shards, byte for byte
     logs = list((tmp_path / "slurm" / "prepare-job" / "slurm").rglob(f"{jobs[0]}_1_log.err"))
     assert logs and "task 1/2" in logs[0].read_text()  # the second node tokenized its share
+
+
+def test_the_data_benchmark_runs_and_reports_every_figure(tmp_path, capsys):
+    from hpcmega.bench.data import main as bench
+
+    assert bench(["--mb", "1", "--workers", "1", "--dir", str(tmp_path), "--json", str(tmp_path / "r.json")]) == 0
+    result = json.loads((tmp_path / "r.json").read_text())["corpora"]["1"]
+    assert result["tokens"] > 200_000 and 0 < result["ratio"] and 50 < result["peak_rss_mib"] < 1024
+    assert "x workers x one core" in capsys.readouterr().out
