@@ -333,7 +333,8 @@ RUN = ["run", "--nproc", "1", "--cpu", "--wandb", "disabled"]
     (["--data", "{T}/no-such-data"], ["no prepared dataset", "hpcmega data prepare"]),
     (["--data", "{T}/bigvocab"], ["50257 tokens", "--vocab-size 50257"]),
     (["--resume", "{T}/runs/a/checkpoints/step-00000007"], ["does not exist", "ckpt ls"]),
-    (["--ckpt-url", "bogus://bucket/ckpt"], ["unknown storage protocol 'bogus://'"]),
+    (["--ckpt-url", "bogus://bucket/ckpt"], ["unknown storage protocol 'bogus://'", "file:// or s3://"]),
+    (["--ckpt-url", "memory://ckpt"], ["'memory://' does not outlive the rank processes", "shared disk"]),
     (["--ckpt-url", "s3://bucket/ckpt"], ["no AWS credentials", "AWS_ACCESS_KEY_ID"]),
     (["--ckpt-url", "/proc/hpcmega-ckpt"], ["cannot write checkpoints to /proc/hpcmega-ckpt"]),
     (["--ckpt-url", "{T}/a-file/ckpt"], ["cannot write checkpoints", "NotADirectoryError"]),
@@ -375,28 +376,111 @@ def _wait_for(predicate, timeout: float = 240.0, what: str = "") -> None:
         time.sleep(0.05)
 
 
-def test_a_stopped_local_run_saves_and_exits_nonzero_saying_why(tmp_path):
-    """USR2 to `hpcmega run` mid-training: the ranks agree, save, and the run exits 75 with the reason (main
-    printed "done." and exited 0 with training unfinished)."""
+def _steps_logged(run_dir: Path) -> int:
+    metrics = run_dir / "metrics.jsonl"
+    return sum(1 for line in metrics.read_text().splitlines() if '"event"' not in line) if metrics.exists() else 0
+
+
+def _saved_steps(run_dir: Path) -> list[int]:
+    ckpts = run_dir / "checkpoints"
+    return sorted(int(p.name.split("-")[1]) for p in ckpts.iterdir() if (p / "meta.json").exists()) \
+        if ckpts.exists() else []
+
+
+def test_sigterm_ctrl_c_and_cancel_each_save_and_resume_continues_with_the_losses_of_an_uninterrupted_run(
+        tmp_path):
+    """A stop is a save, locally too. One run is stopped by SIGTERM, then (resumed) by Ctrl-C, then by `hpcmega
+    cancel`, then aborted by Ctrl-C twice while starting, and resumed to its end: each stop leaves a checkpoint of the step it
+    reached and exits 75 saying so; the abort exits 130 at once; the merged losses equal an uninterrupted run's.
+    (main: SIGTERM / Ctrl-C / cancel exited 143 / 130 without saving, and `resume` found no checkpoint.)"""
     import signal
 
-    from conftest import popen_cli
+    from conftest import popen_cli, run_cli
 
-    run_dir, log = tmp_path / "run", tmp_path / "out.txt"
-    proc = popen_cli([*TINY_RUN, "--nproc", "2", "--steps", "100000", "--run-dir", run_dir], log)
+    from hpcmega.runs.files import RunFolder
+
+    steps = 40  # each stop comes 2 steps into its segment and takes effect at the next step boundary
+    args = [*TINY_RUN, "--nproc", "2", "--steps", str(steps)]
+    ref = run_cli([*args, "--run-dir", tmp_path / "reference"], timeout=600)
+    assert ref.returncode == 0, ref.stdout + ref.stderr
+    want = {r["step"]: r["loss"] for r in RunFolder(tmp_path / "reference").steps()}
+
+    run_dir = tmp_path / "run"
+    log = tmp_path / "out.txt"
+
+    def cancel(proc) -> None:
+        out = run_cli(["cancel", run_dir])
+        assert out.returncode == 0 and "save at its next step boundary" in out.stdout, out.stdout + out.stderr
+
+    stops = [("SIGTERM", lambda proc: proc.send_signal(signal.SIGTERM)),
+             ("Ctrl-C", lambda proc: proc.send_signal(signal.SIGINT)),
+             ("cancel", cancel)]
+    for i, (how, stop) in enumerate(stops):
+        start = _steps_logged(run_dir)
+        command = [*args, "--run-dir", run_dir] if i == 0 else ["resume", run_dir]
+        proc = popen_cli(command, log)
+        try:
+            _wait_for(lambda: _steps_logged(run_dir) >= start + 2 or proc.poll() is not None, what="two steps")
+            stop(proc)
+            code = proc.wait(timeout=240)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        out = log.read_text()
+        assert code == 75, (how, out)
+        assert "saving at the next step boundary" in out and "stopped at step" in out and "Traceback" not in out
+        assert "done." not in out, out
+        reached = max(r["step"] for r in RunFolder(run_dir).steps())
+        assert start + 2 <= reached < steps and _saved_steps(run_dir)[-1] == reached, (how, reached)
+        if i:
+            assert f"resume from: {run_dir}/checkpoints/step-{start:08d}" in out, out
+
+    proc = popen_cli(["resume", run_dir], log)  # Ctrl-C twice while the ranks start: abort now, nothing saved
     try:
-        metrics = run_dir / "metrics.jsonl"
-        _wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 2, what="two steps")
-        proc.send_signal(signal.SIGUSR2)
-        assert proc.wait(timeout=240) == 75, log.read_text()
+        _wait_for(lambda: len(rank_pids(run_dir)) == 2 or proc.poll() is not None, what="ranks to start")
+        proc.send_signal(signal.SIGINT)
+        _wait_for(lambda: "saving at the next step boundary" in log.read_text() or proc.poll() is not None,
+                  what="the first Ctrl-C to be taken")
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 130, log.read_text()
     finally:
         if proc.poll() is None:
             proc.kill()
-    out = log.read_text()
-    assert "stopped at step" in out and "run the same command again" in out and "done." not in out, out
-    assert "Traceback" not in out
-    steps = [int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").iterdir() if (p / "meta.json").exists()]
-    assert steps and steps[0] >= 2  # the stop step was saved
+    assert "aborted by a second SIGINT" in log.read_text() and not rank_pids(run_dir)
+
+    final = run_cli(["resume", run_dir], timeout=600)
+    assert final.returncode == 0, final.stdout + final.stderr
+    got = {r["step"]: r["loss"] for r in RunFolder(run_dir).steps()}
+    assert sorted(got) == list(range(1, steps + 1))
+    for step in got:
+        assert abs(got[step] - want[step]) <= 1e-5 * abs(want[step]), (step, got[step], want[step])
+
+
+def test_failures_inside_ranks_are_named_in_one_line():
+    """Disk full inside DCP's per-rank failures, a read-only filesystem behind a RuntimeError, too many non-finite
+    steps: one line each (a rank prints it instead of its traceback); an unknown error keeps its traceback."""
+    import errno
+
+    from torch.distributed.checkpoint.api import CheckpointException, _wrap_exception
+
+    from hpcmega.parallel.step_guard import NonFiniteStepsError
+    from hpcmega.training.job import failure_line
+
+    try:
+        raise OSError(errno.ENOSPC, "No space left on device", "/ckpt/step-00000004/__1_0.distcp")
+    except OSError as e:
+        full = CheckpointException("CheckpointException ranks:dict_keys([1])", {1: _wrap_exception(e)})
+    assert failure_line(full) == ("OSError: [Errno 28] No space left on device: "
+                                  "'/ckpt/step-00000004/__1_0.distcp'")
+    try:
+        try:
+            raise OSError(errno.EROFS, "Read-only file system")
+        except OSError as e:
+            raise RuntimeError("save failed") from e
+    except RuntimeError as e:
+        assert failure_line(e) == "OSError: [Errno 30] Read-only file system"
+    assert failure_line(NonFiniteStepsError("3 consecutive steps\nmore")) == "NonFiniteStepsError: 3 consecutive steps"
+    assert failure_line(RuntimeError("a bug")) is None
 
 
 def test_a_stop_signal_during_start_up_is_deferred_not_fatal(tmp_path):
@@ -535,6 +619,18 @@ def test_ckpt_ls_lists_damaged_markers_without_a_traceback(tmp_path, meta):
         out = CliRunner().invoke(main, args)
         assert out.exit_code in (0, 1) and out.exception is None or isinstance(out.exception, SystemExit), out.output
         assert "Traceback" not in out.output
+
+
+def test_a_marker_without_a_manifest_is_not_a_usable_checkpoint(tmp_path):
+    from hpcmega.checkpoint.store import list_checkpoints
+
+    folder = tmp_path / "ckpt" / "step-00000003"
+    folder.mkdir(parents=True)
+    (folder / "meta.json").write_text('{"step": 3, "seq": 1}')
+    (info,) = list_checkpoints(str(tmp_path / "ckpt"))
+    assert not info.usable and info.state == "DAMAGED" and "no manifest" in info.damage
+    out = CliRunner().invoke(main, ["ckpt", "verify", str(folder)])
+    assert out.exit_code == 1 and "no manifest" in out.output, out.output
 
 
 def test_ckpt_ls_on_s3_without_credentials_is_one_line(tmp_path, monkeypatch):

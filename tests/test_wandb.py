@@ -46,3 +46,22 @@ def test_offline_run_resumes_the_same_wandb_run_and_never_writes_the_api_key(tmp
     for path in Path(run_dir).rglob("*"):
         if path.is_file():
             assert key.encode() not in path.read_bytes(), f"{path} contains the API key"
+
+
+def test_a_wandb_failure_warns_once_and_never_stops_training(tmp_path, monkeypatch, capsys):
+    """A bad API key (wandb.init raises at the first step): one warning, W&B off, every later step still logged
+    to metrics.jsonl by the trainer (main: the exception ended training with a traceback on rank 0)."""
+    from hpcmega.config import Config
+    from hpcmega.training.wandb_logger import WandbLogger
+
+    monkeypatch.setenv("WANDB_API_KEY", "bad")
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens: no network either
+    cfg = Config()
+    cfg.logging.wandb = "online"
+    logger = WandbLogger(cfg, str(tmp_path))
+    for step in (1, 2, 3):
+        logger.log({"step": step, "loss": 1.0})
+    logger.finish()
+    out = capsys.readouterr().out
+    assert out.count("warning: W&B online logging failed") == 1 and "metrics.jsonl" in out, out
+    assert "API key" in out, out  # the reason, as wandb gave it

@@ -114,7 +114,9 @@ def _read_meta(fs, marker: str) -> tuple[dict[str, Any], str]:
         meta = json.loads(fs.cat_file(marker))
     except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         return {}, f"{MARKER} is unreadable ({type(e).__name__})"
-    manifest = meta.get("manifest", {}) if isinstance(meta, dict) else None
+    if isinstance(meta, dict) and "manifest" not in meta:  # only a finished save writes one: nothing to verify
+        return {}, f"{MARKER} has no manifest (not written by a finished save)"
+    manifest = meta.get("manifest") if isinstance(meta, dict) else None
     if not isinstance(manifest, dict) or not all(
             isinstance(v, list) and len(v) == 2 and isinstance(v[0], int) and isinstance(v[1], str)
             for v in manifest.values()):
@@ -199,8 +201,6 @@ def verify_checkpoint(url: str, checksums: bool = True, storage_options: dict | 
     meta, damage = _read_meta(fs, marker)
     if damage:
         return [damage]
-    if "manifest" not in meta:
-        return ["no manifest (written before checkpoints carried one); cannot be verified"]
     return manifest_problems(fs, path.rstrip("/"), meta["manifest"], checksums)
 
 
@@ -376,8 +376,8 @@ class CheckpointManager:
     def problems(self, info: CheckpointInfo) -> list[str]:
         """Collective: each rank checks a share of the files (size, and SHA-256 unless disabled)."""
         dist = _dist()
-        if info.damage or "manifest" not in info.meta:  # listing found it already / written before manifests
-            return [info.damage] if info.damage else []
+        if info.damage:  # the listing found it already (a marker without a manifest included)
+            return [info.damage]
         names = sorted(info.meta["manifest"])[dist.get_rank()::dist.get_world_size()]
         fs, path = _fs(info.url, self.storage_options)
         mine = manifest_problems(fs, path.rstrip("/"), info.meta["manifest"], self.checksums, names)

@@ -69,7 +69,7 @@ class Job:
             if "exit_code" in self.record:
                 code = int(self.record["exit_code"])
                 if code == EXIT_UNFINISHED:
-                    return "STOPPED"  # a stop signal: saved, resumable
+                    return "UNFINISHED"  # a stop signal: saved, resumable (SLURM's STOPPED is a live job)
                 return "COMPLETED" if code == 0 else "CANCELLED" if code in (128 + signal.SIGINT,
                                                                            128 + signal.SIGTERM) else "FAILED"
             return "RUNNING" if self._local_alive() else "LOST"  # the launcher died without recording an end
@@ -89,7 +89,7 @@ class Job:
         if self.kind == "local":
             if not self._local_alive():
                 raise RuntimeError(f"local run {self.job_id} is not running on this host")
-            os.kill(int(self.record["pid"]), signal.SIGTERM)  # the launcher stops every rank
+            os.kill(int(self.record["pid"]), signal.SIGTERM)  # the ranks save at the next step boundary and stop
         else:
             self.submitit_job().cancel(check=True)
 

@@ -4,6 +4,10 @@ Why our own launcher and not torchrun: a SLURM task runs ``hpcmega.training.job.
 a local run must exercise the same code path, environment reading included. The launcher only does what srun
 does for a job step: start the ranks with their environment, collect their output, and end all of them as soon as
 one fails (srun's ``--kill-on-bad-exit``), so a dead rank never leaves its peers waiting in a collective.
+
+A stop is a save: the first SIGINT (Ctrl-C) or SIGTERM (`kill`, `hpcmega cancel`) is passed on to the ranks as USR2,
+their stop signal, so they agree on a step boundary, save it and exit with EXIT_UNFINISHED; a second one aborts at
+once without saving. SIGTERM itself stays the launcher's way to end ranks (after a failure, or on that abort).
 """
 from __future__ import annotations
 
@@ -28,8 +32,8 @@ from hpcmega.runs.files import CONFIG, LOCAL_JOB_ENV, RunFolder
 
 # After the first rank fails, how long the others get to exit on SIGTERM before SIGKILL.
 TERMINATE_GRACE_S = 5.0
-# Signals the launcher passes on to every rank: Ctrl-C / kill end the run, USR2 is the preemption signal.
-FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
+# What a user stops `hpcmega run` with: the first one saves and stops, a second one aborts.
+USER_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def local_config(cfg: Config, nproc: int, cpu: bool) -> Config:
@@ -181,29 +185,24 @@ class LocalLauncher:
         return code
 
     def _run(self) -> int:
-        received: list[int] = []
-        previous = {}
+        stops: list[int] = []
 
-        def forward(signum: int, _frame: object) -> None:
-            if signum != signal.SIGUSR2:
-                received.append(signum)
-            self._signal_all(signum)
+        def on_stop(signum: int, _frame: object) -> None:
+            stops.append(signum)
+            if len(stops) == 1:
+                self.console.write(f"hpcmega run: {signal.Signals(signum).name}: saving at the next step boundary, "
+                                   "then stopping (Ctrl-C again to abort without saving)\n")
+                self._signal_all(signal.SIGUSR2)
 
-        for sig in FORWARDED_SIGNALS:
-            previous[sig] = signal.signal(sig, forward)
+        previous = {sig: signal.signal(sig, on_stop) for sig in USER_STOP_SIGNALS}
+        previous[signal.SIGUSR2] = signal.signal(signal.SIGUSR2, lambda *_: self._signal_all(signal.SIGUSR2))
+        failed: tuple[int, int] | None = None
         try:
             self._spawn()
-            failed: tuple[int, int] | None = None
-            while failed is None and not received:
-                codes = [p.poll() for p in self.procs]
-                bad = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
-                # A rank killed by a signal (OOM killer, segfault) is the cause; its peers then fail with
-                # "connection reset" errors, possibly before we look again.
-                failed = min(bad, key=lambda rc: (rc[1] > 0, rc[0])) if bad else None
-                if all(c == 0 for c in codes):
-                    break
-                time.sleep(0.05)
-            if failed is not None or received:
+            if stops:  # a stop that came while the ranks were being started reaches the late ones too
+                self._signal_all(signal.SIGUSR2)
+            failed = self._wait(lambda: len(stops) > 1)
+            if failed is not None or len(stops) > 1:
                 self._stop_all()
             if self._stream_thread is not None:
                 self._stream_thread.join(timeout=10)
@@ -213,26 +212,46 @@ class LocalLauncher:
             if any(p.poll() is None for p in self.procs):
                 self._stop_all()
 
-        status = self._report(received, failed)
+        status = self._report(stops[1] if len(stops) > 1 else None, failed)
         self.console.close()
         return status
 
-    def _report(self, received: list[int], failed: tuple[int, int] | None) -> int:
-        if received:
-            self.console.write(f"hpcmega run: stopped by {signal.Signals(received[0]).name}; all ranks ended\n")
-            return 128 + received[0]
+    def _wait(self, aborted) -> tuple[int, int] | None:
+        """Until every rank has ended, one has failed (returned as (rank, code)) or ``aborted()``. A rank that
+        stopped unfinished (EXIT_UNFINISHED, after the agreed save) is not a failure: its peers end the same way."""
+        while not aborted():
+            codes = [p.poll() for p in self.procs]
+            bad = [(r, c) for r, c in enumerate(codes) if c not in (None, 0, EXIT_UNFINISHED)]
+            if bad:
+                # A rank killed by a signal (OOM killer, segfault) is the cause; its peers then fail with
+                # "connection reset" errors, possibly before we look again.
+                return min(bad, key=lambda rc: (rc[1] > 0, rc[0]))
+            if all(c is not None for c in codes):
+                return None
+            time.sleep(0.05)
+        return None
+
+    def _report(self, abort_signal: int | None, failed: tuple[int, int] | None) -> int:
+        if abort_signal is not None:
+            self.console.write(f"hpcmega run: aborted by a second {signal.Signals(abort_signal).name}; all ranks "
+                               "ended without saving (the last checkpoint is kept)\n")
+            return 128 + abort_signal
         if failed is not None:
             rank, code = failed
-            if code == EXIT_UNFINISHED:
-                self.console.write("hpcmega run: training stopped before its last step (a stop signal); the "
-                                   "checkpoint is saved -- run the same command again to continue\n")
-                return code
+            if self.folder.finished(self.job_id):
+                self.console.write(f"hpcmega run: rank {rank} ended badly ({_describe(code)}) after the run had "
+                                   "finished and saved; the run is complete\n")
+                return 0
             self.console.write(f"hpcmega run: rank {rank} failed ({_describe(code)}); stopped the other ranks\n")
             if rank != 0:
                 tail = _tail(self.log_path(rank))
                 if tail:
                     self.console.write(f"--- last lines of {self.log_path(rank)} ---\n{tail}")
             return code if code > 0 else 1
+        if any(p.returncode == EXIT_UNFINISHED for p in self.procs):
+            self.console.write("hpcmega run: training stopped before its last step (a stop signal); the "
+                               "checkpoint is saved -- `hpcmega resume` (or the same command) continues\n")
+            return EXIT_UNFINISHED
         return 0
 
 

@@ -16,6 +16,10 @@ from hpcmega.checkpoint.store import by_save_order, list_checkpoints
 from hpcmega.data.index import check_dataset
 from hpcmega.runs.files import RunFolder
 
+# Where a run may keep its checkpoints: storage that outlives the rank processes (a path or file:// on a local or
+# shared disk, object stores, HDFS). memory:// and other in-process filesystems vanish with the rank that wrote
+# them, and every rank has its own: a save "succeeds" and nothing is left to resume from.
+DURABLE_PROTOCOLS = ("file", "local", "s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "hdfs", "webhdfs")
 # Environment and files from which s3fs/botocore take credentials.
 _AWS_ENV = ("AWS_ACCESS_KEY_ID", "AWS_PROFILE", "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
             "AWS_CONTAINER_CREDENTIALS_FULL_URI")
@@ -35,8 +39,8 @@ def storage_filesystem(url: str, what: str):
     try:
         fsspec.get_filesystem_class(protocol)
     except ValueError:
-        raise ConfigError(f"{what} {url!r}: unknown storage protocol '{protocol}://'; use a path, file://, "
-                          "memory:// or s3://") from None
+        raise ConfigError(f"{what} {url!r}: unknown storage protocol '{protocol}://'; use a path, file:// or "
+                          "s3://") from None
     except ImportError as e:
         raise ConfigError(f"{what} {url!r}: the '{protocol}://' protocol needs a package that is not installed "
                           f"({e}); install it or use another location") from None
@@ -45,6 +49,14 @@ def storage_filesystem(url: str, what: str):
                           "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) in the environment that submits and runs the job")
     fs, path = fsspec.core.url_to_fs(url)
     return fs, path
+
+
+def check_durable(url: str) -> None:
+    """A checkpoint location must outlive the ranks (DURABLE_PROTOCOLS)."""
+    protocol = url.split("://", 1)[0] if "://" in url else "file"
+    if protocol not in DURABLE_PROTOCOLS:
+        raise ConfigError(f"--ckpt-url {url!r}: '{protocol}://' does not outlive the rank processes, so every "
+                          "checkpoint would vanish; use a path on a shared disk, file:// or s3://")
 
 
 def _aws_credentials() -> bool:
@@ -113,6 +125,7 @@ def preflight(cfg: Config, run_dir: str | Path, probe: bool = True) -> None:
     location = checkpoint_location(cfg, run_dir)
     check_data(cfg)
     storage_filesystem(location, "--ckpt-url")
+    check_durable(location)
     check_resume(cfg, location)
     if probe:
         probe_writable(location)

@@ -171,8 +171,8 @@ def _print_new(path: Path, offset: int) -> int:
 @click.command("cancel")
 @_RUN
 def cancel(run: str) -> None:
-    """Cancel RUN's current job (SLURM job or local launch). The run folder stays resumable: `hpcmega resume RUN`
-    continues from its last checkpoint."""
+    """Cancel RUN's current job (SLURM job or local launch); both save at the next step boundary first (a local
+    run is asked like Ctrl-C would). The run folder stays resumable: `hpcmega resume RUN` continues from there."""
     from hpcmega.cluster.jobs import ACTIVE, run_status
 
     folder = run_folder_arg(run)
@@ -184,6 +184,10 @@ def cancel(run: str) -> None:
         s.job.cancel()
     except Exception as e:  # scancel refused (not your job, ...) or the local launcher is elsewhere
         raise click.ClickException(f"could not cancel job {s.job.job_id}: {e}") from None
+    if s.job.kind == "local":
+        click.echo(f"asked local run {s.job.job_id} to save at its next step boundary and stop; resume with: "
+                   f"hpcmega resume {folder.path}")
+        return
     click.echo(f"cancelled job {s.job.job_id} ({s.job.kind}, was {s.state}); resume with: hpcmega resume "
                f"{folder.path}")
 

@@ -6,7 +6,8 @@ A run folder is created by `hpcmega run` or `hpcmega submit` and holds a run acr
     layout.json      the layout of the latest attempt (rank 0)
     jobs.jsonl       one line per submission: SLURM job (id, submitit folder) or local launch (pid, host); a local
                      launch adds a line with its exit code when it ends
-    attempts.jsonl   one line per start of the ranks (requeues and resumes included): job id, restart count, nodes
+    attempts.jsonl   one line per start of the ranks (requeues and resumes included): job id, restart count, nodes;
+                     and the attempts' events: {"event": "finished" | "stop" | "failure", ...} (see record_event)
     metrics.jsonl    one line per step (rank 0), plus {"event": "restart", ...} lines marking each new attempt
     checkpoints/     DCP checkpoints (unless checkpoint.url points elsewhere)
     logs/rankN.log   local runs: each rank's output, appended across attempts
@@ -127,7 +128,18 @@ class RunFolder:
         return list(merged.values())
 
     def attempts(self) -> list[dict[str, Any]]:
-        return read_jsonl(self.path / ATTEMPTS)
+        """One record per start of the ranks, oldest first (events excluded)."""
+        return [r for r in read_jsonl(self.path / ATTEMPTS) if "event" not in r]
+
+    def events(self, event: str, job_id: str | None = None) -> list[dict[str, Any]]:
+        """The attempts' ``event`` records (of one job if ``job_id`` is given), oldest first."""
+        return [r for r in read_jsonl(self.path / ATTEMPTS)
+                if r.get("event") == event and (job_id is None or str(r.get("job_id")) == str(job_id))]
+
+    def finished(self, job_id: str, restart_count: int = 0) -> bool:
+        """Whether that attempt of the job finished training and saved on every rank (rank 0 records it after
+        the final barrier): a rank that dies after it, at interpreter exit, does not make the run a failure."""
+        return any(int(r.get("restart_count", 0)) == restart_count for r in self.events("finished", job_id))
 
     def metrics(self) -> list[dict[str, Any]]:
         return read_jsonl(self.path / METRICS)
@@ -172,6 +184,11 @@ class RunFolder:
 
     def record_attempt(self, record: dict[str, Any]) -> None:
         append_jsonl(self.path / ATTEMPTS, {"time": time.time(), **record})
+
+    def record_event(self, event: str, record: dict[str, Any]) -> None:
+        """An attempt's event: "finished" (every rank trained and saved), "stop" (a stop signal; the ranks
+        saved), "failure" (the job step failed: exit status, first lines, whether it was restarted)."""
+        append_jsonl(self.path / ATTEMPTS, {"event": event, "time": time.time(), **record})
 
     def mark_restart(self, record: dict[str, Any]) -> None:
         """An ``{"event": "restart", ...}`` line in metrics.jsonl before a new attempt's first step."""

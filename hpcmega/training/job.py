@@ -12,20 +12,21 @@ from the same gathered data, so all ranks fail together with the same message in
 from __future__ import annotations
 
 import argparse
+import atexit
 import datetime
 import os
 import socket
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from hpcmega.config import Config, load_config
 from hpcmega.errors import ConfigError
 from hpcmega.cluster.distenv import DistEnv, from_environment
 from hpcmega.planning.layout import layout_of, natural_key, planned_layout
 from hpcmega.parallel.timeouts import CollectiveTimeouts
-from hpcmega.runs.files import CONFIG, LAYOUT, RunFolder, attempt_marker, job_key
+from hpcmega.runs.files import CONFIG, LAYOUT, LOCAL_JOB_ENV, RunFolder, attempt_marker, job_key
 
 
 
@@ -138,6 +139,10 @@ def _stop_for_requeue(cfg: Config, env: DistEnv, train: dict[str, Any], signum: 
     decision = decide_requeue(job_id, env.restart_count, cfg.cluster.max_requeues if cfg.cluster.requeue else 0,
                               signum or signal.SIGUSR2)
     _say(env, f"stop signal: checkpoint saved; {decision.reason}")
+    if env.rank == 0:  # the job's wrapper must not mistake the end of this attempt for a crash to restart
+        RunFolder(cfg.run_dir).record_event("stop", {"job_id": job_key(), "restart_count": env.restart_count,
+                                                     "signal": signal.Signals(signum or signal.SIGUSR2).name,
+                                                     "step": train.get("final_step")})
     if not (decision.requeue or decision.slurm_ends):
         raise TrainingUnfinished(
             f"stopped at step {train.get('final_step')} of {cfg.train.steps} ({decision.reason}); run the same "
@@ -149,8 +154,58 @@ def _stop_for_requeue(cfg: Config, env: DistEnv, train: dict[str, Any], signum: 
     raise TrainingUnfinished(f"job {job_id}: {decision.reason}, but SLURM did not end this attempt within 600 s")
 
 
+def failure_line(error: BaseException) -> str | None:
+    """One line for a failure the user can act on -- storage (disk full, read-only, quota, I/O), a damaged
+    checkpoint, too many non-finite steps -- found in ``error``, its causes, or DCP's per-rank failures; None for
+    anything else (a bug: its traceback is what helps)."""
+    from hpcmega.parallel.step_guard import NonFiniteStepsError
+    from hpcmega.checkpoint.store import CheckpointDamaged
+
+    pending, seen = [error], []
+    while pending:
+        e = pending.pop(0)
+        if e is None or any(e is s for s in seen):
+            continue
+        seen.append(e)
+        if isinstance(e, (OSError, NonFiniteStepsError, CheckpointDamaged)):
+            return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+        failures = getattr(e, "failures", None)  # torch.distributed.checkpoint's CheckpointException: rank -> error
+        if isinstance(failures, dict):
+            pending += [f[0] if isinstance(f, tuple) else f for f in failures.values()]
+        pending += [e.__cause__, e.__context__]
+    return None
+
+
+def exit_now(code: int) -> NoReturn:
+    """End this rank process without interpreter finalization. torch leaves gloo's C++ threads (and the TCPStore's)
+    running after destroy_process_group; tearing the interpreter down around them is where ranks aborted after
+    finishing (``terminate called without an active exception``, heap corruption), and it took 8-10 s."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
 def run_rank(cfg: Config | dict[str, Any], run_dir: str) -> dict[str, Any]:
-    """Run this rank's part of the job; returns a summary (and the training result when training ran)."""
+    """Run this rank's part of the job; returns a summary (and the training result when training ran). Under
+    SLURM (submitit calls this) a failure the user can act on ends the task with one line instead of a traceback;
+    a finished task skips interpreter finalization (see exit_now)."""
+    try:
+        result = _run_rank(cfg, run_dir)
+    except Exception as e:
+        line = failure_line(e)
+        if line is None or not os.environ.get("SLURM_JOB_ID") or os.environ.get(LOCAL_JOB_ENV):
+            raise
+        print(f"[rank {os.environ.get('SLURM_PROCID', '?')}] error: {line}", file=sys.stderr, flush=True)
+        exit_now(1)
+    if os.environ.get("SLURM_JOB_ID") and not os.environ.get(LOCAL_JOB_ENV):
+        atexit.register(exit_now, 0)  # after submitit has written the result
+    return result
+
+
+def _run_rank(cfg: Config | dict[str, Any], run_dir: str) -> dict[str, Any]:
     cfg = _as_config(cfg)
     run_path = Path(run_dir).absolute()
     cfg.run_dir = str(run_path)
@@ -257,6 +312,8 @@ def run_rank(cfg: Config | dict[str, Any], run_dir: str) -> dict[str, Any]:
             if result["train"].get("preempted"):
                 _stop_for_requeue(cfg, env, result["train"], stop_flag.agreed_signum)
         dist.barrier()
+        if env.rank == 0:  # every rank trained and saved (a stop never gets here: _stop_for_requeue raises)
+            RunFolder(run_path).record_event("finished", {"job_id": job_key(), "restart_count": env.restart_count})
         ok = True
         return result
     finally:
@@ -275,19 +332,25 @@ def main(argv: list[str] | None = None) -> int:
     from hpcmega.cluster.process import die_with_launcher
 
     die_with_launcher()
+    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "?"))
     try:
         run_rank(load_config(args.config), args.run_dir)
     except ConfigError as e:
-        rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "?"))
         print(f"[rank {rank}] error: {e}", file=sys.stderr, flush=True)
         return 2
     except TrainingUnfinished as e:
         from hpcmega.errors import EXIT_UNFINISHED
 
-        print(f"[rank {os.environ.get('RANK', '?')}] {e}", flush=True)
+        print(f"[rank {rank}] {e}", flush=True)
         return EXIT_UNFINISHED
+    except Exception as e:
+        line = failure_line(e)
+        if line is None:
+            raise
+        print(f"[rank {rank}] error: {line}", file=sys.stderr, flush=True)  # rank 0's reaches the console
+        return 1
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

@@ -6,6 +6,9 @@ a checkpoint older than the last logged step (see WandbLogger). The run config c
 layout, attempt/restart count and git commit. Offline mode
 (the default: compute nodes often have no internet) writes under the run folder; `hpcmega sync RUN_DIR` uploads
 later. The API key is read by wandb from the environment at run time; nothing here writes it anywhere.
+
+W&B is a copy, never a reason to stop: metrics.jsonl has every step. Any W&B failure (a bad key, no network once
+wandb.init gives up, a full disk under wandb/) turns W&B off for the rest of the attempt with one warning.
 """
 from __future__ import annotations
 
@@ -16,8 +19,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from hpcmega.runs.files import METRICS, RunFolder
 from hpcmega.runs.files import WANDB_ID as RUN_ID_FILE
-from hpcmega.runs.files import RunFolder
 
 
 def run_id_for(run_dir: str | os.PathLike) -> str:
@@ -86,10 +89,19 @@ class WandbLogger:
         if self.mode == "disabled":
             return
         values = {k: v for k, v in record.items() if k != "step"}
-        if self.run is None:
-            self._start(int(record["step"]))
-            values["attempt"] = self.system.get("attempt", 1)  # a marker on the chart where each attempt starts
-        self.run.log(values, step=record["step"])
+        try:
+            if self.run is None:
+                self._start(int(record["step"]))
+                values["attempt"] = self.system.get("attempt", 1)  # a marker on the chart where each attempt starts
+            self.run.log(values, step=record["step"])
+        except Exception as e:  # noqa: BLE001 - whatever wandb raises, training goes on
+            self._give_up(e)
+
+    def _give_up(self, error: Exception) -> None:
+        first = (str(error).strip().splitlines() or [""])[0][:300]
+        print(f"warning: W&B {self.mode} logging failed and is off for this attempt ({type(error).__name__}: "
+              f"{first}); every step is still in {Path(self.run_dir) / METRICS}", flush=True)
+        self.mode, self.run = "disabled", None
 
     def describe(self) -> str | None:
         """One line for the job log: where this run's W&B data goes."""
@@ -101,5 +113,8 @@ class WandbLogger:
 
     def finish(self) -> None:
         if self.run is not None:
-            self.run.finish()
+            try:
+                self.run.finish()
+            except Exception as e:  # noqa: BLE001
+                self._give_up(e)
             self.run = None
