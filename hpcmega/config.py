@@ -176,6 +176,9 @@ class ClusterConfig:
     signal_grace_s: int = setting(120, "SLURM sends USR2 this many seconds before the time limit (time to save).",
                                   ge=0)
     max_requeues: int = setting(3, "Preemptions / time limits survived by requeueing.", ge=0)
+    max_restarts: int = setting(3, "Crashed attempts (a rank died, a collective failed) after which the job "
+                                   "requeues itself from its newest intact checkpoint (separate from "
+                                   "max_requeues; a failure before the first step is never retried).", ge=0)
     master_port: int = setting(0, "Rendezvous TCP port.", ge=0, le=65535, zero="derived from the job id")
     requeue: bool = setting(True, "Let SLURM requeue the job after preemption / time limit / node failure "
                                   "(sbatch --requeue or --no-requeue); with --no-requeue a stopped job only saves.")

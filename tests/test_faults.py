@@ -399,7 +399,7 @@ def test_sigterm_ctrl_c_and_cancel_each_save_and_resume_continues_with_the_losse
 
     from hpcmega.runs.files import RunFolder
 
-    steps = 40  # each stop comes 2 steps into its segment and takes effect at the next step boundary
+    steps = 60  # each stop comes 2 steps into its segment and takes effect at the next step boundary
     args = [*TINY_RUN, "--nproc", "2", "--steps", str(steps)]
     ref = run_cli([*args, "--run-dir", tmp_path / "reference"], timeout=600)
     assert ref.returncode == 0, ref.stdout + ref.stderr
@@ -408,9 +408,9 @@ def test_sigterm_ctrl_c_and_cancel_each_save_and_resume_continues_with_the_losse
     run_dir = tmp_path / "run"
     log = tmp_path / "out.txt"
 
-    def cancel(proc) -> None:
-        out = run_cli(["cancel", run_dir])
-        assert out.returncode == 0 and "save at its next step boundary" in out.stdout, out.stdout + out.stderr
+    def cancel(proc) -> None:  # in this process: a CLI start-up of its own would let the run finish first
+        out = CliRunner().invoke(main, ["cancel", str(run_dir)])
+        assert out.exit_code == 0 and "save at its next step boundary" in out.stdout, out.output
 
     stops = [("SIGTERM", lambda proc: proc.send_signal(signal.SIGTERM)),
              ("Ctrl-C", lambda proc: proc.send_signal(signal.SIGINT)),

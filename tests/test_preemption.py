@@ -1,9 +1,13 @@
-"""Preemption on the real dev SLURM cluster: USR2 mid-run -> all ranks save at the same step -> the job requeues
-itself -> the new attempt resumes from that checkpoint and finishes with the losses of an uninterrupted run."""
+"""Preemption and crashes on the real dev SLURM cluster: USR2 mid-run -> all ranks save at the same step -> the job
+requeues itself -> the new attempt resumes from that checkpoint and finishes with the losses of an uninterrupted
+run; a rank killed with SIGKILL -> the job requeues itself from its last checkpoint, with the same losses; a job
+that fails before its first step is not retried."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -11,7 +15,7 @@ from pathlib import Path
 import secrets
 
 import pytest
-from conftest import popen_cli, run_cli
+from conftest import all_pids, popen_cli, process_env, run_cli
 from wandb_reader import read_history
 
 from hpcmega.training.preemption import decide_requeue
@@ -71,6 +75,37 @@ def test_requeue_policy():
     assert not decide_requeue("12", 3, 3).requeue  # budget spent
 
 
+def test_restart_policy_after_a_failed_job_step(tmp_path):
+    """Requeue only an attempt that trained and has an intact checkpoint to resume from, within max_restarts;
+    an attempt whose ranks had all finished and saved is a success; one that stopped on a signal is SLURM's."""
+    from hpcmega.cluster.restarts import decide
+    from hpcmega.config import Config
+    from hpcmega.runs.files import RunFolder
+
+    run = RunFolder(tmp_path / "run")
+    run.write_config(Config().to_toml())
+    assert decide(run, "7", 0, 3, True).action == "fail"  # nothing trained: before the first step
+    run.record_event("trained", {"job_id": "7", "restart_count": 0, "step": 1})
+    no_ckpt = decide(run, "7", 0, 3, True)
+    assert no_ckpt.action == "fail" and "no intact checkpoint" in no_ckpt.reason
+    step = run / "checkpoints" / "step-00000005"
+    step.mkdir(parents=True)
+    (step / "meta.json").write_text('{"step": 5, "seq": 1, "manifest": {}}')
+    assert decide(run, "7", 0, 3, True).action == "requeue"
+    assert decide(run, "7", 0, 3, False).action == "fail"  # --no-requeue
+    assert decide(run, "8", 0, 3, True).action == "fail"  # another job's attempt never trained
+    for restart in range(3):
+        run.record_event("failure", {"job_id": "7", "restart_count": restart, "restarted": True})
+        run.record_event("trained", {"job_id": "7", "restart_count": restart + 1, "step": 6})
+    spent = decide(run, "7", 3, 3, True)
+    assert run.crash_restarts("7") == 3 and spent.action == "fail" and "max_restarts=3" in spent.reason
+    run.record_event("stop", {"job_id": "7", "restart_count": 3, "signal": "SIGTERM"})
+    assert decide(run, "7", 3, 3, True).action == "stop"
+    run.record_event("finished", {"job_id": "7", "restart_count": 3})
+    assert decide(run, "7", 3, 3, True).action == "finished"  # a rank died at exit, after the run was complete
+    assert len(run.attempts()) == 0  # events are not attempts
+
+
 @pytest.mark.slurm
 def test_usr2_saves_requeues_and_resumes_with_identical_losses(slurm_cluster, tmp_path, reference_losses):
     run_dir, log = tmp_path / "run", tmp_path / "submit.out"
@@ -89,7 +124,7 @@ def test_usr2_saves_requeues_and_resumes_with_identical_losses(slurm_cluster, tm
     out = log.read_text()
     assert f"job {job_id} finished: COMPLETED" in out, out
 
-    attempts = [json.loads(x) for x in (run_dir / "attempts.jsonl").read_text().splitlines()]
+    attempts = [a for a in map(json.loads, (run_dir / "attempts.jsonl").read_text().splitlines()) if "event" not in a]
     assert [a["restart_count"] for a in attempts] == [0, 1], attempts  # SLURM_RESTART_COUNT=1 on the second
     ckpts = run_dir / "checkpoints"
     stop_steps = sorted(int(p.name.split("-")[1]) for p in ckpts.iterdir() if (p / "meta.json").exists())
@@ -147,7 +182,7 @@ def test_a_higher_priority_job_preempts_ours_which_saves_and_resumes_with_identi
             subprocess.run(["scancel", urgent], capture_output=True)
     out = log.read_text()
     assert f"job {job_id} finished: COMPLETED" in out, out
-    attempts = [json.loads(x) for x in (run_dir / "attempts.jsonl").read_text().splitlines()]
+    attempts = [a for a in map(json.loads, (run_dir / "attempts.jsonl").read_text().splitlines()) if "event" not in a]
     assert [a["restart_count"] for a in attempts] == [0, 1], attempts
     logs = "".join(p.read_text() for p in run_dir.glob("slurm/*/*_0_log.out"))
     assert "SIGTERM from SLURM: saved" in logs, logs[-3000:]
@@ -175,3 +210,72 @@ def test_a_job_out_of_requeues_fails_saying_why(slurm_cluster, tmp_path):
             proc.kill()
     out = log.read_text()
     assert "finished: FAILED" in out and "max_requeues=0" in out and "stopped at step" in out, out
+
+
+def _rank_pid(job_id: str, rank: int) -> int:
+    """The process of global rank ``rank`` of SLURM job ``job_id`` (the dev cluster's nodes are this machine)."""
+    for pid in all_pids():
+        env = process_env(pid)
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if env.get("SLURM_JOB_ID") == job_id and env.get("SLURM_PROCID") == str(rank) and \
+                cmd.startswith(b"/") and b"python" in cmd.split(b"\0")[0]:
+            return pid
+    raise AssertionError(f"no process of rank {rank} of job {job_id}")
+
+
+@pytest.mark.slurm
+def test_a_killed_rank_restarts_the_job_from_its_last_checkpoint_with_identical_losses(slurm_cluster, tmp_path,
+                                                                                       reference_losses):
+    """SIGKILL of one rank mid-run (as the heap-corruption abort did): srun ends the step, the job script's
+    teardown records the failure and requeues the job, which resumes from its newest intact checkpoint and ends
+    with the losses of an uninterrupted run; `status` shows what ended the first attempt. (main: the job ended
+    FAILED and nothing restarted it.)"""
+    from hpcmega.runs.files import RunFolder
+
+    run_dir, log = tmp_path / "run", tmp_path / "submit.out"
+    proc = popen_cli(["submit", "--nodes", "2", "--gpus-per-node", "2", "--cpu", "--time", TIME_LIMIT, *MODEL,
+                      "--save-every", "5", "--wandb", "disabled", "--wait", "--run-dir", run_dir], log, cwd=tmp_path)
+    try:
+        job_id = _wait_for_steps(proc, log, run_dir, 7, timeout=240)
+        killed_after = len((run_dir / "metrics.jsonl").read_text().splitlines())
+        os.kill(_rank_pid(job_id, 3), signal.SIGKILL)
+        assert proc.wait(timeout=900) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert f"job {job_id} finished: COMPLETED" in log.read_text()
+    run = RunFolder(run_dir)
+    assert [a["restart_count"] for a in run.attempts()] == [0, 1]
+    (failure,) = run.events("failure")
+    assert failure["restarted"] and failure["restart_count"] == 0 and failure["exit_status"] != 0, failure
+    assert "srun: error" in failure["lines"][0] and "task 3: Killed" in " ".join(failure["lines"]), failure
+    restart = [r for r in run.metrics() if r.get("event") == "restart"]
+    assert len(restart) == 1 and 5 <= restart[0]["last_step_before"] and killed_after >= 7, restart
+    _assert_losses_of_an_uninterrupted_run(run_dir, reference_losses)
+    status = run_cli(["status", run_dir])
+    assert "1 after a crash" in status.stdout and "task 3: Killed" in status.stdout, status.stdout
+
+
+@pytest.mark.slurm
+def test_a_job_that_fails_before_its_first_step_is_not_retried(slurm_cluster, tmp_path):
+    """The ranks cannot import torch (a broken install on PYTHONPATH): the job fails once, is not requeued, and the
+    failure is recorded with its reason."""
+    from hpcmega.runs.files import RunFolder
+
+    broken = tmp_path / "broken" / "torch"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text("raise ImportError('this torch install is broken')\n")
+    pythonpath = os.pathsep.join(p for p in (str(broken.parent), os.environ.get("PYTHONPATH", "")) if p)
+    run_dir = tmp_path / "run"
+    out = run_cli(["submit", "--nodes", "1", "--gpus-per-node", "2", "--cpu", "--time", "00:10:00", "--tp", "2",
+                   *SHAPE, "--steps", "5", "--wandb", "disabled", "--env", f"PYTHONPATH={pythonpath}", "--wait",
+                   "--run-dir", run_dir], cwd=tmp_path, timeout=600)
+    assert out.returncode == 1 and "finished: FAILED" in out.stdout, out.stdout + out.stderr
+    run = RunFolder(run_dir)
+    (failure,) = run.events("failure")
+    assert not failure["restarted"] and "before its first step" in failure["reason"], failure
+    assert any("this torch install is broken" in line for line in failure["lines"]), failure
+    assert run.attempts() == []  # no attempt got as far as the layout, and none was requeued

@@ -101,6 +101,29 @@ def executor_parameters(cfg: Config) -> dict[str, Any]:
     return params
 
 
+def job_teardown(cfg: Config, folder: Path) -> list[str]:
+    """The script's last lines: after a failed job step, hpcmega.cluster.restarts records the failure and says
+    whether the job requeues itself (a crash after training and saving), ends as a success (every rank had
+    finished) or fails with the step's status."""
+    c = cfg.cluster
+    python = python_command(cfg)
+    if c.container_image and c.container_runtime == "pyxis":  # the helper runs where the ranks do
+        python = shlex.join(["srun", "--nodes=1", "--ntasks=1", *container_srun_args(cfg), "python3"])
+    decide = f"{python} -u -m hpcmega.cluster.restarts {shlex.quote(str(Path(folder).absolute()))}"
+    return [
+        "hpcmega_status=$?",
+        'if [ "$hpcmega_status" -ne 0 ]; then',
+        f'  hpcmega_action=$({decide} "$hpcmega_status" | tail -n 1)',
+        '  hpcmega_job="${SLURM_ARRAY_JOB_ID:+${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}}"',
+        '  if [ "$hpcmega_action" = requeue ] && scontrol requeue "${hpcmega_job:-$SLURM_JOB_ID}"; then',
+        "    sleep 600  # SLURM ends this attempt and queues the job again",
+        "  fi",
+        '  if [ "$hpcmega_action" = finished ]; then exit 0; fi',
+        "fi",
+        'exit "$hpcmega_status"',
+    ]
+
+
 def job_setup(cfg: Config) -> list[str]:
     """The script's set-up: ``[cluster.env]`` exports, then the user's lines (module loads, venv activation; they
     may use those variables), then hpcmega's defaults (which keep a value already set). srun passes the batch
@@ -152,7 +175,7 @@ def sbatch_script(cfg: Config, folder: Path, count: int = 1, after: str | None =
     folder = Path(folder).absolute()
     check_run_folder(str(folder))
     root = Path(cfg.run_dir) if cfg.run_dir else folder.parents[1]
-    params = array_parameters(cfg, root, after)
+    params = array_parameters(cfg, root, after, folder)
     if count > 1:
         params["map_count"] = count
     python = python_command(dataclasses.replace(cfg, run_dir=str(root)))
@@ -190,12 +213,16 @@ def submit(entry: Entry, cfg: Config, run_dir: str | Path, after: str | None = N
     return submit_array(entry, [(cfg, Path(run_dir))], Path(run_dir), after)[0]
 
 
-def array_parameters(cfg: Config, root: Path, after: str | None = None) -> dict[str, Any]:
+def array_parameters(cfg: Config, root: Path, after: str | None = None,
+                     folder: Path | None = None) -> dict[str, Any]:
     """The executor parameters of a submission whose run folders live under ``root`` (a sweep folder for an
-    array): the job name and container mounts follow ``root``; ``after`` adds ``--dependency=afterok:<id>``."""
+    array): the job name and container mounts follow ``root``; ``after`` adds ``--dependency=afterok:<id>``;
+    ``folder`` (submitit's) adds the restart-after-a-crash teardown."""
     params = executor_parameters(dataclasses.replace(cfg, run_dir=str(root)))
     if after:
         params["dependency"] = f"afterok:{after}"
+    if folder is not None:
+        params["teardown"] = job_teardown(dataclasses.replace(cfg, run_dir=str(root)), folder)
     return params
 
 
@@ -215,7 +242,7 @@ def submit_array(entry: Entry, points: list[tuple[Config, Path]], root: Path,
                                           python=python_command(dataclasses.replace(first, run_dir=str(root))))
     except RuntimeError as e:  # no srun on PATH
         raise ConfigError(f"{e} -- run `hpcmega submit` on a SLURM login node, or `hpcmega run` locally") from None
-    executor.update_parameters(**array_parameters(first, root, after))
+    executor.update_parameters(**array_parameters(first, root, after, folder))
     calls = [(dataclasses.replace(cfg, run_dir=str(Path(d).absolute())).to_dict(), str(Path(d).absolute()))
              for cfg, d in points]
     try:

@@ -64,7 +64,14 @@ def status(run: str) -> None:
     else:
         rows.append(("job", "none recorded"))
     requeues = sum(1 for a in s.attempts if a.get("restart_count", 0) > 0)
-    rows.append(("attempts", f"{s.attempt} ({requeues} requeue(s), {len(folder.jobs())} submission(s))"))
+    failures = folder.events("failure")
+    crashes = sum(1 for f in failures if f.get("restarted"))
+    rows.append(("attempts", f"{s.attempt} ({requeues} requeue(s)" + (f", {crashes} after a crash" if crashes else "")
+                 + f", {len(folder.jobs())} submission(s))"))
+    for f in failures[-3:]:  # what ended the latest failed attempts, and what happened next
+        rows.append(("failure", f"job {f.get('job_id')} restart {f.get('restart_count', 0)}: step status "
+                                f"{f.get('exit_status')}; {f.get('reason', '')}"))
+        rows += [("", f"  {line}") for line in f.get("lines", [])]
     if s.attempts:
         a = s.attempts[-1]
         lay = a.get("layout") or {}

@@ -7,7 +7,8 @@ A run folder is created by `hpcmega run` or `hpcmega submit` and holds a run acr
     jobs.jsonl       one line per submission: SLURM job (id, submitit folder) or local launch (pid, host); a local
                      launch adds a line with its exit code when it ends
     attempts.jsonl   one line per start of the ranks (requeues and resumes included): job id, restart count, nodes;
-                     and the attempts' events: {"event": "finished" | "stop" | "failure", ...} (see record_event)
+                     and the attempts' events: {"event": "trained" | "finished" | "stop" | "failure", ...}
+                     (see record_event)
     metrics.jsonl    one line per step (rank 0), plus {"event": "restart", ...} lines marking each new attempt
     checkpoints/     DCP checkpoints (unless checkpoint.url points elsewhere)
     logs/rankN.log   local runs: each rank's output, appended across attempts
@@ -136,6 +137,11 @@ class RunFolder:
         return [r for r in read_jsonl(self.path / ATTEMPTS)
                 if r.get("event") == event and (job_id is None or str(r.get("job_id")) == str(job_id))]
 
+    def crash_restarts(self, job_id: str) -> int:
+        """How many times the job requeued itself after a crash (hpcmega.cluster.restarts); its preemption
+        requeues have their own budget."""
+        return sum(1 for r in self.events("failure", job_id) if r.get("restarted"))
+
     def finished(self, job_id: str, restart_count: int = 0) -> bool:
         """Whether that attempt of the job finished training and saved on every rank (rank 0 records it after
         the final barrier): a rank that dies after it, at interpreter exit, does not make the run a failure."""
@@ -186,8 +192,9 @@ class RunFolder:
         append_jsonl(self.path / ATTEMPTS, {"time": time.time(), **record})
 
     def record_event(self, event: str, record: dict[str, Any]) -> None:
-        """An attempt's event: "finished" (every rank trained and saved), "stop" (a stop signal; the ranks
-        saved), "failure" (the job step failed: exit status, first lines, whether it was restarted)."""
+        """An attempt's event: "trained" (its first step is done), "finished" (every rank trained and saved),
+        "stop" (a stop signal; the ranks saved), "failure" (the job step failed: exit status, first lines,
+        whether it was restarted)."""
         append_jsonl(self.path / ATTEMPTS, {"event": event, "time": time.time(), **record})
 
     def mark_restart(self, record: dict[str, Any]) -> None:

@@ -136,7 +136,8 @@ def _stop_for_requeue(cfg: Config, env: DistEnv, train: dict[str, Any], signum: 
     from hpcmega.runs.files import slurm_job_id
 
     job_id = slurm_job_id() if env.job_id else None
-    decision = decide_requeue(job_id, env.restart_count, cfg.cluster.max_requeues if cfg.cluster.requeue else 0,
+    requeues = env.restart_count - (RunFolder(cfg.run_dir).crash_restarts(job_id) if job_id else 0)  # not crashes
+    decision = decide_requeue(job_id, requeues, cfg.cluster.max_requeues if cfg.cluster.requeue else 0,
                               signum or signal.SIGUSR2)
     _say(env, f"stop signal: checkpoint saved; {decision.reason}")
     if env.rank == 0:  # the job's wrapper must not mistake the end of this attempt for a crash to restart
@@ -214,8 +215,12 @@ def _run_rank(cfg: Config | dict[str, Any], run_dir: str) -> dict[str, Any]:
 
     # First thing: a stop signal during start-up is remembered (and acted on at the first step), not fatal.
     stop_flag = StopFlag().install(stop_signals(under_slurm=bool(env.job_id)))
-    # every rank's log starts the attempt's section with this line (`hpcmega logs --attempt K` cuts there)
-    print(attempt_marker(str(job_key()), env.restart_count, env.rank), flush=True)
+    # every rank's log starts the attempt's section with this line (`hpcmega logs --attempt K` cuts there); stderr
+    # too: under SLURM it is a file of its own, where hpcmega.cluster.restarts looks for a failure's first lines
+    marker = attempt_marker(str(job_key()), env.restart_count, env.rank)
+    print(marker, flush=True)
+    if env.job_id:
+        print(marker, file=sys.stderr, flush=True)
     if env.world_size != cfg.world_size:
         raise ConfigError(
             f"the job has {env.world_size} ranks but the config expects nodes={cfg.cluster.nodes} x "
@@ -301,6 +306,9 @@ def _run_rank(cfg: Config | dict[str, Any], run_dir: str) -> dict[str, Any]:
             try:
 
                 def on_step(record: dict[str, Any]) -> None:
+                    if timeouts.in_first_step and env.rank == 0:  # a crash from now on is worth a restart
+                        RunFolder(run_path).record_event("trained", {"job_id": job_key(), "step": record["step"],
+                                                                     "restart_count": env.restart_count})
                     timeouts.first_step_done()  # compile and checkpoint load are behind us: hangs end sooner
                     if logger is not None:
                         logger.log(record)
