@@ -193,16 +193,17 @@ def run_rank(cfg: Config | dict[str, Any], run_dir: str) -> dict[str, Any]:
     """Run this rank's part of the job; returns a summary (and the training result when training ran). Under
     SLURM (submitit calls this) a failure the user can act on ends the task with one line instead of a traceback;
     a finished task skips interpreter finalization (see exit_now)."""
+    slurm_task = bool(os.environ.get("SLURM_JOB_ID")) and not os.environ.get(LOCAL_JOB_ENV)  # not `hpcmega run`
     try:
         result = _run_rank(cfg, run_dir)
     except Exception as e:
         line = failure_line(e)
-        if line is None or not os.environ.get("SLURM_JOB_ID") or os.environ.get(LOCAL_JOB_ENV):
+        if line is None or not slurm_task:
             raise
         print(f"[rank {os.environ.get('SLURM_PROCID', '?')}] error: {line}", file=sys.stderr, flush=True)
         exit_now(1)
-    if os.environ.get("SLURM_JOB_ID") and not os.environ.get(LOCAL_JOB_ENV):
-        atexit.register(exit_now, 0)  # after submitit has written the result
+    if slurm_task:
+        atexit.register(exit_now, 0)  # runs once submitit has written the result
     return result
 
 
