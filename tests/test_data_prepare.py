@@ -108,6 +108,24 @@ def test_uint32_shards_of_a_large_vocabulary_round_trip_through_the_loader(big_v
     assert train.global_batch(0).max() < 70_000 and info["val_tokens"] == val.total_tokens
 
 
+def test_sample_decodes_with_the_tokenizer_the_data_was_prepared_with(big_vocab_tokenizer, tmp_path):
+    from hpcmega.config import ModelConfig
+    from hpcmega.data.index import data_tokenizer
+    from hpcmega.inference.sample import sample_text
+    from hpcmega.models.gpt2.model import build_model
+
+    _write_jsonl(tmp_path / "c.jsonl", _docs(20))
+    prepare(str(tmp_path / "c.jsonl"), str(tmp_path / "ds"), tokenizer=str(big_vocab_tokenizer), workers=1)
+    tok = load_tokenizer(str(big_vocab_tokenizer))
+    assert data_tokenizer(str(tmp_path / "ds")) is tok and data_tokenizer("synthetic").name == "gpt2"
+    model = build_model(ModelConfig(vocab_size=70_016, d_model=32, n_layers=1, n_heads=2, max_seq_len=64), seed=0)
+    text = sample_text(model, "zq", 8, 1.0, 0, tok)
+    assert text.startswith("zq") and len(text) > 2
+    with pytest.raises(ConfigError, match="smaller than the hf-model0 tokenizer's 70000 tokens.*--vocab-size 70016"):
+        sample_text(build_model(ModelConfig(vocab_size=50304, d_model=32, n_layers=1, n_heads=2, max_seq_len=64),
+                                seed=0), "zq", 8, 1.0, 0, tok)
+
+
 def test_output_is_byte_identical_for_one_and_two_workers_and_every_format(tmp_path):
     """jsonl, .jsonl.gz, .jsonl.zst and parquet inputs of the same documents give the same token stream; the
     dataset (shards + index) is the same bytes with 1 and 2 worker processes."""
@@ -239,3 +257,23 @@ def test_the_data_benchmark_runs_and_reports_every_figure(tmp_path, capsys):
     result = json.loads((tmp_path / "r.json").read_text())["corpora"]["1"]
     assert result["tokens"] > 200_000 and 0 < result["ratio"] and 50 < result["peak_rss_mib"] < 1024
     assert "x workers x one core" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_inputs_behind_an_fsspec_url_give_the_same_dataset(tmp_path, s3_endpoint):
+    import fsspec
+
+    storage = {"key": "test", "secret": "test", "client_kwargs": {"endpoint_url": s3_endpoint,
+                                                                  "region_name": "us-east-1"}}
+    src = tmp_path / "src"
+    src.mkdir()
+    docs = _docs(400, seed=4)
+    _write_jsonl(src / "a.jsonl", docs[:200])
+    _write_jsonl(src / "b.jsonl.gz", docs[200:], gzip.open)
+    url = f"s3://ckpt/corpus-{tmp_path.name}"
+    s3 = fsspec.filesystem("s3", **storage)
+    for p in src.iterdir():
+        s3.put_file(str(p), f"{url}/{p.name}")
+    remote = prepare(url + "/", str(tmp_path / "remote"), storage_options=storage, workers=2, piece_bytes=8192)
+    prepare(str(src), str(tmp_path / "local"), workers=1, piece_bytes=8192)
+    assert remote["documents"] == 400 and _stream(tmp_path / "remote") == _stream(tmp_path / "local")

@@ -34,7 +34,8 @@ def make_corpus(path: Path, mb: int, seed: int = 0) -> int:
     lines = [x for f in shakespeare_files() for x in Path(f).read_text().splitlines() if x.strip()]
     rng = random.Random(seed)
     size, target = 0, mb * 1_000_000
-    with open(path, "w", encoding="utf-8") as f:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
         while size < target:
             rows = []
             for _ in range(1000):
@@ -43,6 +44,7 @@ def make_corpus(path: Path, mb: int, seed: int = 0) -> int:
             chunk = "".join(rows)
             f.write(chunk)
             size += len(chunk.encode())
+    tmp.replace(path)  # complete, or not there: a later run never reuses half a corpus
     return path.stat().st_size
 
 

@@ -17,6 +17,7 @@ import json
 import os
 import re
 
+from hpcmega.data.tokenizer import Tokenizer, dataset_tokenizer, load_tokenizer
 from hpcmega.errors import ConfigError
 
 INDEX = "index.json"
@@ -145,3 +146,17 @@ def open_shard(path: str, entry: dict, dtype: str, vocab_size: int) -> np.ndarra
     if top >= vocab_size:
         raise DataError(f"data shard {path} holds token id {top}, beyond the vocabulary of {vocab_size} ids; {fix}")
     return ids
+
+
+def data_tokenizer(url: str) -> Tokenizer:
+    """The tokenizer the dataset at ``url`` was prepared with (what `sample` decodes a run's model with); GPT-2's
+    for synthetic data, or when the dataset is no longer there."""
+    import fsspec
+
+    if url == "synthetic":
+        return load_tokenizer("gpt2")
+    try:
+        fs, root = fsspec.core.url_to_fs(url)
+        return dataset_tokenizer(read_index(fs, root, url))
+    except (DataError, OSError, ValueError, ImportError):
+        return load_tokenizer("gpt2")
