@@ -350,14 +350,19 @@ class CheckpointManager:
                 mine[name] = [size, sha256_of(fs, _join(path, name))]
         return mine
 
-    def save(self, step: int, app_state: dict[str, Any], meta: dict[str, Any]) -> CheckpointInfo:
+    def save(self, step: int, app_state: dict[str, Any], meta: dict[str, Any], planner=None,
+             file_per_tensor: bool = False) -> CheckpointInfo:
+        """Collective. ``planner``: a DCP SavePlanner (default: DCP's); ``file_per_tensor``: one file per tensor
+        instead of one per rank (DCP's writer holds every tensor of the file it writes until the file is done;
+        the Hugging Face import streams, hpcmega.models.hf)."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
 
         dist = _dist()
         rank = dist.get_rank()
         url = _from_rank0(self._folder_for(step) if rank == 0 else None, self.group)
-        dcp.save(app_state, storage_writer=FsspecWriter(url, **self.storage_options), process_group=self.group)
+        writer = FsspecWriter(url, single_file_per_rank=not file_per_tensor, **self.storage_options)
+        dcp.save(app_state, storage_writer=writer, planner=planner, process_group=self.group)
         manifest: dict[str, list] = {}
         for part in _everyone(self._hash_own_files(url), self.group):  # after every rank's shards are on storage
             manifest.update(part)

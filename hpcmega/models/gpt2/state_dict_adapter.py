@@ -16,14 +16,34 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 
+from hpcmega.config import ModelConfig
 from hpcmega.errors import ConfigError
 from hpcmega.data.tokenizer import EOT_ID, EOT_TOKEN, GPT2_VOCAB_SIZE, tokenizer_files
 from hpcmega.models.gpt2.model import GPT
 
 WEIGHTS_FILE = "model.safetensors"
+
+
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def _transposed(t: torch.Tensor) -> torch.Tensor:
+    return t.t()
+
+
+# hpcmega name -> HF name within a block, and the conversion (its own inverse: export and import use it alike).
+_PAIRS = (
+    ("ln1.weight", "ln_1.weight", _same), ("ln1.bias", "ln_1.bias", _same),
+    ("ln2.weight", "ln_2.weight", _same), ("ln2.bias", "ln_2.bias", _same),
+    ("attn.wo.weight", "attn.c_proj.weight", _transposed), ("attn.wo.bias", "attn.c_proj.bias", _same),
+    ("mlp.fc1.weight", "mlp.c_fc.weight", _transposed), ("mlp.fc1.bias", "mlp.c_fc.bias", _same),
+    ("mlp.fc2.weight", "mlp.c_proj.weight", _transposed), ("mlp.fc2.bias", "mlp.c_proj.bias", _same),
+)
 
 
 def _block_tensors(i: int, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -34,15 +54,8 @@ def _block_tensors(i: int, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
         h + "attn.c_attn.weight": torch.cat(qkv, dim=0).t(),
         h + "attn.c_attn.bias": torch.cat(qkv_bias),
     }
-    for ours, theirs, transpose in (
-        ("ln1.weight", "ln_1.weight", False), ("ln1.bias", "ln_1.bias", False),
-        ("ln2.weight", "ln_2.weight", False), ("ln2.bias", "ln_2.bias", False),
-        ("attn.wo.weight", "attn.c_proj.weight", True), ("attn.wo.bias", "attn.c_proj.bias", False),
-        ("mlp.fc1.weight", "mlp.c_fc.weight", True), ("mlp.fc1.bias", "mlp.c_fc.bias", False),
-        ("mlp.fc2.weight", "mlp.c_proj.weight", True), ("mlp.fc2.bias", "mlp.c_proj.bias", False),
-    ):
-        t = sd.pop(p + ours)
-        out[h + theirs] = t.t() if transpose else t
+    for ours, theirs, convert in _PAIRS:
+        out[h + theirs] = convert(sd.pop(p + ours))
     return out
 
 
@@ -122,3 +135,64 @@ def export_hf(model: GPT, out: str | Path) -> list[str]:
                 f"{GPT2_VOCAB_SIZE} tokens (trained on synthetic tokens, not `hpcmega data prepare` shards)"]
     write_tokenizer(out, model.cfg.max_seq_len)
     return []
+
+
+# -- import: a GPT2LMHeadModel folder -> hpcmega's parameters -----------------------------------------------------
+HF_ARCHITECTURES = ("GPT2LMHeadModel",)
+_EPS = 1e-5  # nn.LayerNorm's default, which hpcmega's GPT uses (GPT-2's layer_norm_epsilon default too)
+
+
+def ignored_hf_tensor(m: ModelConfig, name: str) -> bool:
+    """Causal-mask buffers older GPT-2 checkpoints saved beside the weights (``h.0.attn.bias``/``masked_bias``)."""
+    parts = name.removeprefix("transformer.").split(".")
+    return len(parts) == 4 and parts[0] == "h" and parts[2] == "attn" and parts[3] in ("bias", "masked_bias")
+
+
+def model_section(hf: dict) -> dict:
+    """hpcmega's model fields from a GPT-2 config.json; a setting the block cannot express is refused by name."""
+    try:
+        d, heads, layers = int(hf["n_embd"]), int(hf["n_head"]), int(hf["n_layer"])
+        section = {"vocab_size": int(hf["vocab_size"]), "d_model": d, "n_layers": layers, "n_heads": heads,
+                   "max_seq_len": int(hf["n_positions"])}
+    except KeyError as e:
+        raise ConfigError(f"config.json of a GPT2LMHeadModel lacks {e.args[0]!r}; re-save it with transformers") \
+            from None
+    unsupported = {
+        "n_inner": (hf.get("n_inner") not in (None, 4 * d), "4 x n_embd (hpcmega's MLP)"),
+        "activation_function": (hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"),
+                                "gelu_new (tanh GELU)"),
+        "layer_norm_epsilon": (float(hf.get("layer_norm_epsilon", _EPS)) != _EPS, str(_EPS)),
+        "scale_attn_weights": (hf.get("scale_attn_weights", True) is not True, "true"),
+        "scale_attn_by_inverse_layer_idx": (hf.get("scale_attn_by_inverse_layer_idx", False) is not False, "false"),
+        "add_cross_attention": (hf.get("add_cross_attention", False) is not False, "false"),
+    }
+    bad = [f"{key}={hf.get(key)!r} (hpcmega builds {want})" for key, (wrong, want) in unsupported.items() if wrong]
+    if bad:
+        raise ConfigError(f"cannot import this GPT-2: {'; '.join(bad)}")
+    return section
+
+
+def _third(k: int, d: int, weight: bool):
+    """q (k=0), k (1) or v (2) out of HF's fused c_attn ([in, 3d] weight stored transposed, [3d] bias)."""
+    def take(t: torch.Tensor) -> torch.Tensor:
+        return t[:, k * d:(k + 1) * d].t() if weight else t[k * d:(k + 1) * d]
+    return take
+
+
+def import_plan(m: ModelConfig, names: set[str]) -> dict[str, tuple[tuple[str, ...], Callable]]:
+    """hpcmega parameter -> (HF tensors read, function making it). GPT2LMHeadModel prefixes ``transformer.``
+    (GPT2Model does not); a tied head (no ``lm_head.weight``) is a copy of the token embeddings."""
+    h = "transformer." if "transformer.wte.weight" in names else ""
+    head = "lm_head.weight" if "lm_head.weight" in names else f"{h}wte.weight"
+    plan = {"tok_emb.weight": ((f"{h}wte.weight",), _same), "pos_emb.weight": ((f"{h}wpe.weight",), _same),
+            "ln_f.weight": ((f"{h}ln_f.weight",), _same), "ln_f.bias": ((f"{h}ln_f.bias",), _same),
+            "head.weight": ((head,), _same)}
+    for i in range(m.n_layers):
+        p, q = f"blocks.{i}.", f"{h}h.{i}."
+        for k, w in enumerate(("wq", "wk", "wv")):
+            plan[f"{p}attn.{w}.weight"] = ((f"{q}attn.c_attn.weight",), _third(k, m.d_model, weight=True))
+            plan[f"{p}attn.{w}.bias"] = ((f"{q}attn.c_attn.bias",), _third(k, m.d_model, weight=False))
+        for ours, theirs, convert in _PAIRS:
+            plan[p + ours] = ((q + theirs,), convert)
+    return plan
+

@@ -1,0 +1,257 @@
+"""Hugging Face folders in and out: `ckpt import --from hf` streams a ``config.json`` + ``*.safetensors`` folder
+into a DCP checkpoint that any layout resumes; `ckpt export --to hf` writes one back.
+
+Why it is built this way:
+- **One tensor at a time.** A 70B model does not fit in the memory of the machine that imports it, so nothing here
+  holds the model. DCP plans the save over meta-device placeholders (names, shapes, dtypes only); the writer asks
+  the planner for each tensor when it writes it (``lookup_object``), and only then is it read from its safetensors
+  file and converted. The writer puts each tensor in its own file (``single_file_per_rank=False``): DCP's writer
+  keeps every tensor of the file it is writing alive until the file is closed, so one file per tensor is what keeps
+  the process at one tensor beyond the one being written (tests/test_hf_import.py measures the peak).
+- **Plain reads, not mmap.** safetensors' layout is documented and simple (8-byte little-endian header length, a
+  JSON header of dtype/shape/byte offsets, raw little-endian data); reading a tensor with ``readinto`` into its own
+  buffer keeps the file's pages out of the process's resident memory, where ``safe_open``'s mmap counts them.
+- **Everything is checked before anything is written**: the architecture, the settings the block cannot express,
+  every tensor the model needs (present, with a shape that converts to the parameter's shape) and every tensor the
+  folder holds (each one used or a known buffer). The mapping itself (names, transposes, fused q/k/v, RoPE
+  conventions) belongs to each family: ``hpcmega.models.<family>.state_dict_adapter``.
+- **The checkpoint is an ordinary one**: written by :class:`hpcmega.checkpoint.store.CheckpointManager` (marker,
+  manifest, lineage), its ``meta.json`` holds the model section read from ``config.json``; it is marked
+  ``weights_only`` (no optimizer state, no data position), so a run started from it begins at step 0 with a fresh
+  optimizer.
+"""
+from __future__ import annotations
+
+import json
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+from torch.distributed.checkpoint.metadata import MetadataIndex
+
+from hpcmega.checkpoint.store import CheckpointInfo, CheckpointManager
+from hpcmega.config import Config, ModelConfig
+from hpcmega.errors import ConfigError
+from hpcmega.models.gpt2 import state_dict_adapter as gpt2_adapter
+from hpcmega.models.gpt2.model import GPT
+
+CONFIG_FILE = "config.json"
+INDEX_FILE = "model.safetensors.index.json"
+# safetensors dtype names -> torch dtypes (the floating ones a model's weights use)
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+PARAM_DTYPE = torch.float32  # hpcmega's parameters (master weights) are fp32 in every precision
+# A family's adapter: HF_ARCHITECTURES, model_section(config.json) -> model fields, import_plan(model config, tensor
+# names) -> {hpcmega name: (HF names, convert)}, ignored_hf_tensor(model config, name) (tensors that are not
+# weights: buffers, a tied head's copy); hf_state_dict(model) and hf_config(model) for the export.
+ADAPTERS = {arch: adapter for adapter in (gpt2_adapter,) for arch in adapter.HF_ARCHITECTURES}
+Plan = dict[str, tuple[tuple[str, ...], Callable[..., torch.Tensor]]]
+
+
+@dataclass(frozen=True)
+class Entry:
+    """Where one tensor lies in a safetensors file."""
+
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    start: int  # absolute byte offsets in the file
+    end: int
+
+
+def _read_header(path: Path) -> dict[str, Entry]:
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size))
+        header.pop("__metadata__", None)
+        return {name: Entry(path, e["dtype"], tuple(e["shape"]), 8 + size + e["data_offsets"][0],
+                            8 + size + e["data_offsets"][1]) for name, e in header.items()}
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+        raise ConfigError(f"{path} is not a readable safetensors file ({type(e).__name__}); re-download or "
+                          "re-save it with save_pretrained") from None
+
+
+class HFFolder:
+    """A Hugging Face model folder: its ``config.json`` and where each tensor is (headers only are read)."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.path = Path(folder)
+        config = self.path / CONFIG_FILE
+        if not config.is_file():
+            raise ConfigError(f"{self.path} has no {CONFIG_FILE}; give the folder save_pretrained wrote (config.json "
+                              "+ *.safetensors)")
+        try:
+            self.config: dict[str, Any] = json.loads(config.read_text())
+        except ValueError as e:
+            raise ConfigError(f"{config} is not JSON ({e}); fix or re-save it") from None
+        self.tensors: dict[str, Entry] = {}
+        for file in self._weight_files():
+            self.tensors.update(_read_header(file))
+
+    def _weight_files(self) -> list[Path]:
+        index = self.path / INDEX_FILE
+        if index.is_file():
+            try:
+                names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (ValueError, KeyError, AttributeError) as e:
+                raise ConfigError(f"{index} has no readable weight_map ({type(e).__name__}); fix or re-save it") \
+                    from None
+            missing = [n for n in names if not (self.path / n).is_file()]
+            if missing:
+                raise ConfigError(f"{index} names shard(s) that are not in {self.path}: {', '.join(missing)}; "
+                                  "download every shard")
+            return [self.path / n for n in names]
+        files = sorted(self.path.glob("*.safetensors"))
+        if not files:
+            raise ConfigError(f"{self.path} has no *.safetensors weights (only safetensors are read, never pickled "
+                              ".bin files); re-save with save_pretrained(safe_serialization=True)")
+        return files
+
+    @property
+    def architecture(self) -> str:
+        archs = self.config.get("architectures") or []
+        return str(archs[0]) if archs else f"(model_type {self.config.get('model_type', '?')})"
+
+    def meta(self, name: str) -> torch.Tensor:
+        """A meta-device stand-in of tensor ``name`` (its shape and dtype, no data)."""
+        e = self.tensors[name]
+        return torch.empty(e.shape, dtype=self._dtype(name), device="meta")
+
+    def _dtype(self, name: str) -> torch.dtype:
+        e = self.tensors[name]
+        if e.dtype not in DTYPES:
+            raise ConfigError(f"tensor {name} in {e.file.name} is {e.dtype}; only floating-point weights "
+                              f"({', '.join(DTYPES)}) can be imported")
+        return DTYPES[e.dtype]
+
+    def read(self, name: str) -> torch.Tensor:
+        """Tensor ``name`` in its own memory, read from its file (no mmap; see the module docstring)."""
+        e = self.tensors[name]
+        t = torch.empty(e.shape, dtype=self._dtype(name))
+        if e.end - e.start != t.numel() * t.element_size():
+            raise ConfigError(f"tensor {name} in {e.file} has {e.end - e.start} bytes, its shape {list(e.shape)} "
+                              f"{e.dtype} needs {t.numel() * t.element_size()}; the file is damaged")
+        with open(e.file, "rb") as f:
+            f.seek(e.start)
+            if f.readinto(t.view(-1).view(torch.uint8).numpy()) != e.end - e.start:
+                raise ConfigError(f"{e.file} ends inside tensor {name}; the file is truncated")
+        return t
+
+
+def check_plan(folder: HFFolder, plan: Plan, params: dict[str, torch.Tensor], ignored: Callable[[str], bool]) -> None:
+    """Refuse (ConfigError naming the tensors) a tensor the model needs that the folder lacks, one whose shape does
+    not convert to its parameter's, and one in the folder that nothing uses."""
+    missing = sorted({n for names, _ in plan.values() for n in names if n not in folder.tensors})
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise ConfigError(f"{folder.path} lacks tensor(s) {', '.join(missing[:5])}{more} that a "
+                          f"{folder.architecture} with this config.json has; is the download complete?")
+    for name, want in params.items():
+        names, convert = plan[name]
+        try:
+            got = tuple(convert(*(folder.meta(n) for n in names)).shape)
+        except RuntimeError:  # e.g. a view the shape does not allow
+            got = None
+        if got != tuple(want.shape):
+            shapes = ", ".join(f"{n} {list(folder.tensors[n].shape)}" for n in names)
+            raise ConfigError(f"shape mismatch: {shapes} in {folder.path} cannot make {name} {list(want.shape)} "
+                              "of the model its config.json describes; the weights and config.json disagree")
+    used = {n for names, _ in plan.values() for n in names}
+    unused = sorted(n for n in folder.tensors if n not in used and not ignored(n))
+    if unused:
+        raise ConfigError(f"{folder.path} holds tensor(s) with no counterpart in hpcmega's model: "
+                          f"{', '.join(unused[:5])}; this {folder.architecture} has parts hpcmega does not build")
+
+
+def check_out(url: str) -> None:
+    """--out must not exist (an empty folder is fine): an import never mixes with other checkpoints."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url)
+    if fs.exists(path) and (not fs.isdir(path) or fs.ls(path)):
+        raise ConfigError(f"--out {url} already exists; pick a new location (an import never writes into an "
+                          "existing one)")
+
+
+class Import:
+    """One checked import: the folder, its model config and the plan; :meth:`write` writes the checkpoint."""
+
+    def __init__(self, folder: str | Path, out: str) -> None:
+        self.folder = HFFolder(folder)
+        adapter = ADAPTERS.get(self.folder.architecture)
+        if adapter is None:
+            raise ConfigError(f"{self.folder.path}: architecture {self.folder.architecture} is not supported; "
+                              f"hpcmega imports {', '.join(sorted(ADAPTERS))}")
+        self.cfg = Config()
+        for key, value in adapter.model_section(self.folder.config).items():
+            setattr(self.cfg.model, key, value)
+        self.params = empty_params(self.cfg.model)
+        self.plan: Plan = adapter.import_plan(self.cfg.model, set(self.folder.tensors))
+        check_plan(self.folder, self.plan, self.params, partial(adapter.ignored_hf_tensor, self.cfg.model))
+        self.out = out if "://" in out else os.path.abspath(out)
+        check_out(self.out)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """hpcmega's tensor ``name``: fp32 and contiguous (the HF tensors read are dropped on return; DCP's writer
+        copies a slice that shares a larger tensor's memory into its own before writing it)."""
+        names, convert = self.plan[name]
+        return convert(*(self.folder.read(n) for n in names)).to(PARAM_DTYPE).contiguous()
+
+    def write(self) -> CheckpointInfo:
+        """The checkpoint at ``<out>/step-00000000``, streamed; on failure the half-written location is removed."""
+        import fsspec
+
+        placeholders = {f"model.{name}": torch.empty(p.shape, dtype=PARAM_DTYPE, device="meta")
+                        for name, p in self.params.items()}
+        meta = {"layout": {"pp": 1, "dp": 1, "tp": 1, "world_size": 1}, "config": self.cfg.to_dict(),
+                "weights_only": True, "imported_from": {"format": "hf", "folder": str(self.folder.path.absolute()),
+                                                        "architecture": self.folder.architecture}}
+        try:
+            with one_process_group():
+                ckpt = CheckpointManager(self.out, keep=1)
+                ckpt.begin(None)
+                return ckpt.save(0, {"model": placeholders}, meta, planner=StreamingPlanner(self.tensor),
+                                 file_per_tensor=True)
+        except BaseException:
+            fs, path = fsspec.core.url_to_fs(self.out)
+            if fs.exists(path):
+                fs.rm(path, recursive=True)
+            raise
+
+
+def empty_params(m: ModelConfig) -> dict[str, torch.Tensor]:
+    """The model's parameters by name, on the meta device (shapes only)."""
+    with torch.device("meta"):
+        return dict(GPT(m).state_dict())
+
+
+class StreamingPlanner(DefaultSavePlanner):
+    """DCP's planner over meta-device placeholders: a tensor is made (read, converted) only when the writer asks
+    for it, through ``lookup_object``, the planner's documented extension point."""
+
+    def __init__(self, make: Callable[[str], torch.Tensor]) -> None:
+        super().__init__()
+        self.make = make
+
+    def lookup_object(self, index: MetadataIndex) -> Any:
+        obj = super().lookup_object(index)
+        if isinstance(obj, torch.Tensor) and obj.is_meta:
+            return self.make(index.fqn.removeprefix("model.model."))  # {"model": {"model.<name>": ...}}, flattened
+        return obj
+
+
+@contextmanager
+def one_process_group() -> Iterator[None]:
+    """A one-rank gloo group, so this process writes through the same collective checkpoint code as a run."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
