@@ -221,6 +221,10 @@ class CheckpointConfig:
     save_every: int = setting(0, "Save every N steps.", ge=0, zero="only at the end and on preemption")
     keep: int = setting(3, "Checkpoints to keep.", ge=1)
     resume: str = setting("auto", "auto | none | a checkpoint URL.")
+    init_from: str = setting("", "Checkpoint (step folder, location or run folder) whose model weights start this "
+                                 "run when there is nothing to resume: step 0, fresh optimizer and data position; "
+                                 "the model section is read from it (e.g. `hpcmega ckpt import --from hf`).",
+                             flag="--init-from")
     verify_checksums: bool = setting(True, "Check every checkpoint file's SHA-256 on load (sizes are always "
                                            "checked); off for huge checkpoints.")
     trust: bool = setting(False, "Load a checkpoint from outside the run's own checkpoint location (--resume, "

@@ -239,6 +239,29 @@ class ModelOptimizerState:
             )
 
 
+    def weights(self) -> "ModelWeights":
+        return ModelWeights(self.parts)
+
+
+class ModelWeights:
+    """DCP Stateful over the model parts only, under the names ModelOptimizerState gives them: what a weights-only
+    load reads (``--init-from``, or a checkpoint written by `ckpt import`, which has no optimizer state)."""
+
+    def __init__(self, model_parts) -> None:
+        self.parts = list(model_parts)
+
+    def state_dict(self) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        return {f"model.{k}": v for part in self.parts for k, v in get_model_state_dict(part).items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+        for part in self.parts:
+            set_model_state_dict(part, {k: state[f"model.{k}"] for k in get_model_state_dict(part)})
+
+
 class TrainState:
     """Step and data position. The data and the LR are functions of the step (global sample index), and the model
     has no dropout, so these two numbers plus model/optimizer are everything a bit-exact resume needs."""
@@ -397,9 +420,10 @@ class CheckpointManager:
         raise FileNotFoundError(f"{url} is not a checkpoint folder (step-NNNNNNNN); pick one from `hpcmega ckpt ls`")
 
     def load(self, url: str, app_state: dict[str, Any],
-             check: Callable[[CheckpointInfo], None] = lambda info: None) -> dict[str, Any]:
+             check: Callable[[CheckpointInfo], None] = lambda info: None, weights_only: bool = False) -> dict[str, Any]:
         """Verify, ``check`` (e.g. the model config; raises to refuse), then load the checkpoint at ``url`` into
-        ``app_state``; returns its meta."""
+        ``app_state``; returns its meta. Only the model weights (``app_state["model"].weights()``) are loaded when
+        ``weights_only`` or when the checkpoint holds nothing else (its meta says ``weights_only``: an import)."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 
@@ -411,6 +435,8 @@ class CheckpointManager:
         if problems:
             raise CheckpointDamaged(f"checkpoint {url} is damaged: {'; '.join(problems)}")
         check(info)
+        if weights_only or info.meta.get("weights_only"):
+            app_state = {"model": app_state["model"].weights()}
         dcp.load(app_state, storage_reader=FsspecReader(url, **self.storage_options), process_group=self.group)
         return info.meta
 

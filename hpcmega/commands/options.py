@@ -102,9 +102,33 @@ def resolve(site: str | None, config_paths: tuple[str, ...], flags: dict[str, An
         layers += [(str(p), read_toml(p)) for p in config_paths]
         layers += [(f"flag {FIELDS[k].flag}", {k: v}) for k, v in flags.items()]
         layers.append(("--set", parse_set(set_items)))
-        return resolve_layers(layers)
+        resolved = resolve_layers(layers)
+        model = start_model(resolved.config)
+        if model is None:
+            return resolved
+        return resolve_layers(layers[:len(base)] + [model] + layers[len(base):])
     except ConfigError as e:
         raise click.UsageError(str(e)) from None
+
+
+def start_model(cfg: Config) -> tuple[str, dict[str, Any]] | None:
+    """The layer (source, {model.key: value}) of the model a run starts from: the model section recorded in the
+    ``--init-from`` checkpoint (an import records config.json's), or in a ``--resume`` URL's when it is readable
+    (a URL that is not fails on the ranks, as before). It sits below the files and flags, which still override."""
+    from hpcmega.checkpoint.locate import find_checkpoint
+
+    c = cfg.checkpoint
+    source, strict = (c.init_from, True) if c.init_from else (c.resume, False)
+    if source in ("", "auto", "none"):
+        return None
+    try:
+        meta = find_checkpoint(source, trust=True).meta  # meta.json only (JSON, nothing unpickled)
+    except ConfigError:
+        if strict:
+            raise
+        return None
+    model = {f"model.{k}": v for k, v in ((meta.get("config") or {}).get("model") or {}).items() if k != "preset"}
+    return f"checkpoint {source}", {k: v for k, v in model.items() if k in FIELDS}
 
 
 def settle_defaults(cfg: Config, sources: dict[str, str]) -> list[Setting]:

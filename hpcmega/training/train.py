@@ -258,10 +258,25 @@ def resume(cfg: Config, ckpt, app_state: dict[str, Any], say: Callable[[str], No
         resumed = ckpt.info(target)
     if resumed:
         say(f"resumed from {resumed.url} at step {resumed.step} (written with {resumed.meta.get('layout')})")
+    elif cfg.checkpoint.init_from:
+        init_from(cfg, ckpt, app_state, check, say)
     message = ckpt.begin(resumed, attempt=int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0))
     if message:
         say(message)
     return resumed
+
+
+def init_from(cfg: Config, ckpt, app_state: dict[str, Any], check: Callable, say: Callable[[str], None]) -> None:
+    """Load only the model weights of ``checkpoint.init_from`` (its newest intact save, or the step folder given),
+    under the trust rule of ``--resume``; step, optimizer and data position stay fresh (collective)."""
+    from hpcmega.checkpoint.locate import find_checkpoint
+    from hpcmega.checkpoint.rules import check_trusted
+
+    source = cfg.checkpoint.init_from
+    info = find_checkpoint(source if "://" in source else os.path.abspath(source), trust=True)  # reads JSON only
+    check_trusted(info.url, ckpt.url, cfg.checkpoint.trust, named="--init-from")
+    ckpt.load(info.url, app_state, check, weights_only=True)
+    say(f"initialised from {info.url} (model weights of step {info.step}; optimizer and data from scratch)")
 
 
 def train(cfg: Config, mesh: DeviceMesh, run_dir: str, stop_flag=None, on_step=None) -> dict[str, Any]:
