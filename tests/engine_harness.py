@@ -137,3 +137,27 @@ def merge_ranks(per_rank: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str
             names.update(r["param_names"])
         merged[name] = {**runs[0], "grads": grads, "param_names": names, "rank_losses": [r["losses"] for r in runs]}
     return merged
+
+
+def resumed_logits(cfg: Config, run_dir: str, ids: torch.Tensor) -> torch.Tensor | None:
+    """On every rank: build ``cfg``'s layout, load what its ``checkpoint.resume`` / ``init_from`` name through the
+    run's own resume path, and return the full logits of ``ids`` (vocab shards gathered) on the rank holding the
+    last stage, None on the others."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from hpcmega.checkpoint.store import CheckpointManager, ModelOptimizerState, TrainState
+    from hpcmega.parallel.evaluate import StageWalk
+    from hpcmega.parallel.pipeline import PipelineRunner
+    from hpcmega.training.train import Trainer, resume
+
+    p = cfg.parallel
+    mesh = init_device_mesh("cpu", (p.pp, dist.get_world_size() // (p.tp * p.pp), p.tp),
+                            mesh_dim_names=("pp", "dp", "tp"))
+    trainer = Trainer(cfg, mesh, run_dir)
+    app_state = {"model": ModelOptimizerState(trainer.model_parts, trainer.optimizers), "train": TrainState(trainer)}
+    resume(cfg, CheckpointManager(os.path.join(run_dir, "checkpoints")), app_state, lambda message: None)
+    with torch.no_grad():
+        if isinstance(trainer.runner, PipelineRunner):
+            return _full(StageWalk(trainer.runner).forward(ids))
+        with trainer.runner.parts.compute_context():
+            return _full(trainer.runner.model(ids))

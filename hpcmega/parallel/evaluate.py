@@ -71,19 +71,27 @@ class StageWalk:
         dist.recv(x, src, group=self.group)
         return x
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """One microbatch through every stage: the last stage's output (logits) on the rank holding it, None on
+        the others."""
+        last = self.parts.num_stages - 1
+        for stage in range(self.parts.num_stages):
+            if self.owner[stage] != self.me:
+                continue
+            if stage > 0 and self.owner[stage - 1] != self.me:
+                x = self._recv(self.owner[stage - 1])
+            x = self.modules[stage](x)
+            if stage == last:
+                return x
+            if self.owner[stage + 1] != self.me:
+                self._send(x, self.owner[stage + 1])
+        return None
+
     def loss(self, inputs: torch.Tensor, targets: torch.Tensor, n_microbatches: int) -> torch.Tensor | None:
-        loss_fn, last = scaled_loss_fn(n_microbatches), self.parts.num_stages - 1
-        total = torch.zeros((), device=inputs.device)
+        loss_fn, total = scaled_loss_fn(n_microbatches), torch.zeros((), device=inputs.device)
         for x, y in zip(inputs.chunk(n_microbatches), targets.chunk(n_microbatches)):
-            for stage in range(self.parts.num_stages):
-                if self.owner[stage] != self.me:
-                    continue
-                if stage > 0 and self.owner[stage - 1] != self.me:
-                    x = self._recv(self.owner[stage - 1])
-                x = self.modules[stage](x)
-                if stage == last:
-                    with loss_context(self.tp):
-                        total += _value(loss_fn(x, y))
-                elif self.owner[stage + 1] != self.me:
-                    self._send(x, self.owner[stage + 1])
+            logits = self.forward(x)
+            if logits is not None:
+                with loss_context(self.tp):
+                    total += _value(loss_fn(logits, y))
         return total if self.parts.has_last_stage else None
