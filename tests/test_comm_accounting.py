@@ -43,10 +43,13 @@ TWO_RANKS = {
     "pp2-interleaved-v2": {"parallel.pp": 2, "parallel.schedule": "interleaved-1f1b", "parallel.virtual_stages": 2},
     "dp2-fsdp": {},
     "dp2-fsdp-no-reshard": {"parallel.reshard_after_forward": False},
+    "dp2-fsdp-reduce-once": {"parallel.reduce_every_microbatch": False},
     "dp2-replicate": {"parallel.data_parallel": "replicate"},
+    "tp2-bf16-one-microbatch": {"parallel.tp": 2, "train.precision": "bf16", "train.micro_batch": 8},
 }
 FOUR_RANKS = {
     "pp2-dp2": {"parallel.pp": 2, "parallel.schedule": "1f1b"},
+    "dp2-tp2-bf16-one-microbatch": {"parallel.tp": 2, "train.precision": "bf16", "train.micro_batch": 4},
 }
 
 
@@ -94,6 +97,21 @@ def test_replicated_gradients_are_reduced_in_one_all_reduce(measured):
     assert record["comm_ops"]["tp/all_reduce"]["count"] == 2, record["comm_ops"]
 
 
+@pytest.mark.parametrize("name, all_reduces", [("tp2-bf16-one-microbatch", 2), ("dp2-tp2-bf16-one-microbatch", 1)])
+def test_gradient_reductions_are_fp32_and_fused_with_one_microbatch_in_bf16(measured, name, all_reduces):
+    """bf16 compute, one microbatch, SP: the replicated parameters' partial gradients (both norms and the wo/fc2
+    biases of 4 blocks, the final norm: 26 tensors) cross tp in one fp32 all-reduce -- not one bf16 all-reduce per
+    tensor, FSDP2's way -- (at tp2 next to the grad-norm scalar, tp being the whole world there); FSDP2's gradient
+    reduce-scatters are fp32 too."""
+    _cfg, record = measured[name]
+    ops = record["comm_ops"]
+    tp = ops["tp/all_reduce"]
+    assert tp["count"] == tp.get("count_float32") == all_reduces, ops
+    for key in ("dp/reduce_scatter", "dp/all_reduce"):
+        if key in ops:
+            assert ops[key]["count"] == ops[key].get("count_float32"), ops
+
+
 def test_fsdp_gathers_once_per_step_inside_a_pipeline(measured):
     """pp2 x dp2: each rank's three FSDP units (its two blocks, its root) are gathered once per step, not once per
     microbatch, and their gradients reduce-scattered once."""
@@ -108,6 +126,15 @@ def test_zero2_gathers_once_per_step_with_accumulation(measured):
     _cfg, record = measured["dp2-fsdp-no-reshard"]
     ops = record["comm_ops"]
     assert ops["dp/all_gather"]["count"] == 5 and ops["dp/reduce_scatter"]["count"] == 5, ops
+
+
+def test_zero3_reduce_scatters_every_microbatch_unless_told_to_wait(measured):
+    """dp2 with ZeRO-3 (pp = 1's default), 2 microbatches: the five FSDP units are gathered in each forward and
+    backward, and reduce-scattered after each microbatch (torchtitan's way: only sharded gradients accumulate) --
+    or once per step with ``parallel.reduce_every_microbatch = false``."""
+    every, once = measured["dp2-fsdp"][1]["comm_ops"], measured["dp2-fsdp-reduce-once"][1]["comm_ops"]
+    assert every["dp/all_gather"]["count"] == once["dp/all_gather"]["count"] == 20, (every, once)
+    assert every["dp/reduce_scatter"]["count"] == 10 and once["dp/reduce_scatter"]["count"] == 5, (every, once)
 
 
 def test_replicate_only_all_reduces_gradients(measured):

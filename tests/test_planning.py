@@ -109,9 +109,10 @@ def test_comm_bytes_follow_ring_volumes():
     e, sbh, ring = 2, sh.b * S * H, 2 * (T - 1) / T
     # Narayanan 3.2: 4 all-reduces of b*s*h per layer and microbatch; the first stage (the busiest rank) adds the
     # token (b*s*h) and position (s*h) embeddings; under SP the gradients of each block's two LayerNorms (4h) and of
-    # its row-parallel biases (wo, fc2: 2h), Partial over tp, are reduced once per step in fp32.
+    # its row-parallel biases (wo, fc2: 2h), partial sums over tp, are reduced once per step in fp32 -- after FSDP2's
+    # reduce-scatter over dp, so this rank's 1/dp of them.
     first_stage = 4 * sbh * (L // P) + sbh + S * H
-    assert comm["tp"] == int(ring * first_stage * e * sh.m + ring * 4 * 6 * H * (L // P))
+    assert comm["tp"] == int(ring * first_stage * e * sh.m + ring * 4 * (6 * H * (L // P) // sh.dp))
     assert comm["pp"] == 2 * sbh * e // T * sh.m  # a middle rank: activations forward + gradients backward
     per_rank = rank_memory(sh, 0).param_count
     assert comm["dp"] == int((sh.dp - 1) / sh.dp * per_rank * (e + 4))  # one bf16 all-gather, one fp32 reduce-scatter
@@ -142,8 +143,28 @@ def test_zero2_gathers_once_per_step_zero3_per_microbatch():
     P = total_params(Shape.from_config(load_config(overrides=over)))
     zero3 = estimate(Shape.from_config(load_config(overrides=over))).comm["dp"]
     zero2 = estimate(Shape.from_config(load_config(overrides={**over, "parallel.reshard_after_forward": False})))
-    assert zero3 == int(7 / 8 * P * (2 * 4 * 2 + 4))  # bf16 gathered in forward and backward of 4 microbatches
+    # bf16 gathered in forward and backward of 4 microbatches, an fp32 reduce-scatter after each (the default)
+    assert zero3 == int(7 / 8 * P * (2 * 4 * 2 + 4 * 4))
     assert zero2.comm["dp"] == int(7 / 8 * P * (2 + 4))  # one bf16 gather, one fp32 reduce-scatter
+
+
+def test_zero3_accumulation_reduces_every_microbatch_unless_told_to_wait():
+    """pp = 1, m = 4, ZeRO-3: by default every microbatch's gradients are reduce-scattered into their fp32 shards
+    (4 reduce-scatters; nothing unsharded outlives a backward); ``reduce_every_microbatch = false`` keeps an fp32
+    unsharded accumulator for the whole rank instead and reduces once: 3 x 4P bytes less traffic, 4P more memory
+    (less the shards that already exist). Inside a pipeline the option has no effect."""
+    over = {"cluster.nodes": 1, "cluster.gpus_per_node": 8, "model.preset": "gpt2-350m", "train.global_batch": 64,
+            "train.micro_batch": 2, "train.precision": "bf16"}
+    every = Shape.from_config(load_config(overrides=over))
+    once = Shape.from_config(load_config(overrides={**over, "parallel.reduce_every_microbatch": False}))
+    assert every.reduce_every_microbatch and not once.reduce_every_microbatch
+    P = total_params(every)
+    assert estimate(every).comm["dp"] - estimate(once).comm["dp"] == int(7 / 8 * P * 4 * 3)
+    e, o = rank_memory(every, 0), rank_memory(once, 0)
+    assert o.buffers - e.buffers > 0.9 * 4 * P  # the whole rank's fp32 gradient vs two blocks'
+    assert o.peak - e.peak > 0.9 * 4 * P * 7 / 8  # minus the fp32 shards that exist from the first microbatch on
+    piped = {**over, "parallel.pp": 2, "parallel.reduce_every_microbatch": True}
+    assert not Shape.from_config(load_config(overrides=piped)).reduce_every_microbatch
 
 
 def test_pipeline_sends_follow_stage_placement():

@@ -63,6 +63,15 @@ def _nbytes(x: Any) -> int:
     return 0
 
 
+def _dtype(x: Any) -> str | None:
+    """The element type of a collective's payload (a tensor or a list of them), e.g. "float32"."""
+    if isinstance(x, torch.Tensor):
+        return str(x.dtype).removeprefix("torch.")
+    if isinstance(x, (list, tuple)) and x:
+        return _dtype(x[0])
+    return None
+
+
 def _group_of(args: tuple, sized: bool) -> tuple[str | None, int | None]:
     """(group name, group size) of a collective's arguments: a ProcessGroup (c10d ops) or a group name (functional
     collectives, whose size comes from the mesh map or a ``group_size`` argument)."""
@@ -92,7 +101,8 @@ def mesh_dims(mesh: DeviceMesh) -> dict[str, tuple[str, int]]:
 
 class CommRecorder(TorchDispatchMode):
     """Within ``with CommRecorder(mesh) as rec:`` every collective this rank issues is recorded in ``rec.ops``:
-    (dimension, kind) -> {"count", "payload", "wire"}."""
+    (dimension, kind) -> {"count", "payload", "wire", "count_<dtype>"} (how many of them in each element type, e.g.
+    "count_float32": gradient reductions must all be fp32)."""
 
     def __init__(self, mesh: DeviceMesh) -> None:
         super().__init__()
@@ -119,6 +129,9 @@ class CommRecorder(TorchDispatchMode):
         entry["count"] += 1
         entry["payload"] += payload
         entry["wire"] += int(wire_bytes(kind, payload, size))
+        dtype = _dtype(args[index])
+        if dtype:
+            entry[f"count_{dtype}"] = entry.get(f"count_{dtype}", 0) + 1
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready: wire bytes per dimension and, per "dim/kind", count and bytes."""
@@ -137,10 +150,12 @@ def gather_summaries(summary: dict[str, Any]) -> dict[str, Any]:
     per_rank: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(per_rank, summary)
     most: dict[str, int] = defaultdict(int)
-    ops: dict[str, dict[str, int]] = defaultdict(lambda: {"count": 0, "wire": 0})
+    ops: dict[str, dict[str, int]] = defaultdict(dict)
     for s in per_rank:
         for dim, b in s["wire_bytes"].items():
             most[dim] = max(most[dim], b)
         for key, e in s["collectives"].items():
-            ops[key] = {k: max(ops[key][k], e[k]) for k in ("count", "wire")}
+            for k, v in e.items():
+                if k != "payload":
+                    ops[key][k] = max(ops[key].get(k, 0), v)
     return {"comm_bytes": dict(most), "comm_ops": dict(ops)}

@@ -34,6 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from hpcmega.config import Config
 from hpcmega.errors import ConfigError
+from hpcmega.parallel.grad_sync import mark_partial_grads
 from hpcmega.parallel.recompute import apply_recompute
 from hpcmega.planning.stages import layers_for_stage, stage_ids_for_rank
 from hpcmega.models.gpt2.parallelize import apply_tensor_parallel
@@ -52,6 +53,7 @@ class ModelParts:
     device: torch.device
     layers: list[range] = field(default_factory=list)
     reshard_after_forward: bool = True  # FSDP2's setting (hpcmega.config.Config.reshard_after_forward)
+    reduce_every_microbatch: bool = False  # pp = 1 accumulation (hpcmega.config.Config.reduce_every_microbatch)
     replicated: DistributedDataParallel | None = None  # data_parallel = replicate: the DDP wrapper of parts[0]
     autocast: torch.dtype | None = None  # bf16 without FSDP2's mixed-precision policy (replicate)
 
@@ -143,11 +145,13 @@ def build_model_parts(cfg: Config, mesh: DeviceMesh, device: torch.device) -> Mo
             apply_fsdp(model, mesh["dp"], cfg.train.precision, reshard)
         model.to_empty(device=device)  # allocates this rank's shards only
         model.init_weights(cfg.train.seed)  # each local shard = its slice of the layout-independent full value
+        mark_partial_grads(model)  # on the final parameter objects (FSDP2 and to_empty replace them)
         parts.append(model)
         layers.append(stage_layers)
     bf16 = torch.bfloat16 if replicate and cfg.train.precision == "bf16" else None
     ddp = replicate_module(parts[0], mesh["dp"]) if replicate and dp > 1 else None
-    return ModelParts(parts, stage_ids, num_stages, use_fsdp, device, layers, reshard, ddp, bf16)
+    return ModelParts(parts, stage_ids, num_stages, use_fsdp, device, layers, reshard, cfg.reduce_every_microbatch,
+                      ddp, bf16)
 
 
 def replicate_module(model: GPT, dp_mesh: DeviceMesh) -> DistributedDataParallel:

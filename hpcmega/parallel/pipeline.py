@@ -38,14 +38,17 @@ def _plain(loss: torch.Tensor) -> torch.Tensor:
 
 
 class GradAccumulation:
-    """pp = 1: forward/backward microbatch after microbatch; gradients are reduced over "dp" only after the last one.
+    """pp = 1: forward/backward microbatch after microbatch.
 
-    FSDP2: gradient sync (the reduce-scatter) is off before the last microbatch. Without ``reshard_after_forward``
-    (ZeRO-2) resharding after backward is off too, so the gathered parameters, held through each forward and
-    backward anyway, stay until the last backward: one all-gather per unit per step instead of one per microbatch,
-    at the same peak. With ``reshard_after_forward`` (ZeRO-3) the parameters are freed after each backward as
-    usual: keeping them would hold the whole unsharded model during the next forward, the memory ZeRO-3 is there to
-    save. Replicate (DDP): ``no_sync`` before the last microbatch, one bucketed all-reduce per step.
+    FSDP2 (``Config.reduce_every_microbatch``): either each unit's gradients are reduce-scattered after every
+    microbatch and accumulate in their fp32 shards (ZeRO-3's default: nothing unsharded outlives a backward), or
+    gradient sync is off before the last microbatch, so fp32 unsharded accumulators hold the rank's whole gradient
+    for the step at 1/m of the traffic. Without ``reshard_after_forward`` (ZeRO-2) resharding after backward is off
+    before the last microbatch too, so the gathered parameters, held through each forward and backward anyway, stay
+    until the last backward: one all-gather per unit per step instead of one per microbatch, at the same peak. With
+    ``reshard_after_forward`` (ZeRO-3) the parameters are freed after each backward as usual: keeping them would hold
+    the whole unsharded model during the next forward, the memory ZeRO-3 is there to save. Replicate (DDP):
+    ``no_sync`` before the last microbatch, one bucketed all-reduce per step.
     """
 
     def __init__(self, parts: ModelParts, n_microbatches: int, tp: int) -> None:
@@ -58,7 +61,7 @@ class GradAccumulation:
 
     def _sync_context(self, last: bool):
         if self.parts.fsdp:
-            self.model.set_requires_gradient_sync(last)
+            self.model.set_requires_gradient_sync(last or self.parts.reduce_every_microbatch)
             if self.keep_gathered:
                 self.model.set_reshard_after_backward(last)
         if self.parts.replicated is not None and not last:

@@ -11,8 +11,10 @@ gradient per parameter and two fp32 moments. FSDP2 (used whenever dp > 1 or prec
 "dp" and all-gathers parameters in the compute dtype for forward and backward. Where the engine keeps unsharded
 copies: inside a pipeline (pp > 1) the schedule turns resharding after backward and gradient sync off until the last
 microbatch, so a rank holds its stage's gathered parameters and fp32 unsharded gradient accumulators for the whole
-step; with pp = 1 and several microbatches the gradient accumulators are unsharded too (sync only on the last), and
-without ``reshard_after_forward`` the gathered parameters stay until the last backward (one all-gather per step).
+step; with pp = 1 and several microbatches the gradients are reduce-scattered after every microbatch into their
+shards (``reduce_every_microbatch``, the ZeRO-3 default: m reduce-scatters per step) or, without it, accumulate
+unsharded until the last (one reduce-scatter, an fp32 accumulator for the whole rank); without
+``reshard_after_forward`` the gathered parameters stay until the last backward (one all-gather per step).
 
 ``parallel.data_parallel = "replicate"`` (plain DDP, tp = pp = 1): every rank holds the full fp32 parameters,
 gradients and both moments, plus DDP's gradient buckets (one more fp32 copy at the backward peak, measured with
@@ -56,6 +58,7 @@ class Shape:
     precision: str
     reshard_after_forward: bool
     replicate: bool = False  # parallel.data_parallel = "replicate"
+    reduce_every_microbatch: bool = False  # Config.reduce_every_microbatch (pp = 1 FSDP2 accumulation)
 
     @classmethod
     def from_config(cls, cfg: Config) -> "Shape":
@@ -67,6 +70,7 @@ class Shape:
             b=max(1, cfg.train.global_batch // max(1, cfg.dp * m)), s=cfg.train.seq_len,
             recompute=cfg.parallel.recompute, sp=cfg.sequence_parallel, precision=cfg.train.precision,
             reshard_after_forward=cfg.reshard_after_forward, replicate=cfg.parallel.data_parallel == "replicate",
+            reduce_every_microbatch=cfg.reduce_every_microbatch,
         )
 
     @property
@@ -259,13 +263,16 @@ def rank_memory(sh: Shape, pp_rank: int) -> RankMemory:
     buffers = recompute_transient_bytes(sh) + (logits_grad_bytes(sh) if last else 0)
     grads_at_peak = grads
     if sh.fsdp:
-        grads_at_peak = 0  # sharded gradients appear only after the last reduce-scatter, when activations are gone
+        # Sharded gradients appear with the first reduce-scatter: after the last backward (activations gone), or
+        # after the first microbatch's when every microbatch reduces.
+        per_microbatch = accumulating and sh.reduce_every_microbatch
+        grads_at_peak = grads if per_microbatch else 0
         block = block_params(sh.h, sh.tp)
         if sh.pp > 1 or not sh.reshard_after_forward:
             buffers += sh.compute_bytes * count  # gathered parameters kept until the end of backward
         else:
             buffers += sh.compute_bytes * (count - n_layers * block + 2 * block)  # root + two blocks in flight
-        buffers += FP32 * (count if accumulating else 2 * block)  # unsharded gradient accumulators
+        buffers += FP32 * (count if accumulating and not per_microbatch else 2 * block)  # unsharded gradients
     elif sh.replicate and sh.precision == "bf16":
         buffers += sh.compute_bytes * count  # autocast's bf16 copies of the weights, kept for backward
     if sh.ddp:  # DDP's gradient buckets next to the gradients autograd produces (plan --measure: one fp32 copy)
@@ -328,8 +335,9 @@ def tp_bytes(sh: Shape, pp_rank: int) -> float:
     4 per block (6 with full recompute: the recomputed forward repeats its two); on the first stage one for the
     token embedding (b*s*h) and one for the position embedding (s*h, shared by the micro-batch); on the last stage
     one for the column-parallel head's input. With SP the gradients of the replicated block parameters that only
-    see a sequence shard (both LayerNorms, the wo and fc2 biases: 6h per block; 2h for the final norm) are Partial
-    over tp and all-reduced once per step in fp32."""
+    see a sequence shard (both LayerNorms, the wo and fc2 biases: 6h per block; 2h for the final norm) are partial
+    sums over tp, all-reduced once per step in fp32 in one buffer -- after FSDP2's reduce-scatter, so 1/dp of them
+    (hpcmega.parallel.grad_sync)."""
     if sh.tp == 1:
         return 0.0
     stages, n_layers = _rank_stages(sh, pp_rank)
@@ -339,7 +347,8 @@ def tp_bytes(sh: Shape, pp_rank: int) -> float:
     elements = n_layers * per_block * sbh + first * (sbh + sh.s * sh.h) + last * sbh
     total = wire_bytes("all_reduce", elements * sh.compute_bytes * sh.m, sh.tp)
     if sh.sp:
-        total += wire_bytes("all_reduce", FP32 * (6 * sh.h * n_layers + 2 * sh.h * last), sh.tp)
+        partial = (6 * sh.h * n_layers + 2 * sh.h * last) // (sh.dp if sh.fsdp else 1)
+        total += wire_bytes("all_reduce", FP32 * partial, sh.tp)
     return total
 
 
@@ -365,8 +374,9 @@ def comm_bytes_per_step(sh: Shape) -> dict[str, int]:
             dp = wire_bytes("all_reduce", count * FP32, sh.dp)
         else:  # ZeRO-3 at pp = 1 gathers each unit in every forward and backward; otherwise once per step
             gathers = 2 * sh.m if sh.pp == 1 and sh.reshard_after_forward else 1
+            reductions = sh.m if sh.reduce_every_microbatch else 1
             dp = wire_bytes("all_gather", count * gathers * e, sh.dp)
-            dp += wire_bytes("reduce_scatter", count * FP32, sh.dp)
+            dp += wire_bytes("reduce_scatter", count * reductions * FP32, sh.dp)
     return {
         "tp": int(max(tp_bytes(sh, r) for r in range(sh.pp))),
         "pp": max(pp_sends(sh, r) for r in range(sh.pp)) * boundary_bytes(sh) * sh.m,

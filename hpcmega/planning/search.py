@@ -1,7 +1,10 @@
 """`hpcmega plan --auto`: every layout of the given nodes that validates and fits, ranked by estimated step time.
 
 Searched: tp (divisors of the NVLink domain, so a TP group never leaves it -- Narayanan et al. 2021 takeaway #1),
-pp, schedule (1f1b, gpipe, interleaved-1f1b with 2 or 4 chunks per rank), micro-batch size and recompute mode.
+pp, schedule (1f1b, gpipe, interleaved-1f1b with 2 or 4 chunks per rank), micro-batch size and recompute mode,
+and at pp = 1 with several microbatches whether FSDP2 reduce-scatters after every microbatch (sharded gradients,
+m x the reduce-scatter traffic) or only after the last (an unsharded fp32 gradient for the step): memory against
+traffic, both estimated.
 Kept from the config: model, global batch, sequence length, precision, nodes and GPUs. Sequence parallelism is on
 whenever tp > 1 (it only removes activation memory). Each candidate goes through the same ``validate`` as a real
 run, so everything listed can be run as printed. Pure Python: a few thousand estimates take well under a second.
@@ -35,6 +38,8 @@ class Candidate:
             if p.virtual_stages > 1:
                 out.append(f"--virtual-stages {p.virtual_stages}")
         out += [f"--micro-batch {c.train.micro_batch}", f"--recompute {p.recompute}"]
+        if p.reduce_every_microbatch is False:
+            out.append("--no-reduce-every-microbatch")
         return " ".join(out)
 
     def to_json(self) -> dict:
@@ -42,7 +47,8 @@ class Candidate:
         return {
             "tp": sh.tp, "pp": sh.pp, "dp": sh.dp, "schedule": sh.schedule if sh.pp > 1 else None,
             "virtual_stages": sh.v, "micro_batch": sh.b, "microbatches": sh.m, "recompute": sh.recompute,
-            "sequence_parallel": sh.sp, "flags": self.flags(), "tokens_per_s": self.estimate.tokens_per_s,
+            "sequence_parallel": sh.sp, "reduce_every_microbatch": sh.reduce_every_microbatch,
+            "flags": self.flags(), "tokens_per_s": self.estimate.tokens_per_s,
             **self.estimate.to_json(),
         }
 
@@ -73,6 +79,11 @@ def layouts(cfg: Config) -> Iterator[Config]:
                         p.sequence_parallel = True
                         new.train.micro_batch = mb
                         yield new
+                        if pp == 1 and new.reduce_every_microbatch and new.microbatches > 1:
+                            once = copy.copy(new)
+                            once.parallel = copy.copy(new.parallel)
+                            once.parallel.reduce_every_microbatch = False
+                            yield once
 
 
 def search(cfg: Config) -> list[Candidate]:

@@ -14,10 +14,11 @@ redistribution checks on every op of forward and backward (the profile in docs/p
 :class:`BlockOnShards` instead: plain ops on the parameters' local shards (``to_local``), and DTensor
 ``redistribute`` only at the two points per sub-layer where activations must move -- the input of the
 column-parallel matmuls (all-gather with SP; identity forward, all-reduce backward without) and the output of the
-row-parallel one (reduce-scatter with SP; all-reduce without). ``to_local(grad_placements=...)`` tells autograd what
-each local gradient is: a shard of a sharded parameter, or -- for the LayerNorms and the row-parallel biases, which
-under SP only see this rank's sequence shard -- a ``Partial`` sum that :mod:`hpcmega.parallel.grad_sync` (or FSDP2)
-reduces once per step.
+row-parallel one (reduce-scatter with SP; all-reduce without). The local gradient of a sharded parameter is its
+shard. The LayerNorms (final norm included) and the row-parallel biases are replicated, but under SP they only see
+this rank's sequence shard, so their local gradients are partial sums over tp: those modules are declared
+(:mod:`hpcmega.models.grad_marks`) and :mod:`hpcmega.parallel.grad_sync` sums all of them in one fp32 all-reduce per
+step (after FSDP2's reduce-scatter), instead of DTensor / FSDP2 reducing each one on its own in the compute dtype.
 """
 from __future__ import annotations
 
@@ -31,10 +32,10 @@ from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Sha
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
-    SequenceParallel,
     parallelize_module,
 )
 
+from hpcmega.models.grad_marks import declare_partial_grads
 from hpcmega.models.partial_sums import partial_sums
 from hpcmega.models.gpt2.model import GPT, Block
 
@@ -89,12 +90,34 @@ class VocabParallelEmbedding(ParallelStyle):
         return d.redistribute(mesh, [self.output]).to_local()
 
 
+class SequenceParallelNorm(ParallelStyle):
+    """A norm on this rank's sequence shard (SP): replicated DTensor parameters, plain local tensors in and out,
+    computed on the parameters' local values; their gradients are partial sums over tp (declared to grad_sync)."""
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        distribute_module(module, device_mesh)  # parameters -> Replicate DTensors
+        module.forward = functools.partial(norm_on_shard, module)  # instance attribute: names unchanged
+        declare_partial_grads(module)
+        return module
+
+
+def norm_on_shard(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``norm`` (LayerNorm or RMSNorm with replicated DTensor parameters) applied to the plain tensor ``x`` with the
+    parameters' local values."""
+    local = {name: p.to_local() for name, p in norm.named_parameters()}
+    if isinstance(norm, nn.LayerNorm):
+        return F.layer_norm(x, norm.normalized_shape, local.get("weight"), local.get("bias"), norm.eps)
+    if isinstance(norm, nn.RMSNorm):
+        return F.rms_norm(x, norm.normalized_shape, local.get("weight"), norm.eps)
+    raise TypeError(f"no sharded forward for {type(norm).__name__}; add one to norm_on_shard")
+
+
 def apply_tensor_parallel(model: GPT, tp_mesh: DeviceMesh, sequence_parallel: bool) -> None:
     """Shard ``model`` (a full model or one pipeline stage) in place over ``tp_mesh``."""
     residual = Shard(1) if sequence_parallel else Replicate()
 
     def norm_style() -> ParallelStyle:
-        return SequenceParallel() if sequence_parallel else ReplicateParallel()
+        return SequenceParallelNorm() if sequence_parallel else ReplicateParallel()
 
     top: dict[str, ParallelStyle] = {}
     if model.tok_emb is not None:
@@ -110,6 +133,8 @@ def apply_tensor_parallel(model: GPT, tp_mesh: DeviceMesh, sequence_parallel: bo
     for block in model.blocks.values():
         distribute_module(block, tp_mesh, _shard_block_params)
         block.sharded_body = body
+        if sequence_parallel:  # its norms and row-parallel biases see one sequence shard
+            declare_partial_grads(block)
 
 
 def _shard_block_params(path: str, module: nn.Module, mesh: DeviceMesh) -> None:
@@ -132,18 +157,10 @@ class BlockOnShards:
     def __init__(self, mesh: DeviceMesh, sequence_parallel: bool) -> None:
         self.mesh = mesh
         self.residual: Placement = Shard(1) if sequence_parallel else Replicate()
-        # Gradient of a replicated parameter used on a sequence shard: this rank's share of the sum.
-        self.replicated_grad: Placement = Partial() if sequence_parallel else Replicate()
 
     def __call__(self, block: Block, x: torch.Tensor) -> torch.Tensor:
-        x = x + self._attention(block, self._enter(self._norm(block.ln1, x)))
-        return x + self._mlp(block, self._enter(self._norm(block.ln2, x)))
-
-    def _replicated(self, param: torch.Tensor) -> torch.Tensor:
-        return param.to_local(grad_placements=[self.replicated_grad])
-
-    def _norm(self, ln: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x, ln.normalized_shape, self._replicated(ln.weight), self._replicated(ln.bias), ln.eps)
+        x = x + self._attention(block, self._enter(norm_on_shard(block.ln1, x)))
+        return x + self._mlp(block, self._enter(norm_on_shard(block.ln2, x)))
 
     def _enter(self, x: torch.Tensor) -> torch.Tensor:
         """Residual layout -> the whole sequence on every rank; backward sums the column-parallel input gradients
@@ -154,7 +171,7 @@ class BlockOnShards:
     def _exit(self, partial: torch.Tensor, row: nn.Linear) -> torch.Tensor:
         """Row-parallel partial sums -> residual layout (reduce-scatter with SP, all-reduce without), plus the bias."""
         d = DTensor.from_local(partial, self.mesh, [Partial()], run_check=False)
-        return d.redistribute(self.mesh, [self.residual]).to_local() + self._replicated(row.bias)
+        return d.redistribute(self.mesh, [self.residual]).to_local() + row.bias.to_local()
 
     @staticmethod
     def _row_parallel_matmul(x: torch.Tensor, row: nn.Linear) -> torch.Tensor:
