@@ -472,6 +472,8 @@ def test_failures_inside_ranks_are_named_in_one_line():
         full = CheckpointException("CheckpointException ranks:dict_keys([1])", {1: _wrap_exception(e)})
     assert failure_line(full) == ("OSError: [Errno 28] No space left on device: "
                                   "'/ckpt/step-00000004/__1_0.distcp'")
+    assert not isinstance(full, Exception)  # why the ranks catch BaseException (then pass on what is not named)
+    assert failure_line(KeyboardInterrupt()) is None and failure_line(SystemExit(3)) is None
     try:
         try:
             raise OSError(errno.EROFS, "Read-only file system")

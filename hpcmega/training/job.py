@@ -196,7 +196,7 @@ def run_rank(cfg: Config | dict[str, Any], run_dir: str) -> dict[str, Any]:
     slurm_task = bool(os.environ.get("SLURM_JOB_ID")) and not os.environ.get(LOCAL_JOB_ENV)  # not `hpcmega run`
     try:
         result = _run_rank(cfg, run_dir)
-    except Exception as e:
+    except BaseException as e:  # DCP's CheckpointException is a BaseException; failure_line passes on the rest
         line = failure_line(e)
         if line is None or not slurm_task:
             raise
@@ -352,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"[rank {rank}] {e}", flush=True)
         return EXIT_UNFINISHED
-    except Exception as e:
+    except BaseException as e:  # as in run_rank: KeyboardInterrupt, SystemExit and bugs keep their traceback
         line = failure_line(e)
         if line is None:
             raise
