@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -60,6 +61,26 @@ DATA_PARALLEL_MODES = ("fsdp", "replicate")
 GPU_DEFAULTS = {"train.precision": "bf16", "parallel.recompute": "selective"}
 CPU_DEFAULTS = {"train.precision": "fp32", "parallel.recompute": "none"}
 WANDB_MODES = ("online", "offline", "disabled")
+# W&B's own rules for names (wandb 0.31 wandb_settings.validate_project / validate_run_tags), checked before anything
+# is queued: W&B itself refuses them only when the ranks start logging. Run names and groups: the same 128 characters.
+WANDB_PROJECT = dict(max_len=128, forbidden="/\\#?%:")
+WANDB_NAME = dict(max_len=128)
+WANDB_TAG = dict(max_len=64, min_len=1)
+
+# Upper bounds of counts and sizes: far above any real job, low enough that nothing allocates or loops in
+# proportion to a hostile value (10^30 nodes, 10^8 layers) and that no timeout overflows a timedelta on the ranks.
+MAX_NODES = 100_000
+MAX_GPUS_PER_NODE = 1024
+MAX_WORLD = 1 << 18  # ranks of one job, and of one NVLink domain (`plan` lists every rank: ~3 s at 131,072)
+MAX_LAYERS = 10_000
+MAX_WIDTH = 1 << 17  # d_model, heads: 8x today's widest models
+MAX_VOCAB = 1 << 24
+MAX_SEQ = 1 << 22  # tokens per sequence
+MAX_BATCH = 1 << 24  # sequences per step, microbatch, microbatches
+MAX_STEPS = 99_999_999  # checkpoint folders are named step-NNNNNNNN (hpcmega.rank.checkpoint)
+MAX_TIMEOUT_S = 7 * 24 * 3600  # a week; timedelta overflows at ~8.6e13 s
+MAX_SIGNAL_GRACE_S = 65535  # the largest sig_time sbatch --signal accepts
+MAX_COUNT = 1_000_000  # other counts (eval batches, requeues, kept checkpoints, ...)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -78,6 +99,9 @@ class Spec:
     lt: float | None = None
     choices: tuple[str, ...] | None = None
     zero: str = ""  # what 0 means, e.g. "derived" (shown in messages and help)
+    max_len: int | None = None  # text fields (each item of a list field): at most this many characters ...
+    min_len: int = 0  # ... at least this many
+    forbidden: str = ""  # ... and none of these characters (W&B refuses '/' in a project name only at the 1st step)
 
 
 def setting(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = dataclasses.MISSING,
@@ -93,18 +117,20 @@ def setting(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any 
 class ModelConfig:
     preset: str = setting("tiny", "Model preset; sets the shape fields below (which may then be overridden).",
                           flag="--model", choices=tuple(MODEL_PRESETS))
-    vocab_size: int = setting(256, "Vocabulary size (a multiple of tp).", ge=1)
-    d_model: int = setting(64, "Hidden size (a multiple of n_heads).", ge=1)
-    n_layers: int = setting(8, "Transformer blocks.", flag="--layers", ge=1)
-    n_heads: int = setting(8, "Attention heads (a multiple of tp).", flag="--heads", ge=1)
-    max_seq_len: int = setting(256, "Size of the position table (>= train.seq_len).", ge=1)
+    vocab_size: int = setting(256, "Vocabulary size (a multiple of tp).", ge=1, le=MAX_VOCAB)
+    d_model: int = setting(64, "Hidden size (a multiple of n_heads).", ge=1, le=MAX_WIDTH)
+    n_layers: int = setting(8, "Transformer blocks.", flag="--layers", ge=1, le=MAX_LAYERS)
+    n_heads: int = setting(8, "Attention heads (a multiple of tp).", flag="--heads", ge=1, le=MAX_WIDTH)
+    max_seq_len: int = setting(256, "Size of the position table (>= train.seq_len).", ge=1, le=MAX_SEQ)
 
 
 @dataclass
 class ParallelConfig:
-    tp: int = setting(1, "Tensor-parallel size (inside one node / NVLink domain).", ge=1)
-    pp: int = setting(1, "Pipeline-parallel size.", ge=1)
-    dp: int = setting(0, "Data-parallel size; must equal world / (tp x pp).", ge=0, zero="derived")
+    tp: int = setting(1, "Tensor-parallel size (inside one node / NVLink domain).", ge=1,
+                     le=MAX_GPUS_PER_NODE * MAX_NODES)
+    pp: int = setting(1, "Pipeline-parallel size.", ge=1, le=MAX_LAYERS)
+    dp: int = setting(0, "Data-parallel size; must equal world / (tp x pp).", ge=0,
+                     le=MAX_GPUS_PER_NODE * MAX_NODES, zero="derived")
     data_parallel: str = setting("fsdp", "How dp ranks hold the model: fsdp = FSDP2 shards parameters, gradients and "
                                          "optimizer state over dp; replicate = a full copy per rank, gradients "
                                          "all-reduced once per step (needs tp = pp = 1).",
@@ -112,9 +138,10 @@ class ParallelConfig:
     sequence_parallel: bool = setting(True, "Sequence parallel for norms/dropout (only with tp > 1).")
     schedule: str = setting(schedules.DEFAULT_SCHEDULE, "Pipeline schedule (facts: hpcmega/schedules.py).",
                             choices=tuple(schedules.SCHEDULES))
-    virtual_stages: int = setting(1, "Stages per pipeline rank (interleaved schedules; zbv/dualpipev use 2).", ge=1)
+    virtual_stages: int = setting(1, "Stages per pipeline rank (interleaved schedules; zbv/dualpipev use 2).", ge=1,
+                                  le=MAX_LAYERS)
     microbatches: int = setting(0, "Microbatches per step on one DP rank = global_batch / (dp x micro_batch).",
-                                ge=0, zero="derived")
+                                ge=0, le=MAX_BATCH, zero="derived")
     order: str = setting("tp-dp-pp", "Rank order, fastest-varying dimension first.", choices=RANK_ORDERS)
     recompute: str = setting(AUTO, "Activation recomputation; auto = selective for GPU jobs, none for CPU jobs.",
                              choices=RECOMPUTE_MODES)
@@ -129,38 +156,43 @@ class ParallelConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = setting(20, "Optimizer steps.", ge=1)
-    global_batch: int = setting(0, "Sequences per optimizer step, independent of the layout.", ge=0,
+    steps: int = setting(20, "Optimizer steps.", ge=1, le=MAX_STEPS)
+    global_batch: int = setting(0, "Sequences per optimizer step, independent of the layout.", ge=0, le=MAX_BATCH,
                                 zero="the model preset's, rounded up to a multiple of dp x micro_batch x pp")
-    micro_batch: int = setting(0, "Sequences per microbatch on one DP rank.", ge=0, zero="the model preset's")
-    seq_len: int = setting(0, "Tokens per sequence.", ge=0, zero="the model preset's (GPT-2 sizes 1024, larger 2048)")
+    micro_batch: int = setting(0, "Sequences per microbatch on one DP rank.", ge=0, le=MAX_BATCH,
+                              zero="the model preset's")
+    seq_len: int = setting(0, "Tokens per sequence.", ge=0, le=MAX_SEQ,
+                          zero="the model preset's (GPT-2 sizes 1024, larger 2048)")
     lr: float = setting(1e-3, "Peak learning rate.", gt=0)
     min_lr: float = setting(1e-4, "Learning rate at the end of the cosine decay (<= lr).", ge=0)
-    warmup_steps: int = setting(2, "Linear warmup steps.", ge=0)
+    warmup_steps: int = setting(2, "Linear warmup steps.", ge=0, le=MAX_STEPS)
     weight_decay: float = setting(0.1, "AdamW weight decay.", ge=0)
     beta1: float = setting(0.9, "AdamW beta1.", flag="--adam-beta1", ge=0, lt=1)
     beta2: float = setting(0.95, "AdamW beta2.", flag="--adam-beta2", ge=0, lt=1)
     eps: float = setting(1e-8, "AdamW epsilon.", flag="--adam-eps", gt=0)
     grad_clip: float = setting(1.0, "Global grad-norm clip.", ge=0, zero="no clipping")
-    seed: int = setting(0, "Seed of the weights and the synthetic data.", ge=0)
+    seed: int = setting(0, "Seed of the weights and the synthetic data.", ge=0, le=2**63 - 1)
     precision: str = setting(AUTO, "Compute precision; auto = bf16 for GPU jobs (fp32 master weights and gradient "
                                    "reduction), fp32 for CPU jobs.", choices=PRECISIONS)
     max_consecutive_skips: int = setting(5, "Stop the run after this many consecutive steps skipped for a "
-                                            "non-finite loss or gradient norm.", ge=1)
+                                            "non-finite loss or gradient norm.", ge=1, le=MAX_COUNT)
     data: str = setting("synthetic", "'synthetic' (tokens from the seed) or the fsspec URL of shards from "
                                      "`hpcmega data prepare`.")
     eval_every: int = setting(0, "Compute val_loss on the held-out split every N steps (and at the last step).",
-                              ge=0, zero="no evaluation")
-    eval_batches: int = setting(4, "Held-out global batches per evaluation (the same ones every time).", ge=1)
+                              ge=0, le=MAX_STEPS, zero="no evaluation")
+    eval_batches: int = setting(4, "Held-out global batches per evaluation (the same ones every time).", ge=1,
+                               le=MAX_COUNT)
 
 
 @dataclass
 class ClusterConfig:
-    nodes: int = setting(1, "Nodes.", ge=1)
+    nodes: int = setting(1, "Nodes.", ge=1, le=MAX_NODES)
     gpus_per_node: int = setting(0, "GPUs per node, one task each (with --cpu: tasks per node).", ge=0,
+                                 le=MAX_GPUS_PER_NODE,
                                  zero="the partition's GPU GRES (sinfo), else 8; with --cpu 1")
     cpu: bool = setting(False, "CPU-only nodes with gloo (tests, machines without GPUs).", flag="--cpu/--no-cpu")
-    nvlink_domain_nodes: int = setting(1, "Nodes per NVLink domain (18 for GB200 NVL72 trays).", ge=1)
+    nvlink_domain_nodes: int = setting(1, "Nodes per NVLink domain (18 for GB200 NVL72 trays).", ge=1,
+                                       le=MAX_NODES)
     gpu: str = setting("h100", "GPU model (hpcmega.gpus): memory for the fit check, peak for time "
                                "estimates.", choices=tuple(GPU_NAMES))
     gpu_mem_gib: float = setting(0.0, "Memory per GPU to plan for, GiB.", ge=0, zero="the GPU model's own")
@@ -173,16 +205,18 @@ class ClusterConfig:
     exclusive: bool = setting(False, "Whole nodes only.")
     job_name: str = setting("", "SLURM job name; empty = the run folder's name.")
     mem: str = setting("", "Memory per node, e.g. 64G, or 0 for all; empty = site default.")
-    cpus_per_task: int = setting(0, "CPUs per task (per GPU).", ge=0, zero="site default")
+    cpus_per_task: int = setting(0, "CPUs per task (per GPU).", ge=0, le=MAX_COUNT, zero="site default")
     sbatch_extra: list[str] = setting(help="Extra sbatch option, passed through (repeatable; flags add to the "
                                            "files' list): --sbatch=--reservation=foo",
                                       factory=list, flag="--sbatch")
     signal_grace_s: int = setting(120, "SLURM sends USR2 this many seconds before the time limit (time to save).",
-                                  ge=0)
-    max_requeues: int = setting(3, "Preemptions / time limits survived by requeueing.", ge=0)
+                                  ge=0, le=MAX_SIGNAL_GRACE_S)
+    max_requeues: int = setting(3, "Preemptions / time limits survived by requeueing.", ge=0,
+                                  le=MAX_COUNT)
     max_restarts: int = setting(3, "Crashed attempts (a rank died, a collective failed) after which the job "
                                    "requeues itself from its newest intact checkpoint (separate from "
-                                   "max_requeues; a failure before the first step is never retried).", ge=0)
+                                   "max_requeues; a failure before the first step is never retried).", ge=0,
+                                le=MAX_COUNT)
     master_port: int = setting(0, "Rendezvous TCP port.", ge=0, le=65535, zero="derived from the job id")
     requeue: bool = setting(True, "Let SLURM requeue the job after preemption / time limit / node failure "
                                   "(sbatch --requeue or --no-requeue); with --no-requeue a stopped job only saves.")
@@ -198,23 +232,26 @@ class ClusterConfig:
                                                "is always mounted).", factory=list, flag="--container-mount")
     collective_timeout_s: int = setting(600, "Seconds a rank waits in a training collective before the job "
                                              "aborts, once the first step is done (checkpoints use "
-                                             "checkpoint.timeout_s).", ge=1)
+                                             "checkpoint.timeout_s).", ge=1, le=MAX_TIMEOUT_S)
     first_step_timeout_s: int = setting(1800, "Seconds a collective may wait until the first training step is "
                                               "done: model build, checkpoint load and torch.compile's first "
-                                              "compile on every rank.", ge=1)
+                                              "compile on every rank.", ge=1, le=MAX_TIMEOUT_S)
 
 
 @dataclass
 class LoggingConfig:
     wandb: str = setting("offline", "W&B mode (offline writes under the run folder; `hpcmega sync` uploads).",
                          choices=WANDB_MODES)
-    project: str = setting("hpcmega", "W&B project.", flag="--wandb-project")
-    entity: str = setting("", "W&B entity (team or user); empty = your default.", flag="--wandb-entity")
-    run_name: str = setting("", "Run name (run folder and W&B); empty = the model preset.")
+    project: str = setting("hpcmega", "W&B project.", flag="--wandb-project", **WANDB_PROJECT)
+    entity: str = setting("", "W&B entity (team or user); empty = your default.", flag="--wandb-entity",
+                         **WANDB_PROJECT)
+    run_name: str = setting("", "Run name (run folder and W&B); empty = the model preset.",
+                           **WANDB_NAME)
     group: str = setting("", "W&B group (a sweep's points share one; default for a sweep: the sweep folder's "
-                             "name).", flag="--wandb-group")
-    tags: list[str] = setting(help="W&B tag (repeatable).", factory=list, flag="--wandb-tags")
-    log_every: int = setting(1, "Print and log every N steps.", ge=1)
+                             "name).", flag="--wandb-group", **WANDB_NAME)
+    tags: list[str] = setting(help="W&B tag (repeatable).", factory=list, flag="--wandb-tags",
+                               **WANDB_TAG)
+    log_every: int = setting(1, "Print and log every N steps.", ge=1, le=MAX_STEPS)
     comm_stats: bool = setting(False, "Record every step's collectives into metrics.jsonl: bytes sent per mesh "
                                       "dimension (comm_bytes) and per collective (comm_ops); slows the step.")
 
@@ -222,8 +259,8 @@ class LoggingConfig:
 @dataclass
 class CheckpointConfig:
     url: str = setting("", "fsspec URL for checkpoints; empty = RUN_DIR/checkpoints.", flag="--ckpt-url")
-    save_every: int = setting(0, "Save every N steps.", ge=0, zero="only at the end and on preemption")
-    keep: int = setting(3, "Checkpoints to keep.", ge=1)
+    save_every: int = setting(0, "Save every N steps.", ge=0, le=MAX_STEPS, zero="only at the end and on preemption")
+    keep: int = setting(3, "Checkpoints to keep.", ge=1, le=MAX_COUNT)
     resume: str = setting("auto", "auto | none | a checkpoint URL.")
     init_from: str = setting("", "Checkpoint (step folder, location or run folder) whose model weights start this "
                                  "run when there is nothing to resume: step 0, fresh optimizer and data position; "
@@ -235,7 +272,8 @@ class CheckpointConfig:
                                  "sample, ckpt export; DCP unpickles its .metadata: only checkpoints you trust).",
                           flag="--trust-checkpoint/--no-trust-checkpoint")
     timeout_s: int = setting(1800, "Seconds checkpoint save/load collectives may take (their own gloo group): "
-                                   "slow storage is not a hang.", flag="--ckpt-timeout", ge=1)
+                                   "slow storage is not a hang.", flag="--ckpt-timeout", ge=1,
+                          le=MAX_TIMEOUT_S)
 
 
 @dataclass
@@ -391,6 +429,75 @@ def _collect_fields() -> dict[str, FieldInfo]:
 
 FIELDS: dict[str, FieldInfo] = _collect_fields()
 SECTIONS: tuple[str, ...] = tuple(dict.fromkeys(k.split(".")[0] for k in FIELDS if "." in k))
+
+
+def _lower(info: FieldInfo) -> str:
+    """'positive', '0 or more', 'in [0, 1)': a field's declared range as a value below it needs to hear it."""
+    s = info.spec
+    low = f"[{s.ge:g}" if s.ge is not None else f"({s.gt:g}" if s.gt is not None else None
+    high = f"{s.le:g}]" if s.le is not None else f"{s.lt:g})" if s.lt is not None else None
+    if info.type is int and s.ge in (0, 1):
+        return "positive" if s.ge == 1 else "0 or more"
+    if low and high:
+        return f"in {low}, {high}"
+    if s.gt == 0:
+        return "positive"
+    if s.ge == 0:
+        return "0 or more"
+    return f">= {s.ge:g}" if s.ge is not None else f"> {s.gt:g}" if s.gt is not None else f"<= {high}"
+
+
+def _check_bounds(key: str, info: FieldInfo, value: float) -> None:
+    s = info.spec
+    too_low = not math.isfinite(value) or (s.ge is not None and value < s.ge) or (s.gt is not None and value <= s.gt)
+    too_high = (s.le is not None and value > s.le) or (s.lt is not None and value >= s.lt)
+    if too_high and info.type is int:
+        raise ConfigError(f"{named(key)}={value} must be at most {int(s.le)}; fix the value")
+    if too_low or too_high:
+        zero = f" (0 = {s.zero})" if s.zero else ""
+        raise ConfigError(f"{named(key)}={value} must be {_lower(info)}{zero}; fix the value")
+
+
+def _check_text(key: str, info: FieldInfo, text: str) -> None:
+    s = info.spec
+    bad = [ch for ch in text if ch in s.forbidden or ord(ch) < 32 or ord(ch) == 127]
+    if bad:
+        refused = f"{' '.join(s.forbidden)} and control characters" if s.forbidden else "control characters"
+        raise ConfigError(f"{named(key)}={text!r} contains {bad[0]!r}; W&B refuses {refused} there: remove it")
+    if not s.min_len <= len(text) <= (s.max_len or len(text)):
+        size = f"{s.min_len} to {s.max_len}" if s.min_len else f"at most {s.max_len}"
+        raise ConfigError(f"{named(key)}={text[:40]!r}{'...' if len(text) > 40 else ''} has {len(text)} "
+                          f"characters; W&B takes {size}: fix it")
+
+
+def check_declared(cfg: Config) -> None:
+    """Types, bounds, choices and text rules exactly as the fields declare them. Run on every config as it is
+    read (resolve_layers), before any default is derived from the values, and again by validate()."""
+    for key, info in FIELDS.items():
+        value = get_value(cfg, key)
+        if info.type is int and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ConfigError(f"{named(key)}={value!r} must be an integer; fix the value")
+        if info.type is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ConfigError(f"{named(key)}={value!r} must be a number; fix the value")
+        s = info.spec
+        if any(b is not None for b in (s.ge, s.gt, s.le, s.lt)):
+            _check_bounds(key, info, value)
+        if s.choices and value not in s.choices and not (value == AUTO and key in RESOLVED_BY_RULE):
+            raise ConfigError(f"unknown {named(key)} {value!r}; choose one of: {', '.join(s.choices)}")
+        if s.max_len is not None:
+            for text in value if info.is_list else [value]:
+                _check_text(key, info, str(text))
+    _check_world(cfg.cluster)
+
+
+def _check_world(c: ClusterConfig) -> None:
+    """Ranks of the job and of one NVLink domain, each at most MAX_WORLD (GPUs per node still unset count as 1)."""
+    per_node = c.gpus_per_node or 1
+    for what, nodes, flag in (("nodes", c.nodes, "--nodes"), ("nvlink_domain_nodes", c.nvlink_domain_nodes,
+                                                                "--nvlink-domain-nodes")):
+        if nodes * per_node > MAX_WORLD:
+            raise ConfigError(f"{what}={nodes} x gpus_per_node={per_node} = {nodes * per_node} ranks; hpcmega "
+                              f"plans at most {MAX_WORLD} ranks: use a smaller {flag} or --gpus-per-node")
 
 
 def named(key: str) -> str:
@@ -586,6 +693,7 @@ def resolve_layers(layers: list[tuple[str, dict[str, Any]]]) -> Resolved:
             new = {**get_value(cfg, key), **new}
         _set_value(cfg, key, new)
         sources[key] = source
+    check_declared(cfg)
     return Resolved(cfg, sources)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import re
+from pathlib import Path
 from typing import Any
 
 from hpcmega.errors import ConfigError
@@ -40,9 +41,17 @@ PASS_THROUGH = frozenset("""
     cpu-freq cpus-per-gpu deadline delay-boot distribution exclude export export-file get-user-env
     gpu-bind gpu-freq gres-flags hint hold ignore-pbs kill-on-invalid-dep licenses mail-type mail-user mcs-label
     mem-bind mem-per-cpu mem-per-gpu mincpus network nice no-kill nodefile nodelist overcommit oversubscribe
-    parsable power prefer priority profile propagate quiet reboot reservation sockets-per-node spread-job
-    switches test-only thread-spec threads-per-core time-min tmp use-min-nodes verbose wait wckey
+    power prefer priority profile propagate reboot reservation sockets-per-node spread-job
+    switches thread-spec threads-per-core time-min tmp use-min-nodes verbose wckey
 """.split())
+# sbatch options that change what sbatch prints or when it returns: submitit reads the job id from sbatch's
+# "Submitted batch job N" line, right away -> what to do instead.
+BREAKS_SUBMIT: dict[str, str] = {
+    "parsable": "hpcmega reads the job id itself (`hpcmega status RUN` shows it)",
+    "quiet": "hpcmega needs sbatch's 'Submitted batch job N' line to know the job",
+    "wait": "use `hpcmega submit --wait` (blocks until the job ends)",
+    "test-only": "use `hpcmega submit --dry-run` to see the job script without queueing it",
+}
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -74,6 +83,9 @@ def parse_sbatch_extra(extra: list[str]) -> dict[str, Any]:
         key, value = _split(arg)
         if key in MANAGED:
             raise ConfigError(f"--sbatch {arg!r}: hpcmega sets --{key} itself; use {MANAGED[key]} instead")
+        if key in BREAKS_SUBMIT:
+            raise ConfigError(f"--sbatch {arg!r}: --{key} would break reading the job id from sbatch; "
+                              f"{BREAKS_SUBMIT[key]}")
         if key not in PASS_THROUGH:
             raise ConfigError(f"--sbatch {arg!r}: unknown sbatch option --{key} (abbreviations are not accepted); "
                               "write the full option name, see `sbatch --help`")
@@ -138,3 +150,19 @@ def parse_slurm_time(text: str) -> int:
     if total_s == 0:
         raise ConfigError(f"cluster.time={raw!r} means no limit to SLURM; give a finite time limit such as 01:00:00")
     return math.ceil(total_s / 60)
+
+
+def container_mounts(cluster: Any, run_dir: str) -> list[str]:
+    """The bind mounts of a container job, ``SRC:DST[:FLAGS]`` each: the run folder and cluster.container_mounts.
+    pyxis (--container-mounts) and apptainer (--bind) split the list at ',' and each mount at ':', with no way to
+    escape either, so a run folder holding one of them, or a mount holding a ',', is refused."""
+    run = str(Path(run_dir).absolute()) if run_dir else ""
+    if run and ("," in run or ":" in run):
+        raise ConfigError(f"run folder {run!r} contains {',' if ',' in run else ':'!r}, which the container's "
+                          "mount list cannot hold; choose a run folder without ',' and ':' (or run without "
+                          "--container)")
+    for mount in cluster.container_mounts:
+        if "," in mount or not mount.split(":")[0]:
+            raise ConfigError(f"cluster.container_mounts {mount!r}: write one SRC:DST[:FLAGS] per "
+                              "--container-mount, without ','")
+    return ([f"{run}:{run}"] if run else []) + list(cluster.container_mounts)

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from hpcmega.cluster.distenv import JOB_ENV
-from hpcmega.cluster.sbatch import check_cluster_values, check_run_folder, parse_sbatch_extra, parse_slurm_time
+from hpcmega.cluster.sbatch import check_cluster_values, check_run_folder, container_mounts, parse_sbatch_extra, \
+    parse_slurm_time
 from hpcmega.config import Config
 from hpcmega.errors import ConfigError
 from hpcmega.runs.files import RunFolder
@@ -137,14 +138,9 @@ def container_srun_args(cfg: Config) -> list[str]:
     c = cfg.cluster
     if not c.container_image or c.container_runtime != "pyxis":
         return []
-    mounts = ",".join(_mounts(cfg))
+    mounts = ",".join(container_mounts(c, cfg.run_dir))
     return [f"--container-image={c.container_image}", f"--container-mounts={mounts}",
             f"--container-workdir={Path.cwd()}"]
-
-
-def _mounts(cfg: Config) -> list[str]:
-    run = str(Path(cfg.run_dir).absolute()) if cfg.run_dir else ""
-    return ([f"{run}:{run}"] if run else []) + list(cfg.cluster.container_mounts)
 
 
 def python_command(cfg: Config) -> str:
@@ -154,7 +150,7 @@ def python_command(cfg: Config) -> str:
         return shlex.quote(sys.executable)
     if c.container_runtime == "pyxis":
         return "python3"
-    binds = "".join(f" --bind {shlex.quote(m)}" for m in _mounts(cfg))
+    binds = "".join(f" --bind {shlex.quote(m)}" for m in container_mounts(c, cfg.run_dir))
     return f"apptainer exec{'' if c.cpu else ' --nv'}{binds} {shlex.quote(c.container_image)} python3"
 
 

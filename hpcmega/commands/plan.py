@@ -107,7 +107,12 @@ def print_estimate(est, notes: list[str], measured: dict[str, Any] | None = None
     table = Table(title=f"memory per GPU, GiB ({gpu})", title_justify="left")
     for col in ("stage", "params", "grads", "optimizer", "activations", "buffers", "peak"):
         table.add_column(col, justify="right")
-    for r in est.ranks:
+    half = _MAX_ROWS // 2  # the first and last stages (the peak is printed below); all of them: --json
+    shown = est.ranks if len(est.ranks) <= _MAX_ROWS else est.ranks[:half] + [None] + est.ranks[-half:]
+    for r in shown:
+        if r is None:
+            table.add_row("...", f"{len(est.ranks) - 2 * half} more stages (see --json)")
+            continue
         table.add_row(str(r.stage), *(f"{x / GIB:.2f}" for x in (r.params, r.grads, r.optimizer, r.activations,
                                                                  r.buffers, r.peak)))
     console.print(table)

@@ -23,6 +23,7 @@ traffic is one fp32 gradient all-reduce per step.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -352,13 +353,19 @@ def tp_bytes(sh: Shape, pp_rank: int) -> float:
     return total
 
 
+@functools.lru_cache(maxsize=8)
+def _stage_owners(pp: int, v: int, schedule: str) -> dict[int, int]:
+    """Stage -> the pipeline rank holding it (cached: pp_sends asks once per rank, which was O(pp^2))."""
+    return {st: r for r in range(pp) for st in stage_ids_for_rank(r, pp, v, schedule)}
+
+
 def pp_sends(sh: Shape, pp_rank: int) -> int:
     """Stage boundaries this rank sends across per microbatch: an activation forward to the next stage and a
     gradient backward to the previous one, when that stage lives on another rank."""
     if sh.pp == 1:
         return 0
     num_stages = sh.pp * sh.v
-    owner = {st: r for r in range(sh.pp) for st in stage_ids_for_rank(r, sh.pp, sh.v, sh.schedule)}
+    owner = _stage_owners(sh.pp, sh.v, sh.schedule)
     stages, _ = _rank_stages(sh, pp_rank)
     return sum((st + 1 < num_stages and owner[st + 1] != pp_rank) + (st > 0 and owner[st - 1] != pp_rank)
                for st in stages)

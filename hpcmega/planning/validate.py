@@ -9,47 +9,11 @@ from __future__ import annotations
 import math
 import re
 
-from hpcmega.config import AUTO, FIELDS, MODEL_PRESETS, RESOLVED_BY_RULE, Config, FieldInfo, get_value, named
+from hpcmega.config import AUTO, MODEL_PRESETS, RESOLVED_BY_RULE, Config, check_declared, get_value, named
 from hpcmega.errors import ConfigError
 from hpcmega.planning.schedule_facts import bubble_fraction
-from hpcmega.cluster.sbatch import check_cluster_values, check_text, parse_slurm_time
+from hpcmega.cluster.sbatch import check_cluster_values, check_text, container_mounts, parse_slurm_time
 from hpcmega.schedules import SCHEDULES, names
-
-
-def _range(info: FieldInfo) -> str:
-    """'positive', '0 or more', 'in [0, 1)' from a field's declared bounds."""
-    s = info.spec
-    low = f"[{s.ge:g}" if s.ge is not None else f"({s.gt:g}" if s.gt is not None else None
-    high = f"{s.le:g}]" if s.le is not None else f"{s.lt:g})" if s.lt is not None else None
-    if low and high:
-        return f"in {low}, {high}"
-    if s.gt == 0 or (s.ge == 1 and info.type is int):
-        return "positive"
-    if s.ge == 0:
-        return "0 or more"
-    return f">= {s.ge:g}" if s.ge is not None else f"> {s.gt:g}" if s.gt is not None else f"<= {high}"
-
-
-def _outside(info: FieldInfo, value: float) -> bool:
-    s = info.spec
-    return (not math.isfinite(value) or (s.ge is not None and value < s.ge) or (s.gt is not None and value <= s.gt)
-            or (s.le is not None and value > s.le) or (s.lt is not None and value >= s.lt))
-
-
-def check_declared(cfg: Config) -> None:
-    """Types, bounds and choices exactly as the fields declare them (hpcmega.config)."""
-    for key, info in FIELDS.items():
-        value = get_value(cfg, key)
-        if info.type is int and (isinstance(value, bool) or not isinstance(value, int)):
-            raise ConfigError(f"{named(key)}={value!r} must be an integer; fix the value")
-        if info.type is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise ConfigError(f"{named(key)}={value!r} must be a number; fix the value")
-        bounded = any(b is not None for b in (info.spec.ge, info.spec.gt, info.spec.le, info.spec.lt))
-        if bounded and _outside(info, value):
-            zero = f" (0 = {info.spec.zero})" if info.spec.zero else ""
-            raise ConfigError(f"{named(key)}={value} must be {_range(info)}{zero}; fix the value")
-        if info.spec.choices and value not in info.spec.choices:
-            raise ConfigError(f"unknown {named(key)} {value!r}; choose one of: {', '.join(info.spec.choices)}")
 
 
 def _divisors(n: int) -> list[int]:
@@ -90,6 +54,8 @@ def _check_values(cfg: Config) -> None:
                               "and _ (e.g. NCCL_DEBUG)")
     if any(ch.isspace() for ch in c.container_image) or any(ch.isspace() for m in c.container_mounts for ch in m):
         raise ConfigError("cluster.container_image and cluster.container_mounts must not contain spaces")
+    if c.container_image:
+        container_mounts(c, cfg.run_dir)
     minutes = parse_slurm_time(c.time)
     if minutes * 60 <= c.signal_grace_s:
         raise ConfigError(f"cluster.time={c.time} ({minutes} min) is not longer than signal_grace_s="
