@@ -77,7 +77,7 @@ MAX_WIDTH = 1 << 17  # d_model, heads: 8x today's widest models
 MAX_VOCAB = 1 << 24
 MAX_SEQ = 1 << 22  # tokens per sequence
 MAX_BATCH = 1 << 24  # sequences per step, microbatch, microbatches
-MAX_STEPS = 99_999_999  # checkpoint folders are named step-NNNNNNNN (hpcmega.rank.checkpoint)
+MAX_STEPS = 99_999_999  # checkpoint folders are named step-NNNNNNNN (hpcmega.checkpoint.store)
 MAX_TIMEOUT_S = 7 * 24 * 3600  # a week; timedelta overflows at ~8.6e13 s
 MAX_SIGNAL_GRACE_S = 65535  # the largest sig_time sbatch --signal accepts
 MAX_COUNT = 1_000_000  # other counts (eval batches, requeues, kept checkpoints, ...)
@@ -617,6 +617,8 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         data = tomllib.loads(p.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{p}: invalid TOML ({e}); fix the file") from None
+    except RecursionError:
+        raise ConfigError(f"{p}: invalid TOML (nested too deeply); fix the file") from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"{p}: not UTF-8 text (byte {e.start}); save the file as UTF-8") from None
     return flatten(data, str(p))
@@ -643,6 +645,8 @@ def parse_set(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
                 value = tomllib.loads(f"v = {text}")["v"]
             except tomllib.TOMLDecodeError:
                 value = text
+            except RecursionError:
+                raise ConfigError(f"--set {key}: the value is nested too deeply; give a plain value") from None
         out[key] = value
     return out
 

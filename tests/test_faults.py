@@ -5,8 +5,11 @@ d 64, few steps); the SLURM preemption test lives in test_preemption.py.
 """
 from __future__ import annotations
 
+import json
 import os
+import re
 import shlex
+import shutil
 import stat
 import subprocess
 from pathlib import Path
@@ -672,3 +675,209 @@ def test_a_bad_slurm_nodelist_is_one_line(tmp_path, nodelist):
     r = subprocess.run([sys.executable, "-m", "hpcmega.training.job", "--config", str(cfg), "--run-dir", str(tmp_path / "r")],
                        env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "SLURM node list" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+# -- 10. every check before anything is written (issue 19): huge, non-finite and malformed values ------------------
+BIG = str(10**30)
+DEEP_TOML = "[train]\nsteps = " + "[" * 600 + "]" * 600 + "\n"
+# (command line, fragment of the one-line refusal). Each is refused in-process with exit 2, within a hang guard, and
+# writes nothing; {T} is the test's folder.
+REFUSED_UP_FRONT: list[tuple[list[str], str]] = [
+    (["plan", "--nodes", "1", "--gpus-per-node", "8", "--tp", "8", "--pp", "0"], "parallel.pp (--pp)=0 must be positive"),
+    (["plan", "--nodes", BIG], "cluster.nodes (--nodes)=" + BIG + " must be at most 100000"),
+    (["plan", "--gpus-per-node", BIG], "must be at most 1024"),
+    (["plan", "--nodes", "100000", "--gpus-per-node", "1024"], "hpcmega plans at most 262144 ranks"),
+    (["plan", "--nvlink-domain-nodes", "100000"], "nvlink_domain_nodes=100000 x gpus_per_node=8"),
+    (["plan", "--layers", "100000000"], "model.n_layers (--layers)=100000000 must be at most 10000"),
+    (["plan", "--layers", BIG], "must be at most 10000"),
+    (["plan", "--heads", BIG], "must be at most 131072"),
+    (["plan", "--d-model", str(2**40)], "must be at most 131072"),
+    (["plan", "--vocab-size", str(2**40)], "must be at most 16777216"),
+    (["plan", "--seq-len", str(2**40)], "must be at most 4194304"),
+    (["plan", "--global-batch", BIG], "must be at most 16777216"),
+    (["plan", "--micro-batch", BIG], "must be at most 16777216"),
+    (["plan", "--pp", BIG], "must be at most 10000"),
+    (["plan", "--tp", BIG], "must be at most"),
+    (["plan", "--steps", "100000000"], "train.steps (--steps)=100000000 must be at most 99999999"),
+    (["plan", "--set", "train.seed=" + str(2**70)], "must be at most 9223372036854775807"),
+    (["plan", "--set", "cluster.collective_timeout_s=1e14"], "collective_timeout_s (--collective-timeout-s)=" 
+     "100000000000000 must be at most 604800"),
+    (["plan", "--set", "cluster.first_step_timeout_s=1e14"], "must be at most 604800"),
+    (["plan", "--ckpt-timeout", BIG], "checkpoint.timeout_s (--ckpt-timeout)"),
+    (["plan", "--set", "cluster.signal_grace_s=70000"], "must be at most 65535"),
+    (["plan", "--set", "train.lr=nan"], "train.lr (--lr)=nan must be positive"),
+    (["plan", "--set", "cluster.gpu_mem_gib=inf"], "cluster.gpu_mem_gib"),
+    (["plan", "--set", "train.steps=1e400"], "cannot read inf as int"),
+    (["plan", "--measure", "--measure-mem-gib", "nan"], "'nan' is not a finite number"),
+    (["plan", "--measure", "--measure-mem-gib", "0"], "--measure-mem-gib"),
+    # W&B names W&B would refuse only when the ranks start logging
+    (["plan", "--wandb-project", "team/project"], "logging.project (--wandb-project)='team/project' contains '/'"),
+    (["plan", "--wandb-project", "a#b"], "contains '#'"),
+    (["plan", "--wandb-project", "p" * 129], "has 129 characters; W&B takes at most 128"),
+    (["plan", "--wandb-entity", "me:you"], "contains ':'"),
+    (["plan", "--wandb-tags", "ok", "--wandb-tags", "t" * 65], "has 65 characters; W&B takes 1 to 64"),
+    (["plan", "--wandb-tags", ""], "has 0 characters; W&B takes 1 to 64"),
+    (["plan", "--wandb-group", "g" * 129], "logging.group (--wandb-group)"),
+    (["plan", "--run-name", "n" * 129], "logging.run_name (--run-name)"),
+    # deeply nested values: a RecursionError in the TOML parser
+    (["plan", "--config", "{T}/deep.toml"], "nested too deeply"),
+    (["plan", "--set", "train.steps=" + "[" * 600 + "]" * 600], "nested too deeply"),
+    # pass-through sbatch options that break reading the job id; mount lists that cannot hold the run folder
+    (["submit", *SUBMIT[1:], "--sbatch=--parsable"], "--parsable would break reading the job id"),
+    (["submit", *SUBMIT[1:], "--sbatch=--quiet"], "--quiet would break reading the job id"),
+    (["submit", *SUBMIT[1:], "--sbatch", "--wait"], "hpcmega submit --wait"),
+    (["submit", *SUBMIT[1:], "--sbatch=--test-only"], "--dry-run"),
+    (["submit", *SUBMIT[1:], "--container", "img", "--run-dir", "{T}/a,b"], "contains ','"),
+    (["submit", *SUBMIT[1:], "--container", "img", "--run-dir", "{T}/a:b"], "contains ':'"),
+    (["submit", *SUBMIT[1:], "--container", "img", "--container-mount", "/a:/a,/b:/b"], "without ','"),
+    # run folders the filesystem cannot hold
+    (["submit", *SUBMIT[1:], "--run-dir", "{T}/" + "r" * 300], "is 300 bytes; the filesystem takes 255"),
+    (["submit", *SUBMIT[1:], "--run-dir", "{T}/" + "/".join(["d" * 200] * 20)], "the files inside need 200 more"),
+    (["submit", *SUBMIT[1:], "--run-dir", "{T}/loop/run"], "Symlink loop"),
+    (["submit", *SUBMIT[1:], "--run-dir", "{T}/bad\udcff"], "is not UTF-8 text"),
+    (["submit", *SUBMIT[1:], "--run-dir", "{T}/file/run"], "is a file, not a folder"),
+    ([*RUN, "--run-dir", "{T}/" + "r" * 300], "is 300 bytes; the filesystem takes 255"),
+    ([*RUN, "--run-dir", "{T}/loop/run"], "Symlink loop"),
+    ([*RUN, "--run-dir", "{T}/bad\udcff"], "is not UTF-8 text"),
+    # sample / ckpt export / plot
+    (["sample", "bogus://bucket/run"], "unknown storage protocol 'bogus://'"),
+    (["sample", "s3://bucket/run"], "no AWS credentials"),
+    (["ckpt", "export", "bogus://bucket/run", "--to", "hf", "{T}/out"], "unknown storage protocol 'bogus://'"),
+    (["ckpt", "export", "s3://bucket/run", "--to", "hf", "{T}/out"], "no AWS credentials"),
+    (["sample", "{T}/runs/done", "--temperature", "nan"], "'nan' is not a finite number"),
+    (["sample", "{T}/runs/done", "--temperature", "inf"], "'inf' is not a finite number"),
+    (["sample", "{T}/runs/done", "--seed", str(2**70)], "is not in the range 0<=x<=9223372036854775807"),
+    (["plot", "{T}/runs/done", "--out", "{T}/no-such-folder/loss.png"], "no-such-folder does not exist"),
+    (["plot", "{T}/runs/done", "--out", "{T}/loss.txt"], "name a .png"),
+]
+
+
+def _hostile_folder(tmp_path: Path) -> None:
+    """What the corpus refers to: a deep TOML file, a symlink loop, a file where a folder would go, a finished run."""
+    (tmp_path / "deep.toml").write_text(DEEP_TOML)
+    (tmp_path / "loop").symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(tmp_path / "loop")
+    (tmp_path / "file").write_text("")
+    done = tmp_path / "runs" / "done"
+    done.mkdir(parents=True)
+    (done / "jobs.jsonl").write_text('{"job_id": "local-1", "kind": "local", "pid": 1, "exit_code": 0}\n')
+    (done / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0, "step_time_s": 0.1}\n')
+
+
+@pytest.mark.parametrize("args,words", REFUSED_UP_FRONT, ids=[" ".join(a)[:60] for a, _ in REFUSED_UP_FRONT])
+def test_bad_values_are_refused_in_one_line_before_anything_is_written(tmp_path, monkeypatch, args, words):
+    import time
+
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_PROFILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    _hostile_folder(tmp_path)
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    before = sorted(tmp_path.rglob("*"))
+    start = time.monotonic()
+    out = CliRunner().invoke(main, [a.replace("{T}", str(tmp_path)) for a in args])
+    took = time.monotonic() - start
+    assert out.exit_code == 2, (args, out.output, out.exception)
+    errors = [line for line in out.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and words in errors[0] and "Traceback" not in out.output, out.stderr
+    assert took < 10, f"{took:.1f} s: a hang guard (these answer in well under a second)"
+    assert sorted(tmp_path.rglob("*")) == before  # no run folder, no file
+
+
+def test_hostile_corpus_of_issue_19_covers_every_command():
+    commands = {args[0] for args, _ in REFUSED_UP_FRONT}
+    assert commands == {"plan", "submit", "run", "sample", "ckpt", "plot"} and len(REFUSED_UP_FRONT) >= 55
+
+
+def test_bounds_are_declared_with_the_fields():
+    """Every count that sizes a loop or an allocation, and every timeout, carries an upper bound in its declaration
+    (hpcmega.config), so no check elsewhere can forget one."""
+    from hpcmega.config import FIELDS
+
+    unbounded = [k for k, f in FIELDS.items() if f.type is int and f.spec.le is None]
+    assert unbounded == [], unbounded
+    assert all(FIELDS[k].spec.le <= 7 * 24 * 3600 for k in
+               ("cluster.collective_timeout_s", "cluster.first_step_timeout_s", "checkpoint.timeout_s"))
+
+
+def test_largest_allowed_values_plan_quickly():
+    """At the bounds (and one past them) `plan` answers: the per-rank pipeline loops are O(pp), not O(pp^2)."""
+    import time
+
+    for args in (["--nodes", "1250", "--gpus-per-node", "8", "--pp", "10000", "--layers", "10000",
+                  "--global-batch", "10000", "--json"],):
+        start = time.monotonic()
+        out = CliRunner().invoke(main, ["plan", *args])
+        assert out.exit_code == 0, out.output
+        assert time.monotonic() - start < 60  # minutes before (pp_sends rebuilt the stage map per rank)
+
+
+# -- 11. one damaged run folder, a dead SLURM controller, a local run inside an allocation --------------------------
+def _run_folder(path: Path, jobs: str, metrics: str = "") -> None:
+    path.mkdir(parents=True)
+    (path / "jobs.jsonl").write_text(jobs)
+    if metrics:
+        (path / "metrics.jsonl").write_text(metrics)
+
+
+def test_ls_skips_a_damaged_run_folder_with_a_warning(tmp_path):
+    runs = tmp_path / "runs"
+    _run_folder(runs / "good", '{"job_id": "local-1", "kind": "local", "pid": 1, "exit_code": 0}\n',
+                '{"step": 1, "loss": 2.5, "step_time_s": 0.1}\n')
+    _run_folder(runs / "bad-jobs", '{"job_id": "local-2", "kind": "local", "exit_code": "boom"}\n')
+    _run_folder(runs / "bad-metrics", '[1]\n5\n{"job_id": "local-3", "kind": "local", "exit_code": 0}\n',
+                '{"step": "x"}\n"text"\n{"step": 2, "loss": 1.5, "step_time_s": "slow"}\n' + "[" * 5000 + "\n")
+    out = CliRunner().invoke(main, ["ls", str(runs)])
+    assert out.exit_code == 0 and "Traceback" not in out.output, out.output
+    assert re.search(r"^good +local-1 +COMPLETED +1/0 +2\.5000", out.stdout, re.M), out.stdout
+    assert re.search(r"^bad-metrics +local-3 +COMPLETED +2/0 +1\.5000", out.stdout, re.M), out.stdout
+    assert out.stderr.splitlines() == ["warning: skipping bad-jobs: damaged run folder (ValueError: invalid literal "
+                                       "for int() with base 10: 'boom'); check its jobs.jsonl and metrics.jsonl"]
+    status = CliRunner().invoke(main, ["status", str(runs / "bad-jobs")])
+    assert status.exit_code == 1 and len(status.stderr.splitlines()) == 1 and "damaged run folder" in status.stderr
+    assert CliRunner().invoke(main, ["status", str(runs / "bad-metrics")]).exit_code == 0
+
+
+@pytest.mark.skipif(shutil.which("scontrol") is None, reason="needs the SLURM client commands")
+def test_status_with_the_slurm_controller_down_is_one_line(tmp_path, monkeypatch):
+    """A real SLURM client talking to a controller that does not answer (the dev cluster's config, its ports
+    moved): one warning line and the run's own facts, in seconds (sacct and squeue errors and an 18 s retry before)."""
+    import time
+
+    from conftest import hpcmega_exe
+
+    conf = Path(os.environ.get("SLURM_CONF", "/etc/slurm/slurm.conf"))
+    dead = tmp_path / "slurm.conf"
+    dead.write_text(re.sub(r"(?m)^(SlurmctldPort|AccountingStoragePort)=.*$", r"\1=1", conf.read_text()))
+    monkeypatch.setenv("SLURM_CONF", str(dead))
+    run = tmp_path / "runs" / "r"
+    _run_folder(run, json.dumps({"job_id": "123", "kind": "slurm", "folder": str(run / "slurm" / "x"), "tasks": 1})
+                + "\n", '{"step": 3, "loss": 2.0, "step_time_s": 0.1}\n')
+    for args in (["status", str(run)], ["ls", str(run.parent)]):
+        start = time.monotonic()
+        out = subprocess.run([hpcmega_exe(), *args], capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "SLURM_CONF": str(dead)})
+        assert out.returncode == 0, out.stderr
+        assert len(out.stderr.splitlines()) == 1, out.stderr
+        assert out.stderr.startswith("warning: SLURM controller unreachable: ") and "DOWN" in out.stderr
+        assert "UNKNOWN" in out.stdout and "3/0" in out.stdout, out.stdout
+        assert time.monotonic() - start < 15
+
+
+@pytest.mark.slurm
+def test_logs_of_a_local_run_inside_a_slurm_allocation(slurm_cluster, tmp_path):
+    """`hpcmega run` inside `salloc`: its ranks inherit SLURM_JOB_ID, and their attempt markers named the SLURM job
+    instead of the local launch jobs.jsonl records, so `logs` printed nothing."""
+    from conftest import CLI_ENV, hpcmega_exe
+
+    run_dir = tmp_path / "run"
+    cmd = [hpcmega_exe(), *TINY_RUN, "--nproc", "1", "--steps", "2", "--run-dir", str(run_dir)]
+    r = subprocess.run(["salloc", "-N", "1", "--time", "5", *cmd], env=CLI_ENV, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    logs = CliRunner().invoke(main, ["logs", str(run_dir)])
+    assert logs.exit_code == 0 and "checkpoint step 2" in logs.stdout, logs.output
+    job = json.loads((run_dir / "jobs.jsonl").read_text().splitlines()[0])["job_id"]
+    assert f"==> hpcmega attempt: job={job} restart=0 rank=0 <==" in logs.stdout

@@ -112,7 +112,7 @@ def _read_meta(fs, marker: str) -> tuple[dict[str, Any], str]:
     """(meta, damage): an unreadable marker is a damaged checkpoint, never an exception."""
     try:
         meta = json.loads(fs.cat_file(marker))
-    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+    except (OSError, ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         return {}, f"{MARKER} is unreadable ({type(e).__name__})"
     if isinstance(meta, dict) and "manifest" not in meta:  # only a finished save writes one: nothing to verify
         return {}, f"{MARKER} has no manifest (not written by a finished save)"

@@ -33,6 +33,7 @@ class Job:
     """One submission of the run (a SLURM job or a local launch), as recorded in jobs.jsonl."""
 
     record: dict[str, Any]
+    unreachable: str | None = None  # set by refresh_slurm_states: why SLURM cannot be asked (then UNKNOWN)
 
     @property
     def job_id(self) -> str:
@@ -73,6 +74,8 @@ class Job:
                 return "COMPLETED" if code == 0 else "CANCELLED" if code in (128 + signal.SIGINT,
                                                                            128 + signal.SIGTERM) else "FAILED"
             return "RUNNING" if self._local_alive() else "LOST"  # the launcher died without recording an end
+        if self.unreachable:
+            return "UNKNOWN"
         from hpcmega.cluster import slurm
 
         state = _normalise(self.submitit_job().watcher.get_state(self.job_id, mode="cache"))
@@ -81,6 +84,8 @@ class Job:
     def exit_code(self) -> str:
         if self.kind == "local":
             return str(self.record.get("exit_code", ""))
+        if self.unreachable:
+            return ""
         from hpcmega.cluster import slurm
 
         return slurm.job_exit_code(self.job_id)
@@ -94,11 +99,22 @@ class Job:
             self.submitit_job().cancel(check=True)
 
 
-def refresh_slurm_states(jobs: list[Job]) -> None:
-    """One sacct call (submitit's watcher) for all SLURM jobs about to be shown."""
-    slurm_jobs = [j.submitit_job() for j in jobs if j.kind == "slurm" and j.record.get("folder")]
-    if slurm_jobs:
-        slurm_jobs[0].watcher.update()
+def refresh_slurm_states(jobs: list[Job]) -> str | None:
+    """One sacct call (submitit's watcher) for all SLURM jobs about to be shown. With the SLURM controller down:
+    no call (sacct/squeue would print raw errors and retry for many seconds); the jobs are marked unreachable
+    and the one-line reason is returned ("SLURM controller unreachable: ...")."""
+    mine = [j for j in jobs if j.kind == "slurm" and j.record.get("folder")]
+    if not mine:
+        return None
+    from hpcmega.cluster.slurm import controller_problem
+
+    problem = controller_problem()
+    if problem:
+        for job in mine:
+            job.unreachable = f"SLURM controller unreachable: {problem}"
+        return mine[0].unreachable
+    mine[0].submitit_job().watcher.update()
+    return None
 
 
 @dataclass
@@ -113,6 +129,7 @@ class RunStatus:
     elapsed_s: float | None = None
     eta_s: float | None = None
     updated: float = 0.0
+    scheduler: str | None = None  # why the job's SLURM state is unknown (controller unreachable), if it is
 
     @property
     def attempt(self) -> int:
@@ -124,15 +141,19 @@ def progress(records: list[dict[str, Any]], steps: int) -> tuple[float | None, f
     and the ETA the step line shows (hpcmega.runs.progress)."""
     if not records:
         return None, None
-    times = [float(r.get("step_time_s", 0.0)) for r in records]
-    return sum(times), eta_s(times, steps - int(records[-1]["step"]))
+    times = [r["step_time_s"] if isinstance(r.get("step_time_s"), (int, float)) else 0.0 for r in records]
+    return sum(times), eta_s(times, steps - records[-1]["step"])
 
 
-def run_status(run: RunFolder, refresh: bool = True) -> RunStatus:
+def run_status(run: RunFolder, refresh: bool = True, scheduler: str | None = None) -> RunStatus:
+    """The run's status; ``refresh``: ask SLURM for its job's state first (`ls` asks once for all runs and passes
+    what it found out: ``scheduler``, the one-line reason SLURM could not be asked)."""
     jobs = [Job(r) for r in run.jobs()]
     job = jobs[-1] if jobs else None
-    if refresh and job is not None:
-        refresh_slurm_states([job])
+    if job is not None and refresh:
+        scheduler = refresh_slurm_states([job])
+    elif job is not None and job.kind == "slurm":
+        job.unreachable = scheduler
     state = job.state() if job is not None else "UNKNOWN"
     try:
         steps = run.config().train.steps
@@ -143,7 +164,7 @@ def run_status(run: RunFolder, refresh: bool = True) -> RunStatus:
     last = records[-1] if records else {}
     return RunStatus(run=run, job=job, state=state, step=int(last.get("step", 0)), steps=steps,
                      loss=last.get("loss"), attempts=run.attempts(), elapsed_s=elapsed,
-                     eta_s=eta if state in ACTIVE else None, updated=run.updated())
+                     eta_s=eta if state in ACTIVE else None, updated=run.updated(), scheduler=scheduler)
 
 
 def ago(t: float) -> str:

@@ -120,8 +120,44 @@ def probe_writable(location: str) -> None:
                           f"{(str(e).splitlines() or [''])[0]}); choose a writable --ckpt-url or --run-dir") from None
 
 
+# Bytes the files hpcmega writes inside a run folder add to its path (slurm/<stamp>/<job>_<rank>_log.out,
+# checkpoints/step-N-<id>/__R_0.distcp, ...), kept free below the system's PATH_MAX.
+_INSIDE_RUN_DIR = 200
+
+
+def check_run_dir(run_dir: str | Path) -> None:
+    """A run folder the filesystem can hold, refused in one line instead of an OSError after the first write:
+    UTF-8 text, no name longer than NAME_MAX bytes, room below PATH_MAX for the files inside, no symlink loop, and
+    no file where a folder must be."""
+    path = Path(run_dir).absolute()
+    try:
+        encoded = str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigError(f"run folder {str(path)!r} is not UTF-8 text; choose a --run-dir of UTF-8 characters") \
+            from None
+    existing = next(p for p in (path, *path.parents) if os.path.lexists(p))
+    name_max = os.pathconf(existing, "PC_NAME_MAX") if os.path.isdir(existing) else 255
+    long = next((part for part in path.parts if len(part.encode()) > name_max), None)
+    if long is not None:
+        raise ConfigError(f"run folder name {long[:40]!r}... is {len(long.encode())} bytes; the filesystem takes "
+                          f"{name_max}: choose a shorter --run-dir")
+    path_max = os.pathconf(existing, "PC_PATH_MAX") if os.path.isdir(existing) else 4096
+    if len(encoded) + _INSIDE_RUN_DIR > path_max:
+        raise ConfigError(f"run folder {str(path)[:60]!r}... is {len(encoded)} bytes long; the files inside need "
+                          f"{_INSIDE_RUN_DIR} more within {path_max}: choose a shorter --run-dir")
+    try:
+        path.resolve()
+        os.stat(existing)
+    except (OSError, RuntimeError) as e:  # symlink loop: RuntimeError before Python 3.13, OSError (ELOOP) after
+        raise ConfigError(f"run folder {path}: {getattr(e, 'strerror', None) or e}; choose another --run-dir") \
+            from None
+    if not os.path.isdir(existing) and existing != path:
+        raise ConfigError(f"run folder {path}: {existing} is a file, not a folder; choose another --run-dir")
+
+
 def preflight(cfg: Config, run_dir: str | Path, probe: bool = True) -> None:
     """Everything above, in the order a user would fix it. ``probe=False`` for dry runs (they write nothing)."""
+    check_run_dir(run_dir)
     location = checkpoint_location(cfg, run_dir)
     check_data(cfg)
     storage_filesystem(location, "--ckpt-url")

@@ -291,6 +291,23 @@ def job_state(job_id: str) -> str:
     return state.split()[0].rstrip("+") if state else "UNKNOWN"
 
 
+def controller_problem(timeout: float = 15) -> str | None:
+    """None when slurmctld answers ``scontrol ping`` (in ~20 ms, where a squeue against a dead controller retries
+    for ~18 s); else what is wrong, in one line."""
+    if not shutil.which("scontrol"):
+        return "scontrol not found (no SLURM client on this machine)"
+    try:
+        out = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return f"scontrol ping gave no answer in {timeout:g} s"
+    except OSError as e:
+        return f"scontrol ping: {e}"
+    if out.returncode == 0:
+        return None
+    lines = [line.strip() for line in (out.stdout + out.stderr).splitlines() if line.strip("* \n")]
+    return lines[0] if lines else f"scontrol ping exited with {out.returncode}"
+
+
 def job_exit_code(job_id: str) -> str:
     out = _run(["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "ExitCode"]).split()
     return out[0] if out else ""

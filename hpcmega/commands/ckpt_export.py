@@ -27,10 +27,12 @@ def export(target: str, out: str, fmt: str, step: int | None, trust: bool | None
     """
     from hpcmega.errors import ConfigError
     from hpcmega.checkpoint.locate import find_checkpoint
+    from hpcmega.cluster.preflight import storage_filesystem
 
     if Path(out).is_dir() and any(Path(out).iterdir()) and not force:
         raise click.UsageError(f"{out} is not empty; pick a new folder or pass --force to overwrite files in it")
     try:
+        storage_filesystem(target, "RUN_OR_CKPT")  # unknown protocol, missing package or s3 credentials: one line
         info = find_checkpoint(target, step, bool(trust))
         from hpcmega.models.gpt2.state_dict_adapter import export_hf
         from hpcmega.inference.load import load_model

@@ -7,6 +7,7 @@ Every flag defaults to None, meaning "not given", so files and presets keep thei
 from __future__ import annotations
 
 import functools
+import math
 from pathlib import Path
 from typing import Any, Callable
 
@@ -29,6 +30,19 @@ from hpcmega.config import (
 from hpcmega.errors import ConfigError
 
 _PREFIX = "cfg__"
+# The seeds torch.Generator.manual_seed takes without overflowing (as train.seed declares).
+SEED = click.IntRange(0, 2**63 - 1)
+
+
+class Finite(click.FloatRange):
+    """A float flag within bounds that also refuses nan and inf (click's FloatRange lets nan through: every
+    comparison with nan is false)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
 
 
 def _param(info: FieldInfo) -> str:

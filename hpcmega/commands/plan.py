@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from hpcmega.commands.options import pass_config
+from hpcmega.commands.options import Finite, pass_config
 
 # Groups listed per dimension in the table; the full lists are in --json.
 _MAX_ROWS = 16
@@ -253,7 +253,7 @@ def _print_table(layout, summary: dict[str, Any], warnings: list[str]) -> None:
 @click.option("--auto", is_flag=True, help="Search tp/pp/schedule/micro-batch/recompute; list what fits, fastest first.")
 @click.option("--measure", is_flag=True, help="Run the real engine for the worst rank(s) on a fake process group "
                                               "(CPU, a scaled copy when too big) and show measured bytes.")
-@click.option("--measure-mem-gib", type=float, default=3.0, show_default=True,
+@click.option("--measure-mem-gib", type=Finite(min=0, min_open=True, max=1024), default=3.0, show_default=True,
               help="Host memory --measure may use; a bigger rank is measured as a scaled copy.")
 @pass_config(chosen=True)
 def plan(cfg, chosen, as_json: bool, placement_kind: str, node_names: str | None, no_memory_check: bool,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import click
 
@@ -22,6 +23,11 @@ def plot(run: str, out: str | None, width: int) -> None:
     if out and importlib.util.find_spec("matplotlib") is None:
         raise click.UsageError("--out needs matplotlib, which is optional: pip install 'hpcmega[plot]' (the "
                                "sparklines work without it)")
+    if out and not Path(out).absolute().parent.is_dir():
+        raise click.UsageError(f"--out {out}: folder {Path(out).absolute().parent} does not exist; create it or "
+                               "write the PNG elsewhere")
+    if out and Path(out).suffix.lower() not in (".png", ".pdf", ".svg"):
+        raise click.UsageError(f"--out {out}: name a .png (or .pdf, .svg) file")
     folder = run_folder_arg(run)
     records = folder.steps()
     if not records:

@@ -19,6 +19,16 @@ def run_folder_arg(path: str):
     return run
 
 
+# What a damaged run folder (a hand-edited or foreign jobs.jsonl / metrics.jsonl line) raises while it is read.
+DAMAGE = (ValueError, TypeError, KeyError, AttributeError, OSError, RecursionError)
+
+
+def damage(e: Exception) -> str:
+    """One line for a damaged run folder."""
+    first = (str(e).strip().splitlines() or [""])[0][:200]
+    return f"damaged run folder ({type(e).__name__}: {first}); check its jobs.jsonl and metrics.jsonl"
+
+
 def _loss(value) -> str:
     return f"{value:.4f}" if isinstance(value, (int, float)) else "-"
 
@@ -34,14 +44,19 @@ def ls(runs_dir: str) -> None:
     runs = find_runs(runs_dir) if Path(runs_dir).is_dir() else []
     if not runs:
         raise click.UsageError(f"no run folders under {runs_dir}; start one with `hpcmega run` or `hpcmega submit`")
-    refresh_slurm_states([Job(r.jobs()[-1]) for r in runs if r.jobs()])
+    scheduler = refresh_slurm_states([Job(r.jobs()[-1]) for r in runs if r.jobs()])
+    if scheduler:
+        click.echo(f"warning: {scheduler}; SLURM job states are UNKNOWN", err=True)
     rows = [("RUN", "JOB", "STATE", "STEP", "LOSS", "ATTEMPT", "ELAPSED", "ETA", "UPDATED")]
     for run in runs:
-        s = run_status(run, refresh=False)
         name = str(run.path.relative_to(Path(runs_dir).absolute())) if run.path != Path(runs_dir).absolute() \
             else run.name
-        rows.append((name, s.job.job_id if s.job else "-", s.state, f"{s.step}/{s.steps}", _loss(s.loss),
-                     str(s.attempt), duration(s.elapsed_s), duration(s.eta_s), ago(s.updated)))
+        try:
+            s = run_status(run, refresh=False, scheduler=scheduler)
+            rows.append((name, s.job.job_id if s.job else "-", s.state, f"{s.step}/{s.steps}", _loss(s.loss),
+                         str(s.attempt), duration(s.elapsed_s), duration(s.eta_s), ago(s.updated)))
+        except DAMAGE as e:  # one damaged folder must not hide every other run
+            click.echo(f"warning: skipping {name}: {damage(e)}", err=True)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
@@ -51,12 +66,24 @@ def ls(runs_dir: str) -> None:
 @_RUN
 def status(run: str) -> None:
     """Job state, exit code, attempts, progress, last checkpoint, W&B run and layout of RUN."""
-    from hpcmega.checkpoint.store import list_checkpoints
-    from hpcmega.runs.progress import duration
     from hpcmega.cluster.jobs import run_status
 
     folder = run_folder_arg(run)
-    s = run_status(folder)
+    try:
+        s = run_status(folder)
+        rows = _status_rows(folder, s)
+    except DAMAGE as e:
+        raise click.ClickException(f"{folder.path}: {damage(e)}") from None
+    if s.scheduler:
+        click.echo(f"warning: {s.scheduler}; the job's state is UNKNOWN", err=True)
+    for key, value in rows:
+        click.echo(f"{key:<11}{value}")
+
+
+def _status_rows(folder, s) -> list[tuple[str, str]]:
+    from hpcmega.checkpoint.store import list_checkpoints
+    from hpcmega.runs.progress import duration
+
     rows: list[tuple[str, str]] = [("run", str(folder.path))]
     if s.job:
         code = s.job.exit_code()
@@ -94,8 +121,7 @@ def status(run: str) -> None:
                         else "")))
     except Exception as e:  # noqa: BLE001 - a folder without a readable config still has a state
         rows.append(("config", f"unreadable ({e})"))
-    for key, value in rows:
-        click.echo(f"{key:<11}{value}")
+    return rows
 
 
 def _attempt_job(folder, attempt: int | None):

@@ -3,16 +3,16 @@ from __future__ import annotations
 
 import click
 
-from hpcmega.commands.options import field_option
+from hpcmega.commands.options import SEED, Finite, field_option
 
 
 @click.command("sample")
 @click.argument("target", metavar="RUN")
 @click.option("--prompt", default="", help="Text to continue (default: the start of a new document).")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=100, show_default=True)
-@click.option("--temperature", type=click.FloatRange(min=0), default=0.8, show_default=True,
+@click.option("--temperature", type=Finite(min=0), default=0.8, show_default=True,
               help="0 = greedy (always the most likely token).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampling: same seed, same text.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the sampling: same seed, same text.")
 @click.option("--step", type=click.IntRange(min=0), help="Checkpoint step (default: the newest complete one).")
 @click.option("--tokenizer", help="'gpt2', a tokenizer.json or a model folder [default: the one the run's data was "
                                    "prepared with, else gpt2].")
@@ -27,8 +27,10 @@ def sample(target: str, prompt: str, max_new_tokens: int, temperature: float, se
     """
     from hpcmega.errors import ConfigError
     from hpcmega.checkpoint.locate import find_checkpoint
+    from hpcmega.cluster.preflight import storage_filesystem
 
     try:
+        storage_filesystem(target, "RUN")  # unknown protocol, missing package or s3 credentials: one line
         info = find_checkpoint(target, step, bool(trust))
         from hpcmega.inference.load import load_model
         from hpcmega.inference.sample import sample_text

@@ -50,9 +50,10 @@ def attempt_marker(job: str, restart: int, rank: int) -> str:
 
 
 def job_key() -> str | None:
-    """The id this attempt's job has in jobs.jsonl: the SLURM job's as submitit names it (``<array>_<index>`` inside
-    a job array), the local launch's, or None outside both."""
-    return slurm_job_id() or os.environ.get(LOCAL_JOB_ENV)
+    """The id this attempt's job has in jobs.jsonl: the local launch's (also when `hpcmega run` is started inside
+    a SLURM allocation, whose SLURM_JOB_ID its ranks inherit), else the SLURM job's as submitit names it
+    (``<array>_<index>`` inside a job array), or None outside both."""
+    return os.environ.get(LOCAL_JOB_ENV) or slurm_job_id()
 
 
 def log_section(text: str, job: str, restart: int) -> str:
@@ -68,7 +69,7 @@ def log_section(text: str, job: str, restart: int) -> str:
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Every complete JSON line (a line cut by a killed writer is skipped)."""
+    """Every complete JSON object line (a line cut by a killed writer, or anything but an object, is skipped)."""
     try:
         lines = path.read_text(errors="replace").splitlines()
     except OSError:
@@ -76,9 +77,11 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     out = []
     for line in lines:
         try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
+            record = json.loads(line)
+        except (ValueError, RecursionError):  # JSONDecodeError, or nested too deeply
             continue
+        if isinstance(record, dict):
+            out.append(record)
     return out
 
 
@@ -117,9 +120,10 @@ class RunFolder:
 
     def layout(self) -> dict[str, Any] | None:
         try:
-            return json.loads((self.path / LAYOUT).read_text())
-        except (OSError, json.JSONDecodeError):
+            data = json.loads((self.path / LAYOUT).read_text())
+        except (OSError, ValueError, RecursionError):
             return None
+        return data if isinstance(data, dict) else None
 
     def jobs(self) -> list[dict[str, Any]]:
         """Submissions, oldest first, with a local launch's end record merged into its start record."""
@@ -151,11 +155,13 @@ class RunFolder:
         return read_jsonl(self.path / METRICS)
 
     def steps(self) -> list[dict[str, Any]]:
-        """Step records (no event lines); after a restart from an earlier step, the later record of a step wins."""
+        """Step records (no event lines, none without an integer step); after a restart from an earlier step, the
+        later record of a step wins."""
         by_step: dict[int, dict[str, Any]] = {}
         for rec in self.metrics():
-            if "step" in rec and "event" not in rec:
-                by_step[int(rec["step"])] = rec
+            step = rec.get("step")
+            if isinstance(step, int) and not isinstance(step, bool) and "event" not in rec:
+                by_step[step] = rec
         return [by_step[s] for s in sorted(by_step)]
 
     def wandb_id(self) -> str | None:

@@ -64,7 +64,7 @@ def read(run_dir: str | Path) -> dict[str, Any] | None:
         data = json.loads((Path(run_dir) / LOCK_FILE).read_text())
     except FileNotFoundError:
         return None
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return {}  # unreadable: treat as stale
     return data if isinstance(data, dict) else {}
 
