@@ -14,8 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from conftest import popen_cli, run_cli
 
+from hpcmega.cli import main
 from hpcmega.config import load_config
 from hpcmega.errors import ConfigError
 from hpcmega.data.index import DataError
@@ -46,6 +48,11 @@ def _write_jsonl(path: Path, docs: list[str], opener=open) -> Path:
 
 def _files(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def _cli(args: list) -> object:
+    """`hpcmega ARGS` in this process (no interpreter start-up): exit_code, stdout, stderr."""
+    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def _stream(out: Path) -> list[int]:
@@ -180,17 +187,17 @@ def test_bad_rows_are_skipped_and_counted_or_fail_with_strict(tmp_path):
              json.dumps({"text": 7}), json.dumps({"text": "good two"})]
     src = tmp_path / "c.jsonl"
     src.write_bytes(("\n".join(lines) + "\n").encode() + b'{"text": "bad \xff utf8"}\n')
-    ok = run_cli(["data", "prepare", "--source", src, "--out", tmp_path / "ds", "--val-fraction", "0"])
-    assert ok.returncode == 0, ok.stderr
+    ok = _cli(["data", "prepare", "--source", src, "--out", tmp_path / "ds", "--val-fraction", "0"])
+    assert ok.exit_code == 0, ok.stderr
     index = json.loads((tmp_path / "ds" / "index.json").read_text())
     assert index["documents"] == 2
     assert index["bad_rows"] == {"invalid UTF-8": 1, "no text in field 'text'": 2, "not JSON": 1}
     assert "skipped 4 bad row(s)" in ok.stdout.splitlines()[-1]
-    strict = run_cli(["data", "prepare", "--source", src, "--out", tmp_path / "strict", "--strict"])
-    assert strict.returncode == 2 and "c.jsonl at byte 21: not JSON" in strict.stderr, strict.stderr
+    strict = _cli(["data", "prepare", "--source", src, "--out", tmp_path / "strict", "--strict"])
+    assert strict.exit_code == 2 and "c.jsonl at byte 21: not JSON" in strict.stderr, strict.stderr
     assert "Traceback" not in strict.stderr and not (tmp_path / "strict").exists()
-    other = run_cli(["data", "prepare", "--source", src, "--out", tmp_path / "f", "--text-field", "body"])
-    assert other.returncode == 0 and json.loads((tmp_path / "f" / "index.json").read_text())["documents"] == 1
+    other = _cli(["data", "prepare", "--source", src, "--out", tmp_path / "f", "--text-field", "body"])
+    assert other.exit_code == 0 and json.loads((tmp_path / "f" / "index.json").read_text())["documents"] == 1
 
 
 @pytest.mark.parametrize("case,words", [
@@ -219,8 +226,8 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, case, words)
         (src / "c.jsonl.gz").write_bytes(b"this is not gzip data" * 10)
     else:
         pq.write_table(pa.table({"content": ["a", "b"]}), src / "d.parquet")
-    result = run_cli(["data", "prepare", "--source", src, "--out", tmp_path / "out", *extra])
-    assert result.returncode == 2, result.stdout + result.stderr
+    result = _cli(["data", "prepare", "--source", src, "--out", tmp_path / "out", *extra])
+    assert result.exit_code == 2, result.stdout + result.stderr
     assert all(w in result.stderr for w in words) and "Traceback" not in result.stderr, result.stderr
     assert not (tmp_path / "out").exists()
 

@@ -9,7 +9,9 @@ A *piece* is the unit of work a tokenizer process takes: a byte range of an unco
 starts by the reader, so no line is read twice or lost), one row group of a parquet file, or a whole compressed
 file (which cannot be entered in the middle). Pieces depend only on the inputs and ``piece_bytes``, never on the
 number of workers or nodes, which is what makes the output identical however the work is spread. A piece is read
-in batches of about ``BATCH_BYTES`` of text, so memory per worker stays bounded whatever the piece's size.
+in batches of about ``BATCH_BYTES`` of text, so memory per worker stays bounded whatever the piece's size. (A .txt
+document longer than a batch is therefore tokenized in line-aligned parts: its text round-trips exactly, but the
+ids next to a cut may differ from tokenizing it whole, e.g. a newline followed by indentation.)
 
 A bad row (not JSON, no text field, text that is not a string, invalid UTF-8) is skipped and counted by reason; with
 ``strict`` it stops the prepare with one line naming the file and byte offset.

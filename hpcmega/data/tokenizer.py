@@ -102,7 +102,8 @@ class Gpt2Tokenizer(Tokenizer):
         return _sha256_files(tokenizer_files().values())
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return gpt2_encoding().encode_ordinary_batch(texts, num_threads=1)
+        enc = gpt2_encoding()  # one call per text: tiktoken's own batch call starts a thread pool each time
+        return [enc.encode_ordinary(t) for t in texts]
 
     def decode(self, ids) -> str:
         return decode(ids)
