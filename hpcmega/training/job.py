@@ -179,8 +179,9 @@ def failure_line(error: BaseException) -> str | None:
 
 def exit_now(code: int) -> NoReturn:
     """End this rank process without interpreter finalization. torch leaves gloo's C++ threads (and the TCPStore's)
-    running after destroy_process_group; tearing the interpreter down around them is where ranks aborted after
-    finishing (``terminate called without an active exception``, heap corruption), and it took 8-10 s."""
+    running after destroy_process_group; finalizing the interpreter and running C++ static destructors around live
+    native threads is the usual cause of aborts after a finished run (``terminate called without an active
+    exception``, heap corruption at exit)."""
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
