@@ -28,12 +28,21 @@ def _normalise(state: str) -> str:
     return state.split()[0].rstrip("+") if state.strip() else "UNKNOWN"
 
 
+@dataclass(frozen=True)
+class SchedulerTrouble:
+    """What refresh_slurm_states found wrong with SLURM: the one line to show, and whether squeue still answers
+    (controller up, accounting down: states come from squeue; controller down: UNKNOWN)."""
+
+    note: str
+    queue_answers: bool
+
+
 @dataclass
 class Job:
     """One submission of the run (a SLURM job or a local launch), as recorded in jobs.jsonl."""
 
     record: dict[str, Any]
-    unreachable: str | None = None  # set by refresh_slurm_states: why SLURM cannot be asked (then UNKNOWN)
+    trouble: SchedulerTrouble | None = None  # set by refresh_slurm_states when SLURM cannot be asked as usual
 
     @property
     def job_id(self) -> str:
@@ -74,18 +83,18 @@ class Job:
                 return "COMPLETED" if code == 0 else "CANCELLED" if code in (128 + signal.SIGINT,
                                                                            128 + signal.SIGTERM) else "FAILED"
             return "RUNNING" if self._local_alive() else "LOST"  # the launcher died without recording an end
-        if self.unreachable:
-            return "UNKNOWN"
         from hpcmega.cluster import slurm
 
+        if self.trouble:
+            return slurm.job_state(self.job_id) if self.trouble.queue_answers else "UNKNOWN"
         state = _normalise(self.submitit_job().watcher.get_state(self.job_id, mode="cache"))
         return state if state != "UNKNOWN" else slurm.job_state(self.job_id)
 
     def exit_code(self) -> str:
         if self.kind == "local":
             return str(self.record.get("exit_code", ""))
-        if self.unreachable:
-            return ""
+        if self.trouble:
+            return ""  # only accounting (sacct) knows it
         from hpcmega.cluster import slurm
 
         return slurm.job_exit_code(self.job_id)
@@ -99,22 +108,25 @@ class Job:
             self.submitit_job().cancel(check=True)
 
 
-def refresh_slurm_states(jobs: list[Job]) -> str | None:
-    """One sacct call (submitit's watcher) for all SLURM jobs about to be shown. With the SLURM controller down:
-    no call (sacct/squeue would print raw errors and retry for many seconds); the jobs are marked unreachable
-    and the one-line reason is returned ("SLURM controller unreachable: ...")."""
+def refresh_slurm_states(jobs: list[Job]) -> SchedulerTrouble | None:
+    """One sacct call (submitit's watcher) for all SLURM jobs about to be shown. When SLURM cannot answer --
+    controller down (squeue would retry for ~18 s), or accounting down (sacct and submitit print raw errors) --
+    the jobs are marked with what is wrong, in one line ("SLURM controller unreachable: ..."), which is returned."""
     mine = [j for j in jobs if j.kind == "slurm" and j.record.get("folder")]
     if not mine:
         return None
-    from hpcmega.cluster.slurm import controller_problem
+    from hpcmega.cluster.slurm import accounting_problem, controller_problem
 
-    problem = controller_problem()
-    if problem:
-        for job in mine:
-            job.unreachable = f"SLURM controller unreachable: {problem}"
-        return mine[0].unreachable
-    mine[0].submitit_job().watcher.update()
-    return None
+    trouble = None
+    if problem := controller_problem():
+        trouble = SchedulerTrouble(f"SLURM controller unreachable: {problem}; job states are UNKNOWN", False)
+    elif problem := accounting_problem([j.job_id for j in mine]):
+        trouble = SchedulerTrouble(f"SLURM accounting unreachable: {problem}; job states from squeue", True)
+    else:
+        mine[0].submitit_job().watcher.update()
+    for job in mine:
+        job.trouble = trouble
+    return trouble
 
 
 @dataclass
@@ -129,7 +141,7 @@ class RunStatus:
     elapsed_s: float | None = None
     eta_s: float | None = None
     updated: float = 0.0
-    scheduler: str | None = None  # why the job's SLURM state is unknown (controller unreachable), if it is
+    trouble: SchedulerTrouble | None = None  # what kept SLURM from answering as usual, if anything
 
     @property
     def attempt(self) -> int:
@@ -145,15 +157,15 @@ def progress(records: list[dict[str, Any]], steps: int) -> tuple[float | None, f
     return sum(times), eta_s(times, steps - records[-1]["step"])
 
 
-def run_status(run: RunFolder, refresh: bool = True, scheduler: str | None = None) -> RunStatus:
+def run_status(run: RunFolder, refresh: bool = True, trouble: SchedulerTrouble | None = None) -> RunStatus:
     """The run's status; ``refresh``: ask SLURM for its job's state first (`ls` asks once for all runs and passes
-    what it found out: ``scheduler``, the one-line reason SLURM could not be asked)."""
+    what it found: ``trouble``)."""
     jobs = [Job(r) for r in run.jobs()]
     job = jobs[-1] if jobs else None
     if job is not None and refresh:
-        scheduler = refresh_slurm_states([job])
+        trouble = refresh_slurm_states([job])
     elif job is not None and job.kind == "slurm":
-        job.unreachable = scheduler
+        job.trouble = trouble
     state = job.state() if job is not None else "UNKNOWN"
     try:
         steps = run.config().train.steps
@@ -164,7 +176,7 @@ def run_status(run: RunFolder, refresh: bool = True, scheduler: str | None = Non
     last = records[-1] if records else {}
     return RunStatus(run=run, job=job, state=state, step=int(last.get("step", 0)), steps=steps,
                      loss=last.get("loss"), attempts=run.attempts(), elapsed_s=elapsed,
-                     eta_s=eta if state in ACTIVE else None, updated=run.updated(), scheduler=scheduler)
+                     eta_s=eta if state in ACTIVE else None, updated=run.updated(), trouble=trouble)
 
 
 def ago(t: float) -> str:

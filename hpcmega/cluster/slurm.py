@@ -308,6 +308,23 @@ def controller_problem(timeout: float = 15) -> str | None:
     return lines[0] if lines else f"scontrol ping exited with {out.returncode}"
 
 
+def accounting_problem(job_ids: list[str], timeout: float = 30) -> str | None:
+    """None when sacct answers for ``job_ids``; else its error, in one line (slurmdbd down, accounting off)."""
+    if not shutil.which("sacct"):
+        return "sacct not found"
+    try:
+        out = subprocess.run(["sacct", "-n", "-X", "-o", "JobID", "-j", ",".join(job_ids)], capture_output=True,
+                             text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return f"sacct gave no answer in {timeout:g} s"
+    except OSError as e:
+        return f"sacct: {e}"
+    if out.returncode == 0:
+        return None
+    lines = [line.strip() for line in out.stderr.splitlines() if line.strip()]
+    return lines[-1] if lines else f"sacct exited with {out.returncode}"
+
+
 def job_exit_code(job_id: str) -> str:
     out = _run(["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "ExitCode"]).split()
     return out[0] if out else ""

@@ -44,15 +44,15 @@ def ls(runs_dir: str) -> None:
     runs = find_runs(runs_dir) if Path(runs_dir).is_dir() else []
     if not runs:
         raise click.UsageError(f"no run folders under {runs_dir}; start one with `hpcmega run` or `hpcmega submit`")
-    scheduler = refresh_slurm_states([Job(r.jobs()[-1]) for r in runs if r.jobs()])
-    if scheduler:
-        click.echo(f"warning: {scheduler}; SLURM job states are UNKNOWN", err=True)
+    trouble = refresh_slurm_states([Job(r.jobs()[-1]) for r in runs if r.jobs()])
+    if trouble:
+        click.echo(f"warning: {trouble.note}", err=True)
     rows = [("RUN", "JOB", "STATE", "STEP", "LOSS", "ATTEMPT", "ELAPSED", "ETA", "UPDATED")]
     for run in runs:
         name = str(run.path.relative_to(Path(runs_dir).absolute())) if run.path != Path(runs_dir).absolute() \
             else run.name
         try:
-            s = run_status(run, refresh=False, scheduler=scheduler)
+            s = run_status(run, refresh=False, trouble=trouble)
             rows.append((name, s.job.job_id if s.job else "-", s.state, f"{s.step}/{s.steps}", _loss(s.loss),
                          str(s.attempt), duration(s.elapsed_s), duration(s.eta_s), ago(s.updated)))
         except DAMAGE as e:  # one damaged folder must not hide every other run
@@ -74,8 +74,8 @@ def status(run: str) -> None:
         rows = _status_rows(folder, s)
     except DAMAGE as e:
         raise click.ClickException(f"{folder.path}: {damage(e)}") from None
-    if s.scheduler:
-        click.echo(f"warning: {s.scheduler}; the job's state is UNKNOWN", err=True)
+    if s.trouble:
+        click.echo(f"warning: {s.trouble.note}", err=True)
     for key, value in rows:
         click.echo(f"{key:<11}{value}")
 
