@@ -739,6 +739,9 @@ REFUSED_UP_FRONT: list[tuple[list[str], str]] = [
     ([*RUN, "--run-dir", "{T}/" + "r" * 300], "is 300 bytes; the filesystem takes 255"),
     ([*RUN, "--run-dir", "{T}/loop/run"], "Symlink loop"),
     ([*RUN, "--run-dir", "{T}/bad\udcff"], "is not UTF-8 text"),
+    (["run", "--nproc", BIG, "--cpu"], "is not in the range 1<=x<=1024"),
+    (["resume", "{T}/runs/done", "--nproc", BIG], "is not in the range 1<=x<=1024"),
+    (["ls", "{T}/" + "r" * 300], "File name too long"),
     # sample / ckpt export / plot
     (["sample", "bogus://bucket/run"], "unknown storage protocol 'bogus://'"),
     (["sample", "s3://bucket/run"], "no AWS credentials"),
@@ -747,6 +750,7 @@ REFUSED_UP_FRONT: list[tuple[list[str], str]] = [
     (["sample", "{T}/runs/done", "--temperature", "nan"], "'nan' is not a finite number"),
     (["sample", "{T}/runs/done", "--temperature", "inf"], "'inf' is not a finite number"),
     (["sample", "{T}/runs/done", "--seed", str(2**70)], "is not in the range 0<=x<=9223372036854775807"),
+    (["sample", "{T}/runs/done", "--max-new-tokens", BIG], "is not in the range 1<=x<=4194304"),
     (["plot", "{T}/runs/done", "--out", "{T}/no-such-folder/loss.png"], "no-such-folder does not exist"),
     (["plot", "{T}/runs/done", "--out", "{T}/loss.txt"], "name a .png"),
 ]
@@ -788,7 +792,8 @@ def test_bad_values_are_refused_in_one_line_before_anything_is_written(tmp_path,
 
 def test_hostile_corpus_of_issue_19_covers_every_command():
     commands = {args[0] for args, _ in REFUSED_UP_FRONT}
-    assert commands == {"plan", "submit", "run", "sample", "ckpt", "plot"} and len(REFUSED_UP_FRONT) >= 55
+    assert commands == {"plan", "submit", "run", "resume", "ls", "sample", "ckpt", "plot"}
+    assert len(REFUSED_UP_FRONT) >= 64
 
 
 def test_bounds_are_declared_with_the_fields():

@@ -29,8 +29,8 @@ def ls(url: str, as_json: bool) -> None:
     from hpcmega.checkpoint.store import list_checkpoints
     from hpcmega.runs.files import checkpoints_of
 
-    url = checkpoints_of(url)
     try:
+        url = checkpoints_of(url)
         infos = list_checkpoints(url)
     except Exception as e:  # storage errors are many types across fsspec backends
         raise _storage_error(url, e) from None

@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from hpcmega.commands.options import config_options, flag_layer, resolve
+from hpcmega.config import MAX_GPUS_PER_NODE
 
 
 def _layout_text(cfg) -> str:
@@ -17,7 +18,7 @@ def _layout_text(cfg) -> str:
 
 @click.command("resume")
 @click.argument("run", type=click.Path(exists=True, file_okay=False))
-@click.option("--nproc", type=click.IntRange(min=1), help="Local runs: ranks on this machine (default: as before).")
+@click.option("--nproc", type=click.IntRange(1, MAX_GPUS_PER_NODE), help="Local runs: ranks on this machine (default: as before).")
 @click.option("--dry-run", is_flag=True, help="Show the old and new layout and the sbatch script; start nothing.")
 @click.option("--wait", "wait_", is_flag=True, help="SLURM runs: block until the job ends.")
 @click.option("--no-memory-check", is_flag=True, help="Do not refuse a layout that does not fit GPU memory.")

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from hpcmega.commands.options import pass_config
+from hpcmega.config import MAX_GPUS_PER_NODE
 
 
 def _cuda_devices() -> int:
@@ -16,7 +17,8 @@ def _cuda_devices() -> int:
 
 
 @click.command("run")
-@click.option("--nproc", type=click.IntRange(min=1), required=True, help="Ranks to start on this machine.")
+@click.option("--nproc", type=click.IntRange(1, MAX_GPUS_PER_NODE), required=True,
+              help="Ranks to start on this machine.")
 @click.option("--cpu", "force_cpu", is_flag=True, help="Use CPU ranks with gloo even if GPUs are present.")
 @click.option("--run-dir", type=click.Path(file_okay=False), help="Run folder (default: runs/<time>-<name>).")
 @pass_config(with_cluster=False)

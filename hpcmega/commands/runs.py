@@ -41,7 +41,10 @@ def ls(runs_dir: str) -> None:
     from hpcmega.runs.progress import duration
     from hpcmega.cluster.jobs import Job, ago, refresh_slurm_states, run_status
 
-    runs = find_runs(runs_dir) if Path(runs_dir).is_dir() else []
+    try:
+        runs = find_runs(runs_dir) if Path(runs_dir).is_dir() else []
+    except OSError as e:  # a name too long, a folder that cannot be read
+        raise click.UsageError(f"cannot read {runs_dir[:80]}: {e.strerror or e}") from None
     if not runs:
         raise click.UsageError(f"no run folders under {runs_dir}; start one with `hpcmega run` or `hpcmega submit`")
     trouble = refresh_slurm_states([Job(r.jobs()[-1]) for r in runs if r.jobs()])

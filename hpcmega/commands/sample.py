@@ -4,12 +4,13 @@ from __future__ import annotations
 import click
 
 from hpcmega.commands.options import SEED, Finite, field_option
+from hpcmega.config import MAX_SEQ
 
 
 @click.command("sample")
 @click.argument("target", metavar="RUN")
 @click.option("--prompt", default="", help="Text to continue (default: the start of a new document).")
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(1, MAX_SEQ), default=100, show_default=True)
 @click.option("--temperature", type=Finite(min=0), default=0.8, show_default=True,
               help="0 = greedy (always the most likely token).")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the sampling: same seed, same text.")
