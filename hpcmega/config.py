@@ -126,11 +126,10 @@ class ModelConfig:
 
 @dataclass
 class ParallelConfig:
-    tp: int = setting(1, "Tensor-parallel size (inside one node / NVLink domain).", ge=1,
-                     le=MAX_GPUS_PER_NODE * MAX_NODES)
+    tp: int = setting(1, "Tensor-parallel size (inside one node / NVLink domain).", ge=1, le=MAX_WORLD)
     pp: int = setting(1, "Pipeline-parallel size.", ge=1, le=MAX_LAYERS)
-    dp: int = setting(0, "Data-parallel size; must equal world / (tp x pp).", ge=0,
-                     le=MAX_GPUS_PER_NODE * MAX_NODES, zero="derived")
+    dp: int = setting(0, "Data-parallel size; must equal world / (tp x pp).", ge=0, le=MAX_WORLD,
+                      zero="derived")
     data_parallel: str = setting("fsdp", "How dp ranks hold the model: fsdp = FSDP2 shards parameters, gradients and "
                                          "optimizer state over dp; replicate = a full copy per rank, gradients "
                                          "all-reduced once per step (needs tp = pp = 1).",
