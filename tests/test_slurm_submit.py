@@ -130,8 +130,10 @@ def test_refusals_exit_2_before_anything_is_written(tmp_path):
 
 @pytest.mark.slurm
 def test_a_failing_job_makes_wait_exit_nonzero(slurm_cluster, tmp_path):
-    """A rank dies mid-training (SIGKILL, as the OOM killer does): srun ends the step, the job FAILS, and
-    `submit --wait` reports it, shows the end of rank 0's log (naming the dead task) and exits non-zero."""
+    """A rank dies mid-training (SIGKILL, as the OOM killer does) before the first checkpoint: srun ends the step,
+    nothing can be resumed so the job is not restarted (hpcmega.cluster.restarts), the job FAILS, and `submit
+    --wait` reports it, shows the end of rank 0's log (naming the dead task and why it was not restarted) and
+    exits non-zero."""
     run_dir, log = tmp_path / "run", tmp_path / "submit.out"
     proc = popen_cli(["submit", "--nodes", "2", "--gpus-per-node", "2", "--tp", "2", "--pp", "2", "--steps",
                       "100000", *SMALL, "--wait", "--run-dir", run_dir], output=log, cwd=tmp_path)
@@ -161,6 +163,7 @@ def test_a_failing_job_makes_wait_exit_nonzero(slurm_cluster, tmp_path):
     job_id = _job_id(out)
     assert f"job {job_id} finished: FAILED" in out
     assert "last lines of rank 0's log" in out and "task 1: Killed" in out
+    assert "no intact checkpoint to resume from yet: not restarted" in out, out
 
 
 @pytest.mark.slurm
