@@ -742,6 +742,8 @@ REFUSED_UP_FRONT: list[tuple[list[str], str]] = [
     (["run", "--nproc", BIG, "--cpu"], "is not in the range 1<=x<=1024"),
     (["resume", "{T}/runs/done", "--nproc", BIG], "is not in the range 1<=x<=1024"),
     (["ls", "{T}/" + "r" * 300], "File name too long"),
+    (["bench", "--steps", BIG], "is not in the range 1<=x<=1000000"),
+    (["bench", "--repeats", BIG], "is not in the range 1<=x<=1000"),
     # sample / ckpt export / plot
     (["sample", "bogus://bucket/run"], "unknown storage protocol 'bogus://'"),
     (["sample", "s3://bucket/run"], "no AWS credentials"),
@@ -792,8 +794,8 @@ def test_bad_values_are_refused_in_one_line_before_anything_is_written(tmp_path,
 
 def test_hostile_corpus_of_issue_19_covers_every_command():
     commands = {args[0] for args, _ in REFUSED_UP_FRONT}
-    assert commands == {"plan", "submit", "run", "resume", "ls", "sample", "ckpt", "plot"}
-    assert len(REFUSED_UP_FRONT) >= 64
+    assert commands == {"plan", "submit", "run", "resume", "ls", "bench", "sample", "ckpt", "plot"}
+    assert len(REFUSED_UP_FRONT) >= 66
 
 
 def test_bounds_are_declared_with_the_fields():

@@ -5,6 +5,8 @@ import json
 
 import click
 
+from hpcmega.config import MAX_COUNT
+
 
 def _fmt(x, spec: str) -> str:
     return "" if x is None else format(x, spec)
@@ -48,9 +50,11 @@ def _print_gpu(rows: list[dict]) -> None:
 
 
 @click.command("bench")
-@click.option("--steps", type=click.IntRange(min=1), default=3, show_default=True, help="Measured steps per run.")
-@click.option("--warmup", type=click.IntRange(min=0), default=2, show_default=True, help="Unmeasured first steps.")
-@click.option("--repeats", type=click.IntRange(min=1), default=1, show_default=True, help="Interleaved repeats.")
+@click.option("--steps", type=click.IntRange(1, MAX_COUNT), default=3, show_default=True,
+              help="Measured steps per run.")
+@click.option("--warmup", type=click.IntRange(0, MAX_COUNT), default=2, show_default=True,
+              help="Unmeasured first steps.")
+@click.option("--repeats", type=click.IntRange(1, 1000), default=1, show_default=True, help="Interleaved repeats.")
 @click.option("--only", multiple=True, help="Run only cases whose name contains this (baselines are kept).")
 @click.option("--comm", is_flag=True, help="Measure bytes per step per mesh dimension and collective instead of "
                                            "time, against the planner's count.")
