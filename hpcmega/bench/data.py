@@ -5,7 +5,9 @@ every machine), measures the tokenizer's own speed on one core in this process (
 the corpus's first documents, no reading, no writing) right before each run, then runs ``hpcmega data prepare`` on each corpus as a user
 would (a separate process with its worker pool) while sampling the resident memory of its whole process tree from
 /proc every 50 ms. Reports, per corpus: input MB/s, tokens/s, the ratio of tokens/s to workers x one-core tokens/s,
-and the peak RSS of the tree. The goals (issue 17): ratio >= 0.8, peak <= 1 GiB, and the peak of the largest corpus
+the peak RSS of the tree, and the CPU efficiency (tokens per CPU second of the whole process tree over the
+tokenizer's alone: what the ratio would be if every worker had a core of its own, which on a shared machine wall
+time cannot show). The goals (issue 17): ratio >= 0.8, peak <= 1 GiB, and the peak of the largest corpus
 within 10% of the smallest one's (memory does not grow with the corpus).
 """
 from __future__ import annotations
@@ -14,6 +16,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import shutil
 import subprocess
 import sys
@@ -64,11 +67,12 @@ def one_core_speed(corpus: Path, tokenizer: str, sample_mb: int = 16) -> dict:
                 if total >= sample_mb * 1_000_000:
                     break
     tok.encode_batch(batches[0][:10])  # warm-up
-    start, tokens = time.perf_counter(), 0
+    start, cpu, tokens = time.perf_counter(), time.process_time(), 0
     for b in batches:
         tokens += sum(len(ids) for ids in tok.encode_batch(b))
-    secs = time.perf_counter() - start
-    return {"tokens_per_s": tokens / secs, "text_mb_per_s": total / 1e6 / secs, "sample_mb": total / 1e6}
+    secs, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return {"tokens_per_s": tokens / secs, "tokens_per_cpu_s": tokens / cpu, "text_mb_per_s": total / 1e6 / secs,
+            "sample_mb": total / 1e6}
 
 
 def _tree_rss(root: int) -> int:
@@ -97,6 +101,7 @@ def run_prepare(corpus: Path, out: Path, tokenizer: str, workers: int) -> dict:
     cmd = [sys.executable, "-c", "from hpcmega.cli import main; main()", "data", "prepare", "--source", str(corpus),
            "--out", str(out), "--tokenizer", tokenizer, "--workers", str(workers), "--force"]
     peak, done = [0], threading.Event()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -109,13 +114,16 @@ def run_prepare(corpus: Path, out: Path, tokenizer: str, workers: int) -> dict:
     sampler.start()
     stdout, stderr = proc.communicate()
     secs = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the prepare and its (joined) workers
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     done.set()
     sampler.join()
     if proc.returncode:
         raise SystemExit(f"data prepare failed ({proc.returncode}):\n{stderr[-2000:]}")
     index = json.loads((out / "index.json").read_text())
     tokens = index["tokens"] + index["val_tokens"]
-    return {"seconds": secs, "tokens": tokens, "tokens_per_s": tokens / secs,
+    return {"seconds": secs, "cpu_seconds": cpu, "tokens": tokens, "tokens_per_s": tokens / secs,
+            "tokens_per_cpu_s": tokens / cpu,
             "input_mb_per_s": corpus.stat().st_size / 1e6 / secs, "peak_rss_mib": peak[0] / 2**20,
             "summary": stdout.strip().splitlines()[-1]}
 
@@ -144,11 +152,13 @@ def main(argv: list[str] | None = None) -> int:
                   f"({c['text_mb_per_s']:.2f} text MB/s on {c['sample_mb']:.0f} MB)", flush=True)
             r = run_prepare(corpus, work / f"out-{mb}mb", args.tokenizer, workers)
             r["one_core"], r["ratio"] = c, r["tokens_per_s"] / (workers * c["tokens_per_s"])
+            r["cpu_efficiency"] = r["tokens_per_cpu_s"] / c["tokens_per_cpu_s"]
             results["corpora"][mb] = r
             print(f"{corpus.stat().st_size / 1e6:.0f} MB jsonl: {r['input_mb_per_s']:.2f} MB/s, "
                   f"{r['tokens_per_s']:,.0f} tokens/s = {r['ratio']:.2f} x workers x one core "
                   f"(goal >= {GOAL_RATIO}), peak RSS {r['peak_rss_mib']:.0f} MiB (goal <= {GOAL_PEAK_GIB:.0f} GiB), "
-                  f"{r['seconds']:.1f}s", flush=True)
+                  f"{r['seconds']:.1f}s; CPU efficiency {r['cpu_efficiency']:.2f} (tokens per CPU second of the "
+                  f"whole tree / of the tokenizer alone)", flush=True)
     finally:
         if not args.dir:
             shutil.rmtree(work, ignore_errors=True)

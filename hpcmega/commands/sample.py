@@ -33,11 +33,10 @@ def sample(target: str, prompt: str, max_new_tokens: int, temperature: float, se
     try:
         storage_filesystem(target, "RUN")  # unknown protocol, missing package or s3 credentials: one line
         info = find_checkpoint(target, step, bool(trust))
-        from hpcmega.inference.load import load_model
-        from hpcmega.inference.sample import sample_text
-
         from hpcmega.data.index import data_tokenizer
         from hpcmega.data.tokenizer import load_tokenizer
+        from hpcmega.inference.load import load_model
+        from hpcmega.inference.sample import sample_text
 
         model, cfg = load_model(info)
         tok = load_tokenizer(tokenizer) if tokenizer else data_tokenizer(cfg.train.data)
