@@ -128,6 +128,13 @@ def run_prepare(corpus: Path, out: Path, tokenizer: str, workers: int) -> dict:
             "summary": stdout.strip().splitlines()[-1]}
 
 
+def _autogroup() -> bool:
+    try:
+        return Path("/proc/sys/kernel/sched_autogroup_enabled").read_text().strip() == "1"
+    except OSError:
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hpcmega.bench.data", description=__doc__.split("\n\n")[0])
     parser.add_argument("--mb", type=int, nargs="+", default=[100, 500], help="corpus sizes, MB (1e6 bytes)")
@@ -153,11 +160,12 @@ def main(argv: list[str] | None = None) -> int:
             r = run_prepare(corpus, work / f"out-{mb}mb", args.tokenizer, workers)
             r["one_core"], r["ratio"] = c, r["tokens_per_s"] / (workers * c["tokens_per_s"])
             r["cpu_efficiency"] = r["tokens_per_cpu_s"] / c["tokens_per_cpu_s"]
+            r["cores_used"] = r["cpu_seconds"] / r["seconds"]
             results["corpora"][mb] = r
             print(f"{corpus.stat().st_size / 1e6:.0f} MB jsonl: {r['input_mb_per_s']:.2f} MB/s, "
                   f"{r['tokens_per_s']:,.0f} tokens/s = {r['ratio']:.2f} x workers x one core "
                   f"(goal >= {GOAL_RATIO}), peak RSS {r['peak_rss_mib']:.0f} MiB (goal <= {GOAL_PEAK_GIB:.0f} GiB), "
-                  f"{r['seconds']:.1f}s; CPU efficiency {r['cpu_efficiency']:.2f} (tokens per CPU second of the "
+                  f"{r['seconds']:.1f}s using {r['cores_used']:.2f} cores on average; CPU efficiency {r['cpu_efficiency']:.2f} (tokens per CPU second of the "
                   f"whole tree / of the tokenizer alone)", flush=True)
     finally:
         if not args.dir:
@@ -165,6 +173,10 @@ def main(argv: list[str] | None = None) -> int:
     peaks = [r["peak_rss_mib"] for r in results["corpora"].values()]
     results["peak_growth"] = max(peaks) / min(peaks) - 1
     results["load_after"] = Path("/proc/loadavg").read_text().strip()
+    if _autogroup() and float(results["load_after"].split()[0]) > usable_cores():
+        print("note: the kernel schedules by autogroup (one CPU share per session, however many processes it runs) "
+              "and the machine is loaded: the wall-time ratio shows the session's share, not the code's scaling; "
+              "read the CPU efficiency")
     print(f"peak RSS, largest vs smallest corpus: {results['peak_growth']:+.1%} (goal within "
           f"{GOAL_PEAK_GROWTH:.0%}); load after: {results['load_after']}")
     if args.json_out:
