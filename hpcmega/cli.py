@@ -2,9 +2,13 @@
 `hpcmega --help` runs on login nodes and in every job script, so heavy imports live inside commands."""
 from __future__ import annotations
 
+import functools
+from typing import Any, Callable
+
 import click
 
 from hpcmega import __version__
+from hpcmega.errors import ConfigError
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -34,4 +38,26 @@ def _register() -> None:
                 register(main)
 
 
+def _config_errors_exit_2(callback: Callable[..., Any]) -> Callable[..., Any]:
+    """The one place a ConfigError becomes a CLI error: its one-line message, exit status 2 (click.UsageError,
+    raised inside the command so click shows which command's --help to read)."""
+    @functools.wraps(callback)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return callback(*args, **kwargs)
+        except ConfigError as e:
+            raise click.UsageError(str(e)) from None
+
+    return wrapper
+
+
+def _wrap_commands(group: click.Group) -> None:
+    for command in group.commands.values():
+        if command.callback is not None:
+            command.callback = _config_errors_exit_2(command.callback)
+        if isinstance(command, click.Group):
+            _wrap_commands(command)
+
+
 _register()
+_wrap_commands(main)

@@ -298,7 +298,12 @@ class Config:
     @property
     def microbatches(self) -> int:
         """Microbatches per step on one DP rank (pipeline microbatches or gradient-accumulation steps)."""
-        return self.parallel.microbatches or max(1, self.train.global_batch // max(1, self.dp * self.train.micro_batch))
+        return self.microbatches_for(self.dp)
+
+    def microbatches_for(self, dp: int) -> int:
+        """Microbatches per step on one rank of a data-parallel group of ``dp`` (the one rule; the ranks ask it
+        with their mesh's dp)."""
+        return self.parallel.microbatches or max(1, self.train.global_batch // max(1, dp * self.train.micro_batch))
 
     @property
     def stages_per_rank(self) -> int:

@@ -32,4 +32,4 @@ def test_one_process_stands_in_for_rank_5_of_64():
 def test_fake_store_is_imported_in_one_place_only():
     users = [p.relative_to(PACKAGE).as_posix() for p in PACKAGE.rglob("*.py")
              if "torch.testing._internal" in p.read_text()]
-    assert users == ["engine/fake_world.py"]
+    assert users == ["parallel/fake_world.py"]

@@ -328,6 +328,54 @@ def test_resume_refuses_another_model_naming_the_fields(tmp_path, one_rank):
     assert resume(trusted, CheckpointManager(str(tmp_path / "own")), app, print).step == 2
 
 
+
+def test_after_resuming_an_older_step_every_reader_names_the_same_latest_checkpoint(tmp_path, one_rank):
+    """Rollback: a run saves steps 2 and 4, is resumed from step 2 and saves step 3. The highest step is 4, but the
+    job continues from the newest save, step 3 -- and `resume --dry-run`, `status`, `ckpt ls` and the ranks'
+    auto-resume all name that one (before, `resume` and `status` named step 4 while the job loaded step 3). A local
+    resume also runs the pre-flight (a checkpoint of another model is refused, dry run included) and respects the
+    run-folder lock."""
+    import dataclasses
+
+    from hpcmega.checkpoint.store import CheckpointManager
+    from hpcmega.runs import lock as run_lock
+    from hpcmega.runs.files import RunFolder
+    from hpcmega.training.train import resume
+
+    make, cfg = one_rank
+    run = RunFolder(tmp_path / "run")
+    local = dataclasses.replace(cfg, run_dir=str(run.path), cluster=dataclasses.replace(cfg.cluster, cpu=True,
+                                                                                        gpus_per_node=1))
+    run.write_config(local.to_toml())
+    run.record_job({"job_id": "local-1", "kind": "local", "host": "elsewhere", "pid": 1, "exit_code": 0})
+    url = run.checkpoint_url(local)
+    trainer, app = make(tmp_path)
+    first = CheckpointManager(url)
+    first.begin(None)
+    _save_steps(first, trainer, app, [2, 4])
+    again = CheckpointManager(url)
+    again.begin(again.info(f"{url}/step-00000002"))
+    _save_steps(again, trainer, app, [3])
+    latest = f"{url}/step-00000003"
+
+    auto = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, resume="auto"))
+    assert resume(auto, CheckpointManager(url), app, print).url == latest  # what the ranks load
+    cli = CliRunner()
+    dry = cli.invoke(main, ["resume", str(run.path), "--dry-run"])
+    assert dry.exit_code == 0 and f"resume from: {latest} (step 3," in dry.output, dry.output
+    status = cli.invoke(main, ["status", str(run.path)])
+    assert "checkpoint step 3 (" in status.output and latest in status.output, status.output
+    listing = cli.invoke(main, ["ckpt", "ls", str(run.path)]).output
+    assert [line.split()[0] for line in listing.splitlines() if line.endswith("<- latest")] == ["3"], listing
+
+    other = cli.invoke(main, ["resume", str(run.path), "--dry-run", "--layers", "2"])
+    assert other.exit_code == 2 and "n_layers=4 (this run: 2)" in other.stderr, other.output
+    claim = run_lock.acquire(run.path)  # a live local run (this process) holds the folder
+    busy = cli.invoke(main, ["resume", str(run.path), "--dry-run"])
+    run_lock.release(run.path, claim)
+    assert busy.exit_code == 2 and "is in use by" in busy.stderr, busy.output
+
+
 # -- 8. late failures are found before anything is queued or written -------------------------------------------------
 RUN = ["run", "--nproc", "1", "--cpu", "--wandb", "disabled"]
 

@@ -1,10 +1,20 @@
 """Which checkpoint a user means: a step folder, a checkpoint folder, or a run folder (pure fsspec, no torch)."""
 from __future__ import annotations
 
-from hpcmega.checkpoint.store import MARKER, CheckpointInfo, by_save_order, list_checkpoints
+import os
+
+from hpcmega.checkpoint.store import MARKER, CheckpointInfo, by_save_order, latest_checkpoint, list_checkpoints
 from hpcmega.errors import ConfigError
 from hpcmega.checkpoint.rules import check_trusted
 from hpcmega.runs.files import checkpoints_of, enclosing_run
+
+
+def resume_target(value: str) -> str:
+    """``checkpoint.resume`` as a location, the one rule the pre-flight and the ranks apply: ``auto`` and ``none``
+    as they are, a URL as it is, a path made absolute."""
+    if value in ("auto", "none") or "://" in value:
+        return value
+    return os.path.abspath(value)
 
 
 def _is_step_folder(target: str) -> bool:
@@ -15,7 +25,8 @@ def _is_step_folder(target: str) -> bool:
 
 
 def find_checkpoint(target: str, step: int | None = None, trust: bool = False) -> CheckpointInfo:
-    """The newest intact save under ``target`` (the one ``--resume auto`` would take), or the newest of ``step``; a
+    """The latest checkpoint under ``target`` (:func:`latest_checkpoint`, what ``--resume auto`` takes), or the
+    newest save of ``step``; a
     step folder is taken as is. Damaged checkpoints (files not matching their manifest's sizes) are never chosen.
     Outside the checkpoint location of the run folder ``target`` is (or is in), only with ``trust``: loading it
     unpickles its DCP metadata (the rule of ``--resume``)."""
@@ -32,9 +43,9 @@ def _choose(target: str, step: int | None) -> CheckpointInfo:
     else:
         candidates = by_save_order(list_checkpoints(checkpoints_of(target)))
     usable = [i for i in candidates if i.usable]
-    chosen = [i for i in usable if step is None or i.step == step]
+    chosen = latest_checkpoint([i for i in candidates if step is None or i.step == step])
     if chosen:
-        return chosen[-1]
+        return chosen
     damaged = "".join(f"; {i.name} is DAMAGED ({i.damage})" for i in candidates if i.damage)
     if not usable:
         raise ConfigError(f"no complete, intact checkpoint under {target}{damaged}; give a run folder, "

@@ -192,6 +192,16 @@ def by_save_order(infos: list[CheckpointInfo]) -> list[CheckpointInfo]:
     return sorted((c for c in infos if c.complete), key=key)
 
 
+def latest_checkpoint(infos: list[CheckpointInfo]) -> CheckpointInfo | None:
+    """THE latest checkpoint of a location: the newest *save* that is complete and intact (sizes match its
+    manifest), or None. Every reader asks this one rule -- `resume`, `status`, `ckpt ls`, `sample`, `ckpt export`,
+    the pre-flight check and the ranks' ``--resume auto`` (which also verifies checksums and falls back past a
+    damaged one) -- so after resuming an older step they all name the new lineage's newest save, not the abandoned
+    timeline's higher step."""
+    usable = [c for c in by_save_order(infos) if c.usable]
+    return usable[-1] if usable else None
+
+
 def verify_checkpoint(url: str, checksums: bool = True, storage_options: dict | None = None) -> list[str]:
     """Everything wrong with one checkpoint folder (empty list = intact); no torch."""
     fs, path = _fs(url, storage_options)
@@ -324,9 +334,8 @@ class CheckpointManager:
         return list_checkpoints(self.url, self.storage_options)
 
     def latest(self) -> CheckpointInfo | None:
-        """The newest save that is complete and whose file sizes match its manifest."""
-        usable = [c for c in by_save_order(self.list()) if c.usable]
-        return usable[-1] if usable else None
+        """The latest checkpoint here (:func:`latest_checkpoint`)."""
+        return latest_checkpoint(self.list())
 
     # -- timeline --------------------------------------------------------------------------------------------------
     def begin(self, resumed: CheckpointInfo | None, attempt: int = 0) -> str | None:
@@ -442,7 +451,8 @@ class CheckpointManager:
 
     def resume_auto(self, app_state: dict[str, Any], say: Callable[[str], None],
                     check: Callable[[CheckpointInfo], None] = lambda info: None) -> CheckpointInfo | None:
-        """Load the newest intact checkpoint, reporting and skipping damaged ones (collective)."""
+        """Load the latest checkpoint (:func:`latest_checkpoint`: newest save first), verifying checksums too and
+        reporting and skipping damaged ones (collective)."""
         for info in reversed(by_save_order(self.list())):
             problems = self.problems(info)
             if problems:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hpcmega.cluster import slurm
 from hpcmega.errors import EXIT_UNFINISHED
 from hpcmega.runs.files import RunFolder
 from hpcmega.runs.progress import eta_s
@@ -21,11 +22,6 @@ from hpcmega.runs.progress import eta_s
 # States after which a job will not run again (the same set `submit --wait` uses).
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "COMPLETING", "CONFIGURING", "RESIZING", "SUSPENDED", "REQUEUE_HOLD",
           "REQUEUE_FED", "STOPPED", "SIGNALING", "STAGE_OUT"}
-
-
-def _normalise(state: str) -> str:
-    """'CANCELLED by 1000' -> 'CANCELLED', 'COMPLETED+' -> 'COMPLETED'."""
-    return state.split()[0].rstrip("+") if state.strip() else "UNKNOWN"
 
 
 @dataclass(frozen=True)
@@ -83,11 +79,9 @@ class Job:
                 return "COMPLETED" if code == 0 else "CANCELLED" if code in (128 + signal.SIGINT,
                                                                            128 + signal.SIGTERM) else "FAILED"
             return "RUNNING" if self._local_alive() else "LOST"  # the launcher died without recording an end
-        from hpcmega.cluster import slurm
-
         if self.trouble:
             return slurm.job_state(self.job_id) if self.trouble.queue_answers else "UNKNOWN"
-        state = _normalise(self.submitit_job().watcher.get_state(self.job_id, mode="cache"))
+        state = slurm.normalise_state(self.submitit_job().watcher.get_state(self.job_id, mode="cache"))
         return state if state != "UNKNOWN" else slurm.job_state(self.job_id)
 
     def exit_code(self) -> str:
@@ -95,8 +89,6 @@ class Job:
             return str(self.record.get("exit_code", ""))
         if self.trouble:
             return ""  # only accounting (sacct) knows it
-        from hpcmega.cluster import slurm
-
         return slurm.job_exit_code(self.job_id)
 
     def cancel(self) -> None:

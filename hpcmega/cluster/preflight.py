@@ -11,8 +11,9 @@ from pathlib import Path
 
 from hpcmega.config import Config
 from hpcmega.errors import ConfigError
+from hpcmega.checkpoint.locate import resume_target
 from hpcmega.checkpoint.rules import check_model_matches, check_trusted
-from hpcmega.checkpoint.store import by_save_order, list_checkpoints
+from hpcmega.checkpoint.store import latest_checkpoint, list_checkpoints
 from hpcmega.data.index import check_dataset
 from hpcmega.runs.files import RunFolder
 
@@ -83,11 +84,11 @@ def check_resume(cfg: Config, location: str) -> None:
         return
     if target == "auto":
         fs, root = storage_filesystem(location, "--ckpt-url")
-        usable = [c for c in by_save_order(list_checkpoints(location)) if c.usable] if fs.exists(root) else []
-        if usable:
-            check_model_matches(usable[-1].meta, cfg, usable[-1].url)
+        latest = latest_checkpoint(list_checkpoints(location)) if fs.exists(root) else None
+        if latest:
+            check_model_matches(latest.meta, cfg, latest.url)
         return
-    target = target if "://" in target else os.path.abspath(target)
+    target = resume_target(target)
     fs, path = storage_filesystem(target, "--resume")
     if not fs.exists(path.rstrip("/") + "/meta.json"):
         what = "is not a complete checkpoint (no meta.json)" if fs.exists(path) else "does not exist"

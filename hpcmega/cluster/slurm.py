@@ -288,7 +288,13 @@ def job_state(job_id: str) -> str:
     state = lines[0] if lines else ""
     if not state:
         state = _run(["squeue", "-h", "-j", job_id, "-o", "%T"]).strip()
-    return state.split()[0].rstrip("+") if state else "UNKNOWN"
+    return normalise_state(state)
+
+
+def normalise_state(state: str) -> str:
+    """A SLURM state as sacct/squeue/submitit print it -> its name: 'CANCELLED by 1000' -> 'CANCELLED',
+    'COMPLETED+' -> 'COMPLETED', '' -> 'UNKNOWN'."""
+    return state.split()[0].rstrip("+") if state.strip() else "UNKNOWN"
 
 
 def controller_problem(timeout: float = 15) -> str | None:

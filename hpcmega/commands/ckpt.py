@@ -25,8 +25,8 @@ def _storage_error(url: str, e: Exception) -> click.ClickException:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def ls(url: str, as_json: bool) -> None:
     """List step, layout, size and state (complete, INCOMPLETE, DAMAGED) of the checkpoints under URL (a run
-    folder works too: its checkpoints are listed)."""
-    from hpcmega.checkpoint.store import list_checkpoints
+    folder works too: its checkpoints are listed); the latest -- the one `resume` continues from -- is marked."""
+    from hpcmega.checkpoint.store import latest_checkpoint, list_checkpoints
     from hpcmega.runs.files import checkpoints_of
 
     try:
@@ -36,15 +36,17 @@ def ls(url: str, as_json: bool) -> None:
         raise _storage_error(url, e) from None
     if not infos:
         raise click.UsageError(f"no checkpoints (step-XXXXXXXX folders) under {url}; check the URL")
+    latest = latest_checkpoint(infos)
     if as_json:
-        click.echo(json.dumps([{k: v for k, v in i.to_json().items() if k != "meta"} for i in infos], indent=2))
+        click.echo(json.dumps([{**{k: v for k, v in i.to_json().items() if k != "meta"}, "latest": i is latest}
+                               for i in infos], indent=2))
         return
     click.echo(f"{'step':>8}  {'layout':<22}{'size':>10}  {'state':<10}  {'written':<19}  folder")
     for i in infos:
         stamp = i.meta.get("time")
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stamp)) if isinstance(stamp, (int, float)) else "-"
         click.echo(f"{i.step:>8}  {i.layout:<22}{i.size_bytes / 1e6:>8.1f}MB  {i.state:<10}  {when:<19}  {i.name}"
-                   + (f"  ({i.damage})" if i.damage else ""))
+                   + (f"  ({i.damage})" if i.damage else "") + ("  <- latest" if i is latest else ""))
 
 
 @ckpt_group.command("verify")

@@ -25,22 +25,18 @@ def export(target: str, out: str, fmt: str, step: int | None, trust: bool | None
     hpcmega ckpt export runs/shakespeare-tiny --to hf exported/
     python -c "import transformers; transformers.GPT2LMHeadModel.from_pretrained('exported')"
     """
-    from hpcmega.errors import ConfigError
     from hpcmega.checkpoint.locate import find_checkpoint
     from hpcmega.cluster.preflight import storage_filesystem
 
     if Path(out).is_dir() and any(Path(out).iterdir()) and not force:
         raise click.UsageError(f"{out} is not empty; pick a new folder or pass --force to overwrite files in it")
-    try:
-        storage_filesystem(target, "RUN_OR_CKPT")  # unknown protocol, missing package or s3 credentials: one line
-        info = find_checkpoint(target, step, bool(trust))
-        from hpcmega.models.gpt2.state_dict_adapter import export_hf
-        from hpcmega.inference.load import load_model
+    storage_filesystem(target, "RUN_OR_CKPT")  # unknown protocol, missing package or s3 credentials: one line
+    info = find_checkpoint(target, step, bool(trust))
+    from hpcmega.inference.load import load_model  # torch: only once the checkpoint is found
+    from hpcmega.models.gpt2.state_dict_adapter import export_hf
 
-        model, _ = load_model(info)
-        notes = export_hf(model, out)
-    except ConfigError as e:
-        raise click.UsageError(str(e)) from None
+    model, _ = load_model(info)
+    notes = export_hf(model, out)
     for note in notes:
         click.echo(f"note: {note}", err=True)
     click.echo(f"exported step {info.step} ({info.layout}) of {info.url} -> {out} (Hugging Face GPT-2)")

@@ -53,9 +53,8 @@ def prepare_cmd(source: str, out: str, tokenizer: str, text_field: str, workers:
     hpcmega data prepare --source 'corpus/*.jsonl.zst' --tokenizer hf-model/ --out /shared/data/corpus
     hpcmega data prepare --source /shared/fineweb --out /shared/data/fineweb --submit --nodes 4 --cpus-per-task 32
     """
-    from hpcmega.errors import ConfigError
-    from hpcmega.data.prepare import prepare
     from hpcmega.cluster.preflight import storage_filesystem
+    from hpcmega.data.prepare import prepare
 
     args = dict(source=source, out=out, tokenizer=tokenizer, text_field=text_field, shard_tokens=shard_tokens,
                 val_fraction=val_fraction, strict=strict, force=force,
@@ -66,8 +65,6 @@ def prepare_cmd(source: str, out: str, tokenizer: str, text_field: str, workers:
             submit_prepare(args, cluster_config(site, config_paths, cluster), wait_)
             return
         info = prepare(**args, workers=workers, progress=True)
-    except ConfigError as e:
-        raise click.UsageError(str(e)) from None
     except OSError as e:  # unwritable target, storage errors: one line, exit 1
         raise click.ClickException(f"cannot write the dataset to {out}: {type(e).__name__}: "
                                    f"{(str(e).splitlines() or [''])[0]}; choose a writable --out") from None

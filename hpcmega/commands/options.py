@@ -27,7 +27,6 @@ from hpcmega.config import (
     site_path,
     toml_safe,
 )
-from hpcmega.errors import ConfigError
 
 _PREFIX = "cfg__"
 # The seeds torch.Generator.manual_seed takes without overflowing (as train.seed declares).
@@ -108,21 +107,18 @@ def flag_layer(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 def resolve(site: str | None, config_paths: tuple[str, ...], flags: dict[str, Any],
             set_items: tuple[str, ...] = (), base: tuple[str | Path, ...] = ()) -> Resolved:
-    """Resolve all layers (``base`` files first: `resume` starts from the run's saved config), turning ConfigError
-    into a clean exit 2 (click.UsageError) with the fix."""
-    try:
-        layers = [(str(p), read_toml(p)) for p in base]
-        layers += [(str(site_path(site)), read_toml(site_path(site)))] if site else []
-        layers += [(str(p), read_toml(p)) for p in config_paths]
-        layers += [(f"flag {FIELDS[k].flag}", {k: v}) for k, v in flags.items()]
-        layers.append(("--set", parse_set(set_items)))
-        resolved = resolve_layers(layers)
-        model = start_model(resolved.config)
-        if model is None:
-            return resolved
-        return resolve_layers(layers[:len(base)] + [model] + layers[len(base):])
-    except ConfigError as e:
-        raise click.UsageError(str(e)) from None
+    """Resolve all layers (``base`` files first: `resume` starts from the run's saved config), a ConfigError is
+    a clean exit 2 with the fix (hpcmega.cli)."""
+    layers = [(str(p), read_toml(p)) for p in base]
+    layers += [(str(site_path(site)), read_toml(site_path(site)))] if site else []
+    layers += [(str(p), read_toml(p)) for p in config_paths]
+    layers += [(f"flag {FIELDS[k].flag}", {k: v}) for k, v in flags.items()]
+    layers.append(("--set", parse_set(set_items)))
+    resolved = resolve_layers(layers)
+    model = start_model(resolved.config)
+    if model is None:
+        return resolved
+    return resolve_layers(layers[:len(base)] + [model] + layers[len(base):])
 
 
 def start_model(cfg: Config) -> tuple[str, dict[str, Any]] | None:

@@ -34,17 +34,13 @@ def _node_names(cfg, node_names: str | None) -> list[str]:
 def build_plan(cfg, placement_kind: str = "block", node_names: str | None = None) -> tuple[Any, list[str]]:
     """Validate ``cfg`` and compute its layout on a simulated placement -> (Layout, all warnings).
 
-    Raises click.UsageError (exit 2) with the validator's one-line message on bad input.
+    Raises ConfigError (exit 2, hpcmega.cli) with the validator's one-line message on bad input.
     """
-    from hpcmega.errors import ConfigError
     from hpcmega.planning.layout import planned_layout
     from hpcmega.planning.validate import validate
 
-    try:
-        warnings = validate(cfg)
-        layout = planned_layout(cfg, _node_names(cfg, node_names), placement_kind)
-    except ConfigError as e:
-        raise click.UsageError(str(e)) from None
+    warnings = validate(cfg)
+    layout = planned_layout(cfg, _node_names(cfg, node_names), placement_kind)
     return layout, warnings + layout.warnings
 
 
@@ -77,14 +73,10 @@ def config_summary(cfg, placement_kind: str, chosen: list | None = None) -> dict
 
 
 def memory_check(cfg, skip: bool):
-    """The planner's memory check (hpcmega.planning.check) with a refusal turned into exit 2."""
-    from hpcmega.errors import ConfigError
+    """The planner's memory check (hpcmega.planning.check); a refusal is a ConfigError (exit 2)."""
     from hpcmega.planning.check import memory_gate
 
-    try:
-        return memory_gate(cfg, skip)
-    except ConfigError as e:
-        raise click.UsageError(str(e)) from None
+    return memory_gate(cfg, skip)
 
 
 def _fmt_bytes(n: float) -> str:
@@ -140,16 +132,13 @@ def _auto(cfg, as_json: bool) -> None:
     from hpcmega.errors import ConfigError
     from hpcmega.planning.search import nodes_that_fit, search
 
-    try:
-        found = search(cfg)
-        if not found:
-            bigger = nodes_that_fit(cfg)
-            hint = (f"try --nodes {bigger.cfg.cluster.nodes} ({bigger.flags()})" if bigger else
-                    "no layout of at most 1024 nodes fits either")
-            raise ConfigError(f"no layout of {cfg.cluster.nodes} node(s) x {cfg.cluster.gpus_per_node} "
-                              f"{cfg.cluster.gpu} fits {cfg.model.preset}; {hint}")
-    except ConfigError as e:
-        raise click.UsageError(str(e)) from None
+    found = search(cfg)
+    if not found:
+        bigger = nodes_that_fit(cfg)
+        hint = (f"try --nodes {bigger.cfg.cluster.nodes} ({bigger.flags()})" if bigger else
+                "no layout of at most 1024 nodes fits either")
+        raise ConfigError(f"no layout of {cfg.cluster.nodes} node(s) x {cfg.cluster.gpus_per_node} "
+                          f"{cfg.cluster.gpu} fits {cfg.model.preset}; {hint}")
     if as_json:
         click.echo(json.dumps({"config": config_summary(cfg, "block"), "layouts": [c.to_json() for c in found]},
                               indent=2))
@@ -271,13 +260,9 @@ def plan(cfg, chosen, as_json: bool, placement_kind: str, node_names: str | None
     est, notes = memory_check(cfg, no_memory_check)
     measured = None
     if measure:
-        from hpcmega.errors import ConfigError
         from hpcmega.bench.measure import measure as run_measure
 
-        try:
-            measured = run_measure(cfg, measure_mem_gib)
-        except ConfigError as e:
-            raise click.UsageError(str(e)) from None
+        measured = run_measure(cfg, measure_mem_gib)
     summary = config_summary(cfg, placement_kind, chosen)
     if as_json:
         data = layout.to_json()

@@ -2,7 +2,6 @@
 a different layout (DCP reshards the checkpoint on load), as a new SLURM job or a new local launch."""
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import click
@@ -31,7 +30,7 @@ def resume(run: str, nproc: int | None, dry_run: bool, wait_: bool, no_memory_ch
     hpcmega resume runs/my-run                       # same layout, new job
     hpcmega resume runs/my-run --tp 1 --time 02:00:00 # another layout: the checkpoint is resharded on load
     """
-    from hpcmega.checkpoint.store import list_checkpoints
+    from hpcmega.checkpoint.store import latest_checkpoint, list_checkpoints
     from hpcmega.commands.runs import run_folder_arg
     from hpcmega.cluster.jobs import ACTIVE, run_status
 
@@ -49,10 +48,10 @@ def resume(run: str, nproc: int | None, dry_run: bool, wait_: bool, no_memory_ch
         from hpcmega.cluster.launcher import local_config
 
         cfg = local_config(cfg, nproc or old.world_size, cpu=old.cluster.cpu)
-    ckpts = [c for c in list_checkpoints(folder.checkpoint_url(cfg)) if c.complete] \
-        if cfg.checkpoint.resume == "auto" else []
+    latest = latest_checkpoint(list_checkpoints(folder.checkpoint_url(cfg))) \
+        if cfg.checkpoint.resume == "auto" else None
     click.echo(f"layout: {_layout_text(old)}  ->  {_layout_text(cfg)}")
-    click.echo(f"resume from: {ckpts[-1].url} (step {ckpts[-1].step}, written with {ckpts[-1].layout})" if ckpts
+    click.echo(f"resume from: {latest.url} (step {latest.step}, written with {latest.layout})" if latest
                else f"resume from: {cfg.checkpoint.resume}" if cfg.checkpoint.resume not in ("auto", "none")
                else "resume from: no complete checkpoint yet, training starts at step 0")
     if local:
@@ -64,15 +63,15 @@ def resume(run: str, nproc: int | None, dry_run: bool, wait_: bool, no_memory_ch
 
 
 def _resume_local(cfg, folder, dry_run: bool) -> None:
+    """A local run resumes as `hpcmega run` starts: validation, the pre-flight checks (a checkpoint of another
+    model is refused, also in a dry run) and the run-folder lock, then the ranks."""
     from hpcmega.commands.plan import build_plan
-    from hpcmega.cluster.launcher import launch_local
+    from hpcmega.commands.run import start_local
 
     _, warnings = build_plan(cfg)
     for w in warnings:
         click.echo(f"warning: {w}", err=True)
-    if dry_run:
-        return
-    sys.exit(launch_local(cfg, cfg.cluster.gpus_per_node, folder.path))
+    start_local(cfg, cfg.cluster.gpus_per_node, folder.path, dry_run)
 
 
 def register(main: click.Group) -> None:

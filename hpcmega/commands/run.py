@@ -29,12 +29,8 @@ def run(cfg, nproc: int, force_cpu: bool, run_dir: str | None) -> None:
     hpcmega run --nproc 4 --tp 2 --pp 2 --steps 20
     hpcmega run --nproc 2 --config launch/shakespeare-tiny.toml
     """
+    from hpcmega.cluster.launcher import default_run_dir, local_config
     from hpcmega.commands.plan import build_plan
-    from hpcmega.errors import ConfigError
-    from hpcmega.cluster.launcher import default_run_dir, launch_local, local_config
-    from hpcmega.errors import EXIT_UNFINISHED
-    from hpcmega.runs import lock as run_lock
-    from hpcmega.cluster.preflight import preflight
 
     gpus = 0 if (force_cpu or cfg.cluster.cpu) else _cuda_devices()
     if gpus and nproc > gpus:
@@ -44,13 +40,23 @@ def run(cfg, nproc: int, force_cpu: bool, run_dir: str | None) -> None:
     for w in warnings:
         click.echo(f"warning: {w}", err=True)
 
-    path = Path(run_dir) if run_dir else default_run_dir(cfg)
-    try:
-        preflight(cfg, path)  # data, resume target, storage, credentials, a writable checkpoint location
-        claim = run_lock.acquire(path)  # one job per run folder
-    except ConfigError as e:
-        raise click.UsageError(str(e)) from None
-    device = f"{nproc} GPU(s) (nccl)" if gpus else f"{nproc} CPU rank(s) (gloo)"
+    start_local(cfg, nproc, Path(run_dir) if run_dir else default_run_dir(cfg))
+
+
+def start_local(cfg, nproc: int, path: Path, dry_run: bool = False) -> None:
+    """The local launch `run` and `resume` share: the pre-flight checks and the run-folder lock (exit 2 before
+    anything is written), then the ranks; exits with the launcher's status. ``dry_run`` checks and starts nothing."""
+    from hpcmega.cluster.launcher import launch_local
+    from hpcmega.cluster.preflight import preflight
+    from hpcmega.errors import EXIT_UNFINISHED
+    from hpcmega.runs import lock as run_lock
+
+    preflight(cfg, path, probe=not dry_run)  # data, resume target, storage, credentials, a writable location
+    if dry_run:
+        run_lock.check_free(path)
+        return
+    claim = run_lock.acquire(path)  # one job per run folder
+    device = f"{nproc} CPU rank(s) (gloo)" if cfg.cluster.cpu else f"{nproc} GPU(s) (nccl)"
     click.echo(f"run folder: {path}\nstarting {device}; rank 0 output follows, other ranks in {path / 'logs'}")
     sys.stdout.flush()
     try:

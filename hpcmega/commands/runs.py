@@ -84,7 +84,7 @@ def status(run: str) -> None:
 
 
 def _status_rows(folder, s) -> list[tuple[str, str]]:
-    from hpcmega.checkpoint.store import list_checkpoints
+    from hpcmega.checkpoint.store import latest_checkpoint, list_checkpoints
     from hpcmega.runs.progress import duration
 
     rows: list[tuple[str, str]] = [("run", str(folder.path))]
@@ -112,9 +112,8 @@ def _status_rows(folder, s) -> list[tuple[str, str]]:
                              f"ETA {duration(s.eta_s)}"))
     try:
         cfg = folder.config()
-        ckpts = [c for c in list_checkpoints(folder.checkpoint_url(cfg)) if c.complete]
-        rows.append(("checkpoint", f"step {ckpts[-1].step} ({ckpts[-1].layout}) {ckpts[-1].url}" if ckpts
-                     else "none yet"))
+        latest = latest_checkpoint(list_checkpoints(folder.checkpoint_url(cfg)))
+        rows.append(("checkpoint", f"step {latest.step} ({latest.layout}) {latest.url}" if latest else "none yet"))
         rows.append(("plan", f"{cfg.model.preset} ({cfg.model.n_layers} layers), {cfg.cluster.nodes} node(s) x "
                              f"{cfg.cluster.gpus_per_node}, tp={cfg.parallel.tp} pp={cfg.parallel.pp} dp={cfg.dp}, "
                              f"global_batch={cfg.train.global_batch}"))

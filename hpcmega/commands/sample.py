@@ -26,23 +26,19 @@ def sample(target: str, prompt: str, max_new_tokens: int, temperature: float, se
     hpcmega sample runs/shakespeare-tiny --prompt "ROMEO:" --max-new-tokens 60
     hpcmega sample runs/shakespeare-tiny --temperature 0 --step 20
     """
-    from hpcmega.errors import ConfigError
     from hpcmega.checkpoint.locate import find_checkpoint
     from hpcmega.cluster.preflight import storage_filesystem
 
-    try:
-        storage_filesystem(target, "RUN")  # unknown protocol, missing package or s3 credentials: one line
-        info = find_checkpoint(target, step, bool(trust))
-        from hpcmega.data.index import data_tokenizer
-        from hpcmega.data.tokenizer import load_tokenizer
-        from hpcmega.inference.load import load_model
-        from hpcmega.inference.sample import sample_text
+    storage_filesystem(target, "RUN")  # unknown protocol, missing package or s3 credentials: one line
+    info = find_checkpoint(target, step, bool(trust))
+    from hpcmega.data.index import data_tokenizer  # torch: only once the checkpoint is found
+    from hpcmega.data.tokenizer import load_tokenizer
+    from hpcmega.inference.load import load_model
+    from hpcmega.inference.sample import sample_text
 
-        model, cfg = load_model(info)
-        tok = load_tokenizer(tokenizer) if tokenizer else data_tokenizer(cfg.train.data)
-        text = sample_text(model, prompt, max_new_tokens, temperature, seed, tok)
-    except ConfigError as e:
-        raise click.UsageError(str(e)) from None
+    model, cfg = load_model(info)
+    tok = load_tokenizer(tokenizer) if tokenizer else data_tokenizer(cfg.train.data)
+    text = sample_text(model, prompt, max_new_tokens, temperature, seed, tok)
     click.echo(f"step {info.step} ({info.layout}) of {info.url}, temperature {temperature}, seed {seed}:", err=True)
     click.echo(text)
 

@@ -62,19 +62,12 @@ def queue(cfg, path: Path, dry_run: bool, wait_: bool, no_memory_check: bool = F
     from hpcmega.commands.plan import _print_table, build_plan, config_summary, memory_check, print_estimate
     from hpcmega.errors import ConfigError
     from hpcmega.runs import lock as run_lock
-    from hpcmega.cluster.preflight import preflight
-    from hpcmega.cluster.sbatch import check_run_folder
     from hpcmega.training.job import run_rank
 
     cfg.run_dir = str(path)  # the job name defaults to the run folder's name; containers mount it
     layout, warnings = build_plan(cfg)  # validation (incl. every sbatch value) + layout: exit 2 before writing
     est, notes = memory_check(cfg, no_memory_check)  # and a layout that cannot fit its GPUs
-    try:
-        check_run_folder(str(path))
-        preflight(cfg, path, probe=not dry_run)  # data, resume target, storage, credentials, writable location
-        run_lock.check_free(path)  # one job per run folder
-    except ConfigError as e:
-        raise click.UsageError(str(e)) from None
+    check_before_queueing(cfg, path, dry_run)
 
     if dry_run:
         _print_table(layout, config_summary(cfg, "block", chosen), warnings)
@@ -108,29 +101,39 @@ def queue(cfg, path: Path, dry_run: bool, wait_: bool, no_memory_check: bool = F
     sys.exit(_wait(job))
 
 
-def _sweep_points(cfg, path: Path, sweeps: tuple[str, ...], no_memory_check: bool):
+def check_before_queueing(cfg, path: Path, dry_run: bool) -> None:
+    """What a SLURM submission checks for each run folder it queues (one job or one sweep point), before anything
+    is written: the folder may appear in #SBATCH lines, the pre-flight checks (data, resume target, storage,
+    credentials, a writable checkpoint location; no probe write in a dry run), and no other job holds the folder."""
+    from hpcmega.cluster.preflight import preflight
+    from hpcmega.cluster.sbatch import check_run_folder
+    from hpcmega.runs import lock as run_lock
+
+    check_run_folder(str(path))
+    preflight(cfg, path, probe=not dry_run)
+    run_lock.check_free(path)
+
+
+def _sweep_points(cfg, path: Path, sweeps: tuple[str, ...], no_memory_check: bool, dry_run: bool):
     """-> [(name, point, cfg, layout, warnings, notes)], every point validated (exit 2 naming the point)."""
     from hpcmega.commands.plan import build_plan, memory_check
     from hpcmega.errors import ConfigError
     from hpcmega.runs.sweep import apply_point, parse_sweeps, point_name, points
 
-    try:
-        pts = points(parse_sweeps(sweeps))
-        out = []
-        for i, point in enumerate(pts):
-            name = point_name(i, point)
-            p_cfg = apply_point(cfg, point)
-            p_cfg.run_dir = str(path / name)
-            p_cfg.logging.group = cfg.logging.group or path.name
-            p_cfg.logging.run_name = p_cfg.logging.run_name and f"{p_cfg.logging.run_name}-{name}"
-            try:
-                layout, warnings = build_plan(p_cfg)
-                est, notes = memory_check(p_cfg, no_memory_check)
-            except click.UsageError as e:
-                raise ConfigError(f"sweep point {name}: {e.message}") from None
-            out.append((name, point, p_cfg, layout, warnings, notes))
-    except ConfigError as e:
-        raise click.UsageError(str(e)) from None
+    out = []
+    for i, point in enumerate(points(parse_sweeps(sweeps))):
+        name = point_name(i, point)
+        p_cfg = apply_point(cfg, point)
+        p_cfg.run_dir = str(path / name)
+        p_cfg.logging.group = cfg.logging.group or path.name
+        p_cfg.logging.run_name = p_cfg.logging.run_name and f"{p_cfg.logging.run_name}-{name}"
+        try:
+            layout, warnings = build_plan(p_cfg)
+            est, notes = memory_check(p_cfg, no_memory_check)
+            check_before_queueing(p_cfg, path / name, dry_run)  # the checks and the lock of a single submit
+        except ConfigError as e:
+            raise ConfigError(f"sweep point {name}: {e}") from None
+        out.append((name, point, p_cfg, layout, warnings, notes))
     return out
 
 
@@ -140,20 +143,18 @@ def queue_sweep(cfg, path: Path, sweeps: tuple[str, ...], dry_run: bool, wait_: 
     from hpcmega.cluster import slurm
     from hpcmega.errors import ConfigError
     from hpcmega.cluster.sbatch import check_run_folder
+    from hpcmega.runs import lock as run_lock
     from hpcmega.training.job import run_rank
 
-    pts = _sweep_points(cfg, path, sweeps, no_memory_check)
-    try:
-        check_run_folder(str(path))
-        first = slurm.array_parameters(pts[0][2], path, after)
-        for name, _, p_cfg, *_ in pts[1:]:
-            other = slurm.array_parameters(p_cfg, path, after)
-            diff = sorted(k for k in set(first) | set(other) if first.get(k) != other.get(k))
-            if diff:
-                raise ConfigError(f"sweep point {name} changes the job's shape ({', '.join(diff)}); one job array "
-                                  "has one shape: sweep cluster.* fields with separate submits")
-    except ConfigError as e:
-        raise click.UsageError(str(e)) from None
+    check_run_folder(str(path))
+    pts = _sweep_points(cfg, path, sweeps, no_memory_check, dry_run)
+    first = slurm.array_parameters(pts[0][2], path, after)
+    for name, _, p_cfg, *_ in pts[1:]:
+        other = slurm.array_parameters(p_cfg, path, after)
+        diff = sorted(k for k in set(first) | set(other) if first.get(k) != other.get(k))
+        if diff:
+            raise ConfigError(f"sweep point {name} changes the job's shape ({', '.join(diff)}); one job array "
+                              "has one shape: sweep cluster.* fields with separate submits")
     click.echo(f"sweep: {len(pts)} point(s) in {path}, W&B group {pts[0][2].logging.group}")
     for name, point, p_cfg, layout, *_ in pts:
         click.echo(f"  {name:<28} tp={layout.tp} pp={layout.pp} dp={layout.dp}  "
@@ -173,6 +174,7 @@ def queue_sweep(cfg, path: Path, sweeps: tuple[str, ...], dry_run: bool, wait_: 
     click.echo(f"submitted job array {array_id}: {len(jobs)} task(s) of {cfg.cluster.nodes} node(s) x "
                f"{cfg.cluster.gpus_per_node}")
     for job, (name, *_) in zip(jobs, pts):
+        run_lock.acquire(path / name, job_id=job.job_id)  # each array task holds its point's folder, as one job
         click.echo(f"  {job.job_id:<10} {path / name}")
     click.echo(f"follow:     hpcmega ls {path}")
     if wait_:

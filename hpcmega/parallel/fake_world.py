@@ -17,7 +17,9 @@ import contextlib
 from collections.abc import Iterator
 
 import torch.distributed as dist
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh
+
+from hpcmega.planning.dims import ParallelDims
 
 
 _RANK_BY_WORLD_SIZE: dict[int, int] = {}
@@ -47,4 +49,4 @@ def fake_world(world_size: int, rank: int = 0) -> Iterator[None]:
 
 def fake_mesh(pp: int, dp: int, tp: int) -> DeviceMesh:
     """The training mesh (dims pp, dp, tp) on CPU, inside :func:`fake_world` of size pp x dp x tp."""
-    return init_device_mesh("cpu", (pp, dp, tp), mesh_dim_names=("pp", "dp", "tp"))
+    return ParallelDims(pp=pp, dp=dp, tp=tp).build_mesh("cpu")

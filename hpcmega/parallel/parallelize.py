@@ -36,10 +36,10 @@ from hpcmega.config import Config
 from hpcmega.errors import ConfigError
 from hpcmega.parallel.grad_sync import mark_partial_grads
 from hpcmega.parallel.recompute import apply_recompute
+from hpcmega.planning.dims import ParallelDims
 from hpcmega.planning.stages import layers_for_stage, stage_ids_for_rank
 from hpcmega.models.gpt2.parallelize import apply_tensor_parallel
 from hpcmega.models.gpt2.model import GPT
-from hpcmega.planning.validate import check_data_parallel
 
 
 @dataclass
@@ -87,24 +87,16 @@ class ModelParts:
 
 
 def mesh_sizes(mesh: DeviceMesh) -> tuple[int, int, int]:
-    return mesh["pp"].size(), mesh["dp"].size(), mesh["tp"].size()
+    dims = ParallelDims.from_mesh(mesh)
+    return dims.pp, dims.dp, dims.tp
 
 
-def check_shapes(cfg: Config, tp: int, num_stages: int) -> None:
-    """Shapes that tensor/sequence/pipeline parallelism cannot split; named here so a bad run fails in one line."""
+def check_shapes(cfg: Config, dims: ParallelDims, num_stages: int) -> None:
+    """Shapes that tensor/sequence/pipeline parallelism cannot split (the degrees' own rules: ParallelDims), so a
+    bad run fails in one line."""
+    dims.check_model(cfg)
+    dims.check_data_parallel(cfg.parallel.data_parallel)
     m = cfg.model
-    for what, value in (
-        ("model.n_heads", m.n_heads),
-        ("model.vocab_size", m.vocab_size),
-        ("model.max_seq_len", m.max_seq_len),
-    ):
-        if value % tp:
-            raise ConfigError(f"{what}={value} is not divisible by parallel.tp={tp}; change one of them")
-    if cfg.parallel.sequence_parallel and tp > 1 and cfg.train.seq_len % tp:
-        raise ConfigError(
-            f"train.seq_len={cfg.train.seq_len} is not divisible by parallel.tp={tp} (sequence parallel); "
-            "change one of them or pass --no-sequence-parallel"
-        )
     if cfg.train.seq_len > m.max_seq_len:
         raise ConfigError(
             f"train.seq_len={cfg.train.seq_len} exceeds model.max_seq_len={m.max_seq_len} (position embeddings); "
@@ -121,8 +113,7 @@ def build_model_parts(cfg: Config, mesh: DeviceMesh, device: torch.device) -> Mo
     pp, dp, tp = mesh_sizes(mesh)
     stages_per_rank = cfg.stages_per_rank if pp > 1 else 1
     num_stages = pp * stages_per_rank
-    check_shapes(cfg, tp, num_stages)
-    check_data_parallel(cfg.parallel.data_parallel, tp, pp)
+    check_shapes(cfg, ParallelDims(pp=pp, dp=dp, tp=tp), num_stages)
     stage_ids = stage_ids_for_rank(mesh["pp"].get_local_rank(), pp, stages_per_rank, cfg.parallel.schedule)
     replicate = cfg.parallel.data_parallel == "replicate"
     # FSDP2 also carries the bf16 mixed-precision policy (replicate uses autocast instead, see the module docstring)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from hpcmega.config import RANK_ORDERS
 from hpcmega.errors import ConfigError
+from hpcmega.planning.dims import ParallelDims, divisors
 
 if TYPE_CHECKING:
     from hpcmega.config import Config
@@ -98,16 +99,8 @@ def _check_sizes(world: int, tp: int, pp: int, order: str) -> int:
         raise LayoutError(f"unknown rank order {order!r}; use one of: {', '.join(RANK_ORDERS)}")
     if world == 0:
         raise LayoutError("the placement is empty; a layout needs at least one rank")
-    if world % (tp * pp):
-        raise LayoutError(
-            f"tp={tp} x pp={pp} = {tp * pp} does not divide the {world} placed ranks; "
-            f"choose tp x pp among the divisors of {world}: {', '.join(map(str, _divisors(world)))}"
-        )
-    return world // (tp * pp)
-
-
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+    fixes = f"choose tp x pp among the divisors of {world}: {', '.join(map(str, divisors(world)))}"
+    return ParallelDims.split(world, tp, pp, ranks=f"the {world} placed ranks", fixes=fixes, error=LayoutError).dp
 
 
 def _coords_from_logical(index: int, tp: int, pp: int, dp: int, order: str) -> tuple[int, int, int]:
@@ -279,7 +272,22 @@ def compute_layout(
     placement = [RankPlacement(str(p.node), int(p.local_rank)) for p in placement]
     world = len(placement)
     dp = _check_sizes(world, tp, pp, order)
+    _check_unique(placement)
+    node_domain = _node_domains(placement, domains)
+    _check_domains_hold_whole_tp_groups(placement, node_domain, tp)
+    logical = _logical_order(placement, node_domain)
+    coords: list[RankCoord | None] = [None] * world
+    for index, rank in enumerate(logical):
+        t, p_, d = _coords_from_logical(index, tp, pp, dp, order)
+        coords[rank] = RankCoord(placement[rank].node, placement[rank].local_rank, t, p_, d)
+    return Layout(
+        world_size=world, tp=tp, pp=pp, dp=dp, order=order, placement=placement,
+        coords=[c for c in coords if c is not None], domains=node_domain,
+        warnings=_placement_warnings(placement, logical),
+    )
 
+
+def _check_unique(placement: list[RankPlacement]) -> None:
     seen: dict[RankPlacement, int] = {}
     for rank, p in enumerate(placement):
         if p.local_rank < 0:
@@ -291,49 +299,52 @@ def compute_layout(
             )
         seen[p] = rank
 
-    node_first: dict[str, int] = {}
-    for rank, p in enumerate(placement):
-        node_first.setdefault(p.node, rank)
+
+def _node_domains(placement: list[RankPlacement], domains: dict[str, str] | None) -> dict[str, str]:
+    """node -> NVLink domain, nodes in order of first appearance (each node its own domain by default)."""
+    nodes = list(dict.fromkeys(p.node for p in placement))
     if domains is None:
-        node_domain = {node: node for node in node_first}
-    else:
-        missing = [n for n in node_first if n not in domains]
-        if missing:
-            raise LayoutError(
-                f"node(s) {', '.join(missing)} have no NVLink domain; add them to the domain map "
-                "(or leave it out so each node is its own domain)"
-            )
-        node_domain = {node: str(domains[node]) for node in node_first}
-    domain_first: dict[str, int] = {}
-    for node, first in node_first.items():  # dicts keep insertion order: nodes by first appearance
-        domain_first.setdefault(node_domain[node], first)
+        return {node: node for node in nodes}
+    missing = [n for n in nodes if n not in domains]
+    if missing:
+        raise LayoutError(
+            f"node(s) {', '.join(missing)} have no NVLink domain; add them to the domain map "
+            "(or leave it out so each node is its own domain)"
+        )
+    return {node: str(domains[node]) for node in nodes}
 
-    def logical_key(rank: int) -> tuple[int, int, int]:
-        p = placement[rank]
-        return domain_first[node_domain[p.node]], node_first[p.node], p.local_rank
 
-    logical = sorted(range(world), key=logical_key)
-
+def _check_domains_hold_whole_tp_groups(placement: list[RankPlacement], node_domain: dict[str, str],
+                                        tp: int) -> None:
     domain_count: dict[str, int] = {}
     for p in placement:
         domain_count[node_domain[p.node]] = domain_count.get(node_domain[p.node], 0) + 1
     for dom, count in domain_count.items():
         if count % tp:
-            nodes = [n for n in node_first if node_domain[n] == dom]
+            nodes = [n for n in node_domain if node_domain[n] == dom]
             where = f"node '{nodes[0]}'" if nodes == [dom] else f"NVLink domain {dom} ({', '.join(nodes)})"
-            fits = _divisors(math.gcd(*domain_count.values()))
+            fits = divisors(math.gcd(*domain_count.values()))
             raise LayoutError(
                 f"{where} holds {count} ranks, not a multiple of tp={tp}: a TP group would cross an NVLink domain; "
                 f"use tp in ({', '.join(map(str, fits))}) or place a multiple of {tp} ranks on each domain"
             )
 
-    coords: list[RankCoord | None] = [None] * world
-    for index, rank in enumerate(logical):
-        t, p_, d = _coords_from_logical(index, tp, pp, dp, order)
-        coords[rank] = RankCoord(placement[rank].node, placement[rank].local_rank, t, p_, d)
 
+def _logical_order(placement: list[RankPlacement], node_domain: dict[str, str]) -> list[int]:
+    """Global ranks sorted by (domain, node, local rank), domains and nodes by first appearance."""
+    node_first: dict[str, int] = {}
+    for rank, p in enumerate(placement):
+        node_first.setdefault(p.node, rank)
+    domain_first: dict[str, int] = {}
+    for node, first in node_first.items():
+        domain_first.setdefault(node_domain[node], first)
+    return sorted(range(len(placement)), key=lambda r: (domain_first[node_domain[placement[r].node]],
+                                                        node_first[placement[r].node], placement[r].local_rank))
+
+
+def _placement_warnings(placement: list[RankPlacement], logical: list[int]) -> list[str]:
     warnings: list[str] = []
-    if logical != list(range(world)):
+    if logical != list(range(len(placement))):
         warnings.append(
             "ranks are not block-placed (e.g. SLURM cyclic distribution): groups follow the real placement, "
             "so a TP group is not a run of consecutive global ranks"
@@ -344,11 +355,7 @@ def compute_layout(
     if len(set(per_node.values())) > 1:
         counts = ", ".join(f"{n}: {c}" for n, c in per_node.items())
         warnings.append(f"nodes hold different numbers of ranks ({counts})")
-
-    return Layout(
-        world_size=world, tp=tp, pp=pp, dp=dp, order=order, placement=placement,
-        coords=[c for c in coords if c is not None], domains=node_domain, warnings=warnings,
-    )
+    return warnings
 
 
 # -- the one placement -> NVLink domains -> layout sequence (plan, submit and every rank of a job use it) ----------

@@ -17,6 +17,7 @@ from typing import Iterator
 
 from hpcmega.config import Config, RECOMPUTE_MODES
 from hpcmega.errors import ConfigError
+from hpcmega.planning.dims import divisors
 from hpcmega.planning.estimate import Estimate, Shape, estimate, gpu_of
 from hpcmega.planning.validate import validate
 
@@ -53,19 +54,15 @@ class Candidate:
         }
 
 
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
 def layouts(cfg: Config) -> Iterator[Config]:
     """Every candidate config (not yet validated)."""
     c = cfg.cluster
     domain = c.gpus_per_node * c.nvlink_domain_nodes
     world = cfg.world_size
-    for tp in _divisors(domain):
+    for tp in divisors(domain):
         if world % tp:
             continue
-        for pp in _divisors(world // tp):
+        for pp in divisors(world // tp):
             schedules = SCHEDULE_CHOICES if pp > 1 else (("1f1b", 1),)
             for schedule, v in schedules:
                 for mb in MICRO_BATCHES:

@@ -9,27 +9,12 @@ from __future__ import annotations
 import math
 import re
 
-from hpcmega.config import AUTO, MODEL_PRESETS, RESOLVED_BY_RULE, Config, check_declared, get_value, named
+from hpcmega.config import AUTO, RESOLVED_BY_RULE, Config, check_declared, get_value, named
 from hpcmega.errors import ConfigError
+from hpcmega.planning.dims import ParallelDims, alternatives, divisors, round_up
 from hpcmega.planning.schedule_facts import bubble_fraction
 from hpcmega.cluster.sbatch import check_cluster_values, check_text, container_mounts, parse_slurm_time
 from hpcmega.schedules import SCHEDULES, names
-
-
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
-def _alternatives(values: list[int]) -> str:
-    """'4 (or 2, 1)' from [4, 2, 1]."""
-    values = list(values)
-    if not values:
-        return "?"
-    return str(values[0]) + (f" (or {', '.join(map(str, values[1:]))})" if len(values) > 1 else "")
-
-
-def _round_up(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple
 
 
 # -- SLURM time ---------------------------------------------------------------------------------------------------------
@@ -67,7 +52,7 @@ def _check_model(cfg: Config) -> None:
     m, t = cfg.model, cfg.train
     if m.d_model % m.n_heads:
         raise ConfigError(f"d_model={m.d_model} is not divisible by n_heads={m.n_heads} (heads share d_model "
-                          f"equally); use --d-model {_round_up(m.d_model, m.n_heads)} or a --heads dividing "
+                          f"equally); use --d-model {round_up(m.d_model, m.n_heads)} or a --heads dividing "
                           f"{m.d_model}")
     if t.seq_len > m.max_seq_len:
         raise ConfigError(f"seq_len={t.seq_len} exceeds the model's max_seq_len={m.max_seq_len} (size of the "
@@ -84,53 +69,30 @@ def _world_fixes(cfg: Config) -> str:
         unit = "tasks" if c.cpu else "GPUs"
         fixes.append(f"if the nodes have {bigger[-1]} {unit}, say so: --gpus-per-node {bigger[-1]}")
     step = (tp * pp) // math.gcd(tp * pp, c.gpus_per_node)
-    fixes.append(f"use --nodes {_round_up(c.nodes, step)} (a multiple of {step})")
-    fixes.append(f"pick tp x pp among {', '.join(map(str, _divisors(cfg.world_size)))}")
+    fixes.append(f"use --nodes {round_up(c.nodes, step)} (a multiple of {step})")
+    fixes.append(f"pick tp x pp among {', '.join(map(str, divisors(cfg.world_size)))}")
     return "; or ".join(fixes)
 
 
 def _check_parallel(cfg: Config) -> None:
-    m, p, c = cfg.model, cfg.parallel, cfg.cluster
+    p, c = cfg.parallel, cfg.cluster
     world, tp, pp = cfg.world_size, p.tp, p.pp
-    if world % (tp * pp):
-        raise ConfigError(
-            f"tp={tp} x pp={pp} = {tp * pp} does not divide the world size {world} (nodes={c.nodes} x "
-            f"gpus_per_node={c.gpus_per_node}); {_world_fixes(cfg)}"
-        )
-    dp = world // (tp * pp)
+    dims = ParallelDims.split(world, tp, pp, ranks=f"the world size {world} (nodes={c.nodes} x gpus_per_node="
+                                                   f"{c.gpus_per_node})", fixes=_world_fixes(cfg))
+    dp = dims.dp
     if p.dp and p.dp != dp:
         raise ConfigError(f"parallel.dp={p.dp} but world {world} / (tp={tp} x pp={pp}) = {dp}; drop --dp "
                           f"(it is derived) or use --dp {dp}")
     domain = c.gpus_per_node * c.nvlink_domain_nodes
     if domain % tp:
-        fits = _alternatives(sorted(_divisors(domain), reverse=True))
+        fits = alternatives(sorted(divisors(domain), reverse=True))
         if c.nvlink_domain_nodes == 1:
             raise ConfigError(f"tp={tp} does not divide gpus_per_node={c.gpus_per_node}: a TP group would cross "
                               f"a node; use --tp {fits}")
         raise ConfigError(f"tp={tp} does not divide the NVLink domain of {c.nvlink_domain_nodes} nodes x "
                           f"{c.gpus_per_node} GPUs = {domain}: a TP group would cross the domain; use --tp {fits}")
-    if m.n_heads % tp:
-        fits = _alternatives([d for d in sorted(_divisors(m.n_heads), reverse=True) if domain % d == 0])
-        models = [f"{name} ({shape['n_heads']} heads)" for name, shape in MODEL_PRESETS.items()
-                  if shape["n_heads"] % tp == 0 and shape["vocab_size"] % tp == 0]
-        alt = f", or a model whose head count divides by {tp}: --model {', '.join(models)}" if models else \
-            f", or --heads {_round_up(m.n_heads, tp)}"
-        raise ConfigError(f"tp={tp} does not divide n_heads={m.n_heads} of model '{m.preset}' (each TP rank needs "
-                          f"whole attention heads); use --tp {fits}{alt}")
-    if m.vocab_size % tp:
-        raise ConfigError(f"vocab_size={m.vocab_size} is not divisible by tp={tp} (the vocab-parallel embedding "
-                          f"splits its rows evenly); use --vocab-size {_round_up(m.vocab_size, tp)}")
-    if cfg.sequence_parallel and cfg.train.seq_len % tp:
-        raise ConfigError(f"seq_len={cfg.train.seq_len} is not divisible by tp={tp} with sequence parallel (each "
-                          f"TP rank keeps seq_len/tp positions); use --seq-len "
-                          f"{_round_up(cfg.train.seq_len, tp)} or --no-sequence-parallel")
-
-
-def check_data_parallel(mode: str, tp: int, pp: int) -> None:
-    """replicate is plain DDP: with TP or PP it silently drops or desynchronises DTensor parameters."""
-    if mode == "replicate" and (tp > 1 or pp > 1):
-        raise ConfigError(f"parallel.data_parallel=replicate needs tp=1 and pp=1 (got tp={tp}, pp={pp}); use "
-                          "--data-parallel fsdp with tensor or pipeline parallelism")
+    dims.check_model(cfg)
+    dims.check_data_parallel(p.data_parallel)
 
 
 def _check_pipeline(cfg: Config) -> None:
@@ -146,10 +108,10 @@ def _check_pipeline(cfg: Config) -> None:
     spr = cfg.stages_per_rank
     stages = p.pp * spr
     if m.n_layers % stages:
-        pps = [d for d in _divisors(m.n_layers // spr) if d != p.pp] if m.n_layers % spr == 0 else []
-        alt = f" or --pp {_alternatives(sorted(pps, reverse=True))}" if pps else ""
+        pps = [d for d in divisors(m.n_layers // spr) if d != p.pp] if m.n_layers % spr == 0 else []
+        alt = f" or --pp {alternatives(sorted(pps, reverse=True))}" if pps else ""
         raise ConfigError(f"n_layers={m.n_layers} cannot be split into pp={p.pp} x {spr} stage(s) per rank = "
-                          f"{stages} equal pipeline stages; use --layers {_round_up(m.n_layers, stages)}{alt}")
+                          f"{stages} equal pipeline stages; use --layers {round_up(m.n_layers, stages)}{alt}")
 
 
 def _check_batch(cfg: Config) -> None:
@@ -158,7 +120,7 @@ def _check_batch(cfg: Config) -> None:
     per_mb = dp * t.micro_batch
     if t.global_batch % per_mb:
         raise ConfigError(f"global_batch={t.global_batch} is not divisible by dp={dp} x micro_batch="
-                          f"{t.micro_batch} = {per_mb}; use --global-batch {_round_up(t.global_batch, per_mb)} "
+                          f"{t.micro_batch} = {per_mb}; use --global-batch {round_up(t.global_batch, per_mb)} "
                           f"(a multiple of {per_mb})")
     derived = t.global_batch // per_mb
     if p.microbatches and p.microbatches != derived:
@@ -177,7 +139,7 @@ def _check_batch(cfg: Config) -> None:
                           f"(microbatches = global_batch / (dp x micro_batch))")
     if schedule.microbatches_multiple_of_pp and mb % p.pp:
         raise ConfigError(f"schedule {p.schedule} needs microbatches ({mb}) to be a multiple of pp={p.pp}; use "
-                          f"--global-batch {_round_up(mb, p.pp) * per_mb} (microbatches = global_batch / "
+                          f"--global-batch {round_up(mb, p.pp) * per_mb} (microbatches = global_batch / "
                           f"(dp x micro_batch))")
 
 
@@ -211,7 +173,6 @@ def validate(cfg: Config) -> list[str]:
     _check_values(cfg)
     _check_model(cfg)
     _check_parallel(cfg)
-    check_data_parallel(cfg.parallel.data_parallel, cfg.parallel.tp, cfg.parallel.pp)
     _check_pipeline(cfg)
     _check_batch(cfg)
     return _warnings(cfg)

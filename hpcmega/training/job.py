@@ -15,7 +15,6 @@ import argparse
 import atexit
 import datetime
 import os
-import socket
 import sys
 import time
 from pathlib import Path
@@ -24,9 +23,12 @@ from typing import Any, NoReturn
 from hpcmega.config import Config, load_config
 from hpcmega.errors import ConfigError
 from hpcmega.cluster.distenv import DistEnv, from_environment
+from hpcmega.cluster.launcher import free_port
+from hpcmega.planning.dims import ParallelDims
 from hpcmega.planning.layout import layout_of, natural_key, planned_layout
 from hpcmega.parallel.timeouts import CollectiveTimeouts
 from hpcmega.runs.files import CONFIG, LAYOUT, LOCAL_JOB_ENV, RunFolder, attempt_marker, job_key
+from hpcmega.runs.lock import acquire
 
 
 
@@ -41,12 +43,6 @@ def _as_config(cfg: Config | dict[str, Any]) -> Config:
     if isinstance(cfg, dict):
         return Config.from_dict(cfg)
     raise TypeError(f"run_rank needs a Config or a dict, got {type(cfg).__name__}")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _select_device(cfg: Config, env: DistEnv):
@@ -209,118 +205,36 @@ def run_rank(cfg: Config | dict[str, Any], run_dir: str) -> dict[str, Any]:
 
 
 def _run_rank(cfg: Config | dict[str, Any], run_dir: str) -> dict[str, Any]:
-    cfg = _as_config(cfg)
-    run_path = Path(run_dir).absolute()
-    cfg.run_dir = str(run_path)
-    env = from_environment(master_port=cfg.cluster.master_port)
+    import torch.distributed as dist
+
     from hpcmega.training.preemption import StopFlag, stop_signals
 
+    run_path = Path(run_dir).absolute()
+    cfg = _as_config(cfg)
+    cfg.run_dir = str(run_path)
+    env = from_environment(master_port=cfg.cluster.master_port)
     # First thing: a stop signal during start-up is remembered (and acted on at the first step), not fatal.
     stop_flag = StopFlag().install(stop_signals(under_slurm=bool(env.job_id)))
-    # every rank's log starts the attempt's section with this line (`hpcmega logs --attempt K` cuts there); stderr
-    # too: under SLURM it is a file of its own, where hpcmega.cluster.restarts looks for a failure's first lines
-    marker = attempt_marker(str(job_key()), env.restart_count, env.rank)
-    print(marker, flush=True)
-    if env.job_id:
-        print(marker, file=sys.stderr, flush=True)
-    if env.world_size != cfg.world_size:
-        raise ConfigError(
-            f"the job has {env.world_size} ranks but the config expects nodes={cfg.cluster.nodes} x "
-            f"gpus_per_node={cfg.cluster.gpus_per_node} = {cfg.world_size}; submit with matching --nodes and "
-            "--gpus-per-node (one task per GPU) and no task-count options in --sbatch"
-        )
-
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import DeviceMesh
-
+    _print_attempt_marker(env)
+    _check_world(cfg, env)
     device_type, backend, device = _select_device(cfg, env)
-    port = env.master_port or (_free_port() if env.world_size == 1 else 0)
-    t0 = time.perf_counter()
-    dist.init_process_group(
-        backend,
-        init_method=f"tcp://{env.master_addr}:{port}",
-        rank=env.rank,
-        world_size=env.world_size,
-        timeout=datetime.timedelta(seconds=max(cfg.cluster.first_step_timeout_s, cfg.cluster.collective_timeout_s)),
-        device_id=device if device_type == "cuda" else None,
-    )
+    _init_distributed(cfg, env, backend, device)
     ok = False
     try:
-        _say(env, f"torch.distributed up: {backend}, world {env.world_size}, rendezvous "
-                  f"{env.master_addr}:{port} ({time.perf_counter() - t0:.1f}s)"
-                  + (f", SLURM job {env.job_id} attempt {env.restart_count + 1}" if env.job_id else ""))
-        placement = gather_placement(env)
-        layout = layout_of(cfg, placement)  # the same sequence `plan` and `submit` ran
-        nodes = sorted({p.node for p in placement}, key=natural_key)
-        try:
-            diffs = layout.differences(planned_layout(cfg, nodes))
-        except ConfigError as e:
-            diffs = [f"no block layout to compare with ({e})"]
-        if diffs:
-            _say(env, "notice: the real placement gives different groups than the planned block layout "
-                      f"(real vs planned: {'; '.join(diffs)}); TP groups still stay inside one node/NVLink domain")
-        for w in layout.warnings:
-            _say(env, f"notice: {w}")
-
-        mesh = DeviceMesh(device_type, layout.mesh_grid(), mesh_dim_names=("pp", "dp", "tp"))
+        layout, nodes = _place(cfg, env)
+        mesh = ParallelDims(pp=layout.pp, dp=layout.dp, tp=layout.tp).build_mesh(device_type, layout.mesh_grid())
         timeouts = CollectiveTimeouts(mesh, cfg.cluster.first_step_timeout_s, cfg.cluster.collective_timeout_s)
-        if env.rank == 0:
-            if env.job_id:  # every attempt of a SLURM job (re)claims its run folder; another live holder refuses
-                from hpcmega.runs.lock import acquire
-
-                acquire(run_path, job_id=env.job_id)
-            folder = RunFolder(run_path)
-            folder.write_config(cfg.to_toml())
-            folder.write_layout(layout.to_json())
-            folder.record_attempt({"job_id": job_key(), "restart_count": env.restart_count,  # requeues are visible
-                                   "world_size": env.world_size, "nodes": nodes,
-                                   "layout": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp}})
-            attempt = len(folder.attempts())
-            if attempt > 1:  # metrics.jsonl says where an attempt starts; a step repeated after it replaces the old one
-                folder.mark_restart({"attempt": attempt, "job_id": job_key(), "restart_count": env.restart_count,
-                                     "last_step_before": max((r["step"] for r in folder.steps()), default=0)})
-            _say(env, f"wrote {folder / CONFIG} and {folder / LAYOUT} ({len(nodes)} node(s): {', '.join(nodes)})")
+        attempt = _claim_and_record(cfg, env, run_path, layout, nodes) if env.rank == 0 else 0
         selftest = collectives_self_test(mesh, layout, env.rank, device)
         _say(env, f"collectives self-test passed on tp/pp/dp groups and world (sum {selftest['world_sum']:.0f})")
-
-        result: dict[str, Any] = {
-            "rank": env.rank,
-            "node": env.node,
-            "local_rank": env.local_rank,
-            "world_size": env.world_size,
-            "coords": layout.coords[env.rank].to_dict(),
-            "selftest": selftest,
-            "train": None,
-        }
+        result: dict[str, Any] = {"rank": env.rank, "node": env.node, "local_rank": env.local_rank,
+                                  "world_size": env.world_size, "coords": layout.coords[env.rank].to_dict(),
+                                  "selftest": selftest, "train": None}
         if cfg.train.steps > 0:
-            from hpcmega.training.train import train
-
-            logger = None
-            if env.rank == 0:
-                from hpcmega.training.wandb_logger import WandbLogger
-
-                logger = WandbLogger(cfg, str(run_path), {
-                    "world_size": env.world_size, "nodes": nodes, "slurm_job_id": env.job_id and job_key(),
+            info = {"world_size": env.world_size, "nodes": nodes, "slurm_job_id": env.job_id and job_key(),
                     "attempt": attempt, "restart_count": env.restart_count,
-                    "layout": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp}})
-                if logger.describe():
-                    _say(env, logger.describe())
-            try:
-
-                def on_step(record: dict[str, Any]) -> None:
-                    if timeouts.in_first_step and env.rank == 0:  # a crash from now on is worth a restart
-                        RunFolder(run_path).record_event("trained", {"job_id": job_key(), "step": record["step"],
-                                                                     "restart_count": env.restart_count})
-                    timeouts.first_step_done()  # compile and checkpoint load are behind us: hangs end sooner
-                    if logger is not None:
-                        logger.log(record)
-
-                result["train"] = train(cfg, mesh, str(run_path), stop_flag=stop_flag, on_step=on_step)
-            finally:
-                if logger is not None:
-                    logger.finish()
-            if result["train"].get("preempted"):
-                _stop_for_requeue(cfg, env, result["train"], stop_flag.agreed_signum)
+                    "layout": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp}}
+            result["train"] = _train(cfg, env, run_path, mesh, timeouts, stop_flag, info)
         dist.barrier()
         if env.rank == 0:  # every rank trained and saved (a stop never gets here: _stop_for_requeue raises)
             RunFolder(run_path).record_event("finished", {"job_id": job_key(), "restart_count": env.restart_count})
@@ -331,6 +245,107 @@ def _run_rank(cfg: Config | dict[str, Any], run_dir: str) -> dict[str, Any]:
         # let process exit tear it down (the launcher / srun ends the peers).
         if ok or backend == "gloo":
             dist.destroy_process_group()
+
+
+def _print_attempt_marker(env: DistEnv) -> None:
+    """Every rank's log starts the attempt's section with this line (`hpcmega logs --attempt K` cuts there); stderr
+    too: under SLURM it is a file of its own, where hpcmega.cluster.restarts looks for a failure's first lines."""
+    marker = attempt_marker(str(job_key()), env.restart_count, env.rank)
+    print(marker, flush=True)
+    if env.job_id:
+        print(marker, file=sys.stderr, flush=True)
+
+
+def _check_world(cfg: Config, env: DistEnv) -> None:
+    if env.world_size != cfg.world_size:
+        raise ConfigError(
+            f"the job has {env.world_size} ranks but the config expects nodes={cfg.cluster.nodes} x "
+            f"gpus_per_node={cfg.cluster.gpus_per_node} = {cfg.world_size}; submit with matching --nodes and "
+            "--gpus-per-node (one task per GPU) and no task-count options in --sbatch"
+        )
+
+
+def _init_distributed(cfg: Config, env: DistEnv, backend: str, device) -> None:
+    import torch.distributed as dist
+
+    port = env.master_port or (free_port() if env.world_size == 1 else 0)
+    t0 = time.perf_counter()
+    dist.init_process_group(
+        backend,
+        init_method=f"tcp://{env.master_addr}:{port}",
+        rank=env.rank,
+        world_size=env.world_size,
+        timeout=datetime.timedelta(seconds=max(cfg.cluster.first_step_timeout_s, cfg.cluster.collective_timeout_s)),
+        device_id=device if device.type == "cuda" else None,
+    )
+    _say(env, f"torch.distributed up: {backend}, world {env.world_size}, rendezvous "
+              f"{env.master_addr}:{port} ({time.perf_counter() - t0:.1f}s)"
+              + (f", SLURM job {env.job_id} attempt {env.restart_count + 1}" if env.job_id else ""))
+
+
+def _place(cfg: Config, env: DistEnv):
+    """-> (layout, node names): the real placement through the same sequence `plan` and `submit` ran, with a
+    notice where it differs from the planned block layout."""
+    placement = gather_placement(env)
+    layout = layout_of(cfg, placement)
+    nodes = sorted({p.node for p in placement}, key=natural_key)
+    try:
+        diffs = layout.differences(planned_layout(cfg, nodes))
+    except ConfigError as e:
+        diffs = [f"no block layout to compare with ({e})"]
+    if diffs:
+        _say(env, "notice: the real placement gives different groups than the planned block layout "
+                  f"(real vs planned: {'; '.join(diffs)}); TP groups still stay inside one node/NVLink domain")
+    for w in layout.warnings:
+        _say(env, f"notice: {w}")
+    return layout, nodes
+
+
+def _claim_and_record(cfg: Config, env: DistEnv, run_path: Path, layout, nodes: list[str]) -> int:
+    """Rank 0: (re)claim the run folder for a SLURM job, write config and layout, record the attempt; -> its
+    number (1 = the first)."""
+    if env.job_id:  # every attempt of a SLURM job (re)claims its run folder; another live holder refuses
+        acquire(run_path, job_id=job_key())  # the id jobs.jsonl and `submit` use (an array task: 12_3)
+    folder = RunFolder(run_path)
+    folder.write_config(cfg.to_toml())
+    folder.write_layout(layout.to_json())
+    folder.record_attempt({"job_id": job_key(), "restart_count": env.restart_count,  # requeues are visible
+                           "world_size": env.world_size, "nodes": nodes,
+                           "layout": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp}})
+    attempt = len(folder.attempts())
+    if attempt > 1:  # metrics.jsonl says where an attempt starts; a step repeated after it replaces the old one
+        folder.mark_restart({"attempt": attempt, "job_id": job_key(), "restart_count": env.restart_count,
+                             "last_step_before": max((r["step"] for r in folder.steps()), default=0)})
+    _say(env, f"wrote {folder / CONFIG} and {folder / LAYOUT} ({len(nodes)} node(s): {', '.join(nodes)})")
+    return attempt
+
+
+def _train(cfg: Config, env: DistEnv, run_path: Path, mesh, timeouts: CollectiveTimeouts, stop_flag,
+           info: dict[str, Any]) -> dict[str, Any]:
+    """The training loop with rank 0's W&B logger; a preempted run saves, then requeues or stops here."""
+    from hpcmega.training.train import train
+    from hpcmega.training.wandb_logger import WandbLogger
+
+    logger = WandbLogger(cfg, str(run_path), info) if env.rank == 0 else None
+    if logger is not None and logger.describe():
+        _say(env, logger.describe())
+
+    def on_step(record: dict[str, Any]) -> None:
+        if timeouts.in_first_step and env.rank == 0:  # a crash from now on is worth a restart
+            RunFolder(run_path).record_event("trained", {"job_id": job_key(), "step": record["step"],
+                                                         "restart_count": env.restart_count})
+        timeouts.first_step_done()  # compile and checkpoint load are behind us: hangs end sooner
+        if logger is not None:
+            logger.log(record)
+
+    try:
+        result = train(cfg, mesh, str(run_path), stop_flag=stop_flag, on_step=on_step)
+    finally:
+        if logger is not None:
+            logger.finish()
+    if result.get("preempted"):
+        _stop_for_requeue(cfg, env, result, stop_flag.agreed_signum)
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -45,13 +45,14 @@ def build_data_loader(cfg: Config, split: str = "train"):
 
 
 def microbatches_per_rank(cfg: Config, dp: int) -> int:
-    """Microbatches per step on one DP rank, checked against the global batch."""
+    """Microbatches per step on one DP rank (Config.microbatches_for), checked against this mesh's dp: validation
+    checked the configured layout; a Trainer built on another mesh (tests, benchmarks) is checked here."""
     rows = cfg.train.global_batch // dp
     if cfg.train.global_batch % dp:
         raise ConfigError(
             f"train.global_batch={cfg.train.global_batch} is not divisible by the data-parallel size {dp}; change it"
         )
-    m = cfg.parallel.microbatches or max(1, rows // max(1, cfg.train.micro_batch))
+    m = cfg.microbatches_for(dp)
     if rows % m:
         raise ConfigError(
             f"each DP rank gets {rows} sequences, which do not split into {m} microbatches; "
@@ -243,16 +244,16 @@ class Trainer:
 def resume(cfg: Config, ckpt, app_state: dict[str, Any], say: Callable[[str], None]):
     """Load what ``checkpoint.resume`` names (collective) and fix this attempt's lineage; returns the
     CheckpointInfo loaded, or None for a fresh start. Damaged newest checkpoints are skipped by ``auto``."""
+    from hpcmega.checkpoint.locate import resume_target
     from hpcmega.checkpoint.rules import check_model_matches, check_trusted
 
     def check(info) -> None:
         check_model_matches(info.meta, cfg, info.url)
 
-    target, resumed = cfg.checkpoint.resume, None
+    target, resumed = resume_target(cfg.checkpoint.resume), None
     if target == "auto":
         resumed = ckpt.resume_auto(app_state, say, check)
     elif target != "none":
-        target = target if "://" in target else os.path.abspath(target)
         check_trusted(target, ckpt.url, cfg.checkpoint.trust)
         ckpt.load(target, app_state, check)
         resumed = ckpt.info(target)
@@ -269,67 +270,84 @@ def resume(cfg: Config, ckpt, app_state: dict[str, Any], say: Callable[[str], No
 def init_from(cfg: Config, ckpt, app_state: dict[str, Any], check: Callable, say: Callable[[str], None]) -> None:
     """Load only the model weights of ``checkpoint.init_from`` (its newest intact save, or the step folder given),
     under the trust rule of ``--resume``; step, optimizer and data position stay fresh (collective)."""
-    from hpcmega.checkpoint.locate import find_checkpoint
+    from hpcmega.checkpoint.locate import find_checkpoint, resume_target
     from hpcmega.checkpoint.rules import check_trusted
 
-    source = cfg.checkpoint.init_from
-    info = find_checkpoint(source if "://" in source else os.path.abspath(source), trust=True)  # reads JSON only
+    info = find_checkpoint(resume_target(cfg.checkpoint.init_from), trust=True)  # reads JSON only
     check_trusted(info.url, ckpt.url, cfg.checkpoint.trust, named="--init-from")
     ckpt.load(info.url, app_state, check, weights_only=True)
     say(f"initialised from {info.url} (model weights of step {info.step}; optimizer and data from scratch)")
 
 
+class CheckpointedRun:
+    """This rank's checkpoint duties around :meth:`Trainer.fit`, as methods: resume at the start, save every
+    ``save_every`` steps, at an agreed stop (preemption, time limit) and at the end."""
+
+    def __init__(self, trainer: Trainer, run_dir: str, stop_flag=None, on_step=None) -> None:
+        from hpcmega.checkpoint.store import CheckpointManager, ModelOptimizerState, TrainState, checkpoint_group
+
+        cfg = trainer.cfg
+        self.trainer, self.run_dir, self.stop_flag, self.on_step = trainer, run_dir, stop_flag, on_step
+        self.manager = CheckpointManager(files.RunFolder(run_dir).checkpoint_url(cfg), keep=cfg.checkpoint.keep,
+                                         checksums=cfg.checkpoint.verify_checksums,
+                                         process_group=checkpoint_group(cfg.checkpoint.timeout_s))
+        self.app_state = {"model": ModelOptimizerState(trainer.model_parts, trainer.optimizers),
+                          "train": TrainState(trainer)}
+        self.layout = {"pp": trainer.pp, "dp": trainer.dp, "tp": trainer.tp, "world_size": trainer.mesh.size()}
+        self.last_saved = -1
+        self.preempted = False
+
+    def say(self, message: str) -> None:
+        if self.trainer.console:
+            self.trainer.console.info(message)
+
+    def resume(self) -> None:
+        """Load what ``checkpoint.resume`` names (collective); a save at the step resumed from is a no-op."""
+        resumed = resume(self.trainer.cfg, self.manager, self.app_state, self.say)
+        if resumed:  # the guard's counts are the same on every rank: rank 0's meta.json carries them
+            self.trainer.guard.load_state_dict(resumed.meta.get("step_guard", {}))
+            self.last_saved = self.trainer.step
+
+    def save(self) -> None:
+        t = self.trainer
+        if self.last_saved == t.step:
+            return
+        meta = {"layout": self.layout, "wandb_run_id": files.RunFolder(self.run_dir).wandb_id(),
+                "config": t.cfg.to_dict(), "step_guard": t.guard.state_dict()}
+        info = self.manager.save(t.step, self.app_state, meta)
+        self.last_saved = t.step
+        self.say(f"checkpoint step {t.step} -> {info.url}")
+
+    def stop_agreed(self) -> bool:
+        return self.stop_flag is not None and self.stop_flag.agreed()
+
+    def at_step_end(self, t: Trainer, record: dict[str, Any]) -> None:
+        """The Trainer's step-end hook: report the step, save when due, save and stop when a stop is agreed."""
+        if self.on_step is not None:
+            self.on_step(record)
+        every = t.cfg.checkpoint.save_every
+        if every and t.step % every == 0:
+            self.save()
+        if self.stop_agreed():
+            self.save()
+            self.preempted = True
+            t.request_stop()
+
+
 def train(cfg: Config, mesh: DeviceMesh, run_dir: str, stop_flag=None, on_step=None) -> dict[str, Any]:
     """Run the configured training on this rank; returns per-step history (``losses``, ``grad_norms``, ...).
 
-    Resumes from the newest complete checkpoint (``checkpoint.resume=auto``) or a given one (a URL, possibly
-    written with another layout), saves every ``save_every`` steps and at the end, and -- when ``stop_flag``
+    Resumes from the latest checkpoint (``checkpoint.resume=auto``) or a given one (a URL, possibly written with
+    another layout), saves every ``save_every`` steps and at the end, and -- when ``stop_flag``
     (hpcmega.training.preemption.StopFlag) fires on any rank -- saves at the next step boundary on all ranks and stops.
     ``on_step(record)`` is called after every step on this rank (the job passes rank 0's W&B logger).
     """
-    from hpcmega.checkpoint.store import CheckpointManager, ModelOptimizerState, TrainState, checkpoint_group
-    from hpcmega.cluster.preflight import checkpoint_location
-
     trainer = Trainer(cfg, mesh, run_dir)
-    ckpt = CheckpointManager(checkpoint_location(cfg, run_dir), keep=cfg.checkpoint.keep,
-                             checksums=cfg.checkpoint.verify_checksums,
-                             process_group=checkpoint_group(cfg.checkpoint.timeout_s))
-    app_state = {"model": ModelOptimizerState(trainer.model_parts, trainer.optimizers), "train": TrainState(trainer)}
-    layout_meta = {"pp": trainer.pp, "dp": trainer.dp, "tp": trainer.tp, "world_size": mesh.size()}
-    resumed = resume(cfg, ckpt, app_state, trainer.console.info if trainer.console else lambda msg: None)
-    if resumed:  # the guard's counts are the same on every rank: rank 0's meta.json carries them
-        trainer.guard.load_state_dict(resumed.meta.get("step_guard", {}))
-    source = resumed.url if resumed else None
-    last_saved = trainer.step if source else -1
-
-    def save(t: Trainer) -> None:
-        nonlocal last_saved
-        if last_saved != t.step:
-            wandb_id = files.RunFolder(run_dir).wandb_id()
-            meta = {"layout": layout_meta, "wandb_run_id": wandb_id, "config": cfg.to_dict(),
-                    "step_guard": t.guard.state_dict()}
-            info = ckpt.save(t.step, app_state, meta)
-            last_saved = t.step
-            if t.console:
-                t.console.info(f"checkpoint step {t.step} -> {info.url}")
-
-    state = {"preempted": False}
-
-    def at_step_end(t: Trainer, record: dict[str, Any]) -> None:
-        if on_step is not None:
-            on_step(record)
-        every = cfg.checkpoint.save_every
-        if every and t.step % every == 0:
-            save(t)
-        if stop_flag is not None and stop_flag.agreed():
-            save(t)
-            state["preempted"] = True
-            t.request_stop()
-
-    trainer.step_end_hooks.append(at_step_end)
-    if stop_flag is not None and trainer.step < cfg.train.steps and stop_flag.agreed():
-        state["preempted"] = True  # signalled while loading: stop before doing anything
+    run = CheckpointedRun(trainer, run_dir, stop_flag, on_step)
+    run.resume()
+    trainer.step_end_hooks.append(run.at_step_end)
+    if trainer.step < cfg.train.steps and run.stop_agreed():  # signalled while loading: stop before doing anything
         return {"final_step": trainer.step, "stopped_early": True, "preempted": True, "losses": []}
     result = trainer.fit()
-    save(trainer)  # a finished (or stopped) run always leaves a resumable checkpoint
-    return {**result, "preempted": state["preempted"], "checkpoint": ckpt.url}
+    run.save()  # a finished (or stopped) run always leaves a resumable checkpoint
+    return {**result, "preempted": run.preempted, "checkpoint": run.manager.url}
