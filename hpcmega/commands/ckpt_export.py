@@ -15,7 +15,8 @@ FORMATS = ("hf",)
 @click.argument("target", metavar="RUN_OR_CKPT")
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--to", "fmt", type=click.Choice(FORMATS), required=True, help="hf: Hugging Face GPT-2 folder.")
-@click.option("--step", type=click.IntRange(min=0), help="Checkpoint step (default: the newest complete one).")
+@click.option("--step", type=click.IntRange(min=0),
+              help="Checkpoint step (default: the latest checkpoint, as `ckpt ls` marks it).")
 @field_option("checkpoint.trust", "trust")
 @click.option("--force", is_flag=True, help="Write into OUT even if it is not empty.")
 def export(target: str, out: str, fmt: str, step: int | None, trust: bool | None, force: bool) -> None:

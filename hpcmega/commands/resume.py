@@ -1,4 +1,4 @@
-"""`hpcmega resume RUN`: start a run again from its saved config and its last complete checkpoint, on the same or
+"""`hpcmega resume RUN`: start a run again from its saved config and its latest checkpoint, on the same or
 a different layout (DCP reshards the checkpoint on load), as a new SLURM job or a new local launch."""
 from __future__ import annotations
 

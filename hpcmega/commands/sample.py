@@ -14,7 +14,8 @@ from hpcmega.config import MAX_SEQ
 @click.option("--temperature", type=Finite(min=0), default=0.8, show_default=True,
               help="0 = greedy (always the most likely token).")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the sampling: same seed, same text.")
-@click.option("--step", type=click.IntRange(min=0), help="Checkpoint step (default: the newest complete one).")
+@click.option("--step", type=click.IntRange(min=0),
+              help="Checkpoint step (default: the latest checkpoint, as `ckpt ls` marks it).")
 @click.option("--tokenizer", help="'gpt2', a tokenizer.json or a model folder [default: the one the run's data was "
                                    "prepared with, else gpt2].")
 @field_option("checkpoint.trust", "trust")
