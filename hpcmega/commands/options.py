@@ -27,6 +27,7 @@ from hpcmega.config import (
     site_path,
     toml_safe,
 )
+from hpcmega.errors import ConfigError
 
 _PREFIX = "cfg__"
 # The seeds torch.Generator.manual_seed takes without overflowing (as train.seed declares).
