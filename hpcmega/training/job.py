@@ -12,6 +12,7 @@ from the same gathered data, so all ranks fail together with the same message in
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import atexit
 import datetime
 import os
@@ -210,8 +211,7 @@ def _run_rank(cfg: Config | dict[str, Any], run_dir: str) -> dict[str, Any]:
     from hpcmega.training.preemption import StopFlag, stop_signals
 
     run_path = Path(run_dir).absolute()
-    cfg = _as_config(cfg)
-    cfg.run_dir = str(run_path)
+    cfg = dataclasses.replace(_as_config(cfg), run_dir=str(run_path))
     env = from_environment(master_port=cfg.cluster.master_port)
     # First thing: a stop signal during start-up is remembered (and acted on at the first step), not fatal.
     stop_flag = StopFlag().install(stop_signals(under_slurm=bool(env.job_id)))
