@@ -1,9 +1,12 @@
-"""The estimator against the real engine: `plan --measure` runs one rank of a job on a fake process group (one CPU
-process, real local tensors, collectives faked) and measures parameters, gradients, optimizer state, activations
-and the peak of a training step. Agreement: +-10% for model state, +-15% for activations and peak.
+"""The estimator against the real engine: `plan --measure` runs one rank of a job at full size on fake tensors and
+a fake process group (nothing computed, nothing scaled down) and counts parameters, gradients, optimizer state,
+activations and the peak of a training step. Agreement: +-10% for model state, +-15% for activations and peak at
+tiny widths (every layout kind); +-10% for the peak at a real width and vocabulary.
 
-All layouts run in ONE subprocess (a fake default process group must not leak into the pytest process), tiny widths
-so the whole file takes about a minute on one core.
+The measurement itself is pinned twice: fake tensors allocate exactly what real ones do, and running the schedule
+for its warm-up + one steady round measures what running every microbatch measures.
+
+All layouts run in ONE subprocess (a fake default process group must not leak into the pytest process).
 """
 from __future__ import annotations
 
@@ -21,14 +24,16 @@ TINY = {"model.vocab_size": 512, "model.d_model": 64, "model.n_heads": 8, "model
         # explicit where the GPU-job defaults would choose otherwise (config.resolve_defaults)
         "train.micro_batch": 1, "cluster.gpus_per_node": 1, "train.precision": "fp32", "parallel.recompute": "none"}
 
-# name -> overrides; together: tp 1/2/4/8, pp 1/2/4, FSDP dp>1, recompute none/selective/full, SP on and off,
-# gpipe/1f1b/interleaved, fp32 and bf16.
+# name -> overrides; together: tp 1/2/4/8, pp 1/2/4, FSDP dp>1, replicate, recompute none/selective/full, SP on and
+# off, gpipe/1f1b/interleaved, fp32 and bf16.
 LAYOUTS = {
     "tp1-fp32-none": {"cluster.gpus_per_node": 1},
     "tp2-sp-selective": {"parallel.tp": 2, "parallel.recompute": "selective", "cluster.gpus_per_node": 2},
     "tp4-nosp-full": {"parallel.tp": 4, "parallel.sequence_parallel": False, "parallel.recompute": "full",
                       "cluster.gpus_per_node": 4},
     "tp8-sp-bf16": {"parallel.tp": 8, "train.precision": "bf16", "cluster.gpus_per_node": 8},
+    "replicate-dp2-bf16": {"parallel.data_parallel": "replicate", "train.precision": "bf16",
+                           "cluster.gpus_per_node": 2, "train.global_batch": 8},
     "pp2-1f1b-dp2": {"parallel.pp": 2, "cluster.gpus_per_node": 4, "train.global_batch": 8},
     "pp4-gpipe-tp2-bf16-selective": {"parallel.pp": 4, "parallel.tp": 2, "parallel.schedule": "gpipe",
                                      "train.precision": "bf16", "parallel.recompute": "selective",
@@ -40,35 +45,42 @@ LAYOUTS = {
     "pp4-1f1b-dp2-selective": {"parallel.pp": 4, "cluster.gpus_per_node": 8, "parallel.recompute": "selective",
                                "train.global_batch": 8},
 }
+KEYS = ("params", "grads", "optimizer", "activations", "peak")
+# Fake == real and "warm-up + one steady round" == "every microbatch": a pipelined FSDP2 + TP/SP + bf16 rank with
+# 8 microbatches (receive buffers, resized unsharded parameters, DTensor redistributes all in play).
+PINNED = {**TINY, "parallel.pp": 2, "parallel.tp": 2, "cluster.gpus_per_node": 8, "train.precision": "bf16",
+          "train.global_batch": 16}
 
 SCRIPT = textwrap.dedent("""
-    import json, sys
+    import dataclasses, json, sys
     import torch.distributed as dist
     from hpcmega.config import load_config
-    from hpcmega.bench.measure import measure_config, _ensure_world
-    layouts = json.loads(sys.argv[1])
+    from hpcmega.bench.measure import measure_config, measure_rank
+    layouts, pinned = json.loads(sys.argv[1]), json.loads(sys.argv[2])
     out = {}
     for name, overrides in layouts.items():
         got = measure_config(load_config(None, overrides))
         out[name] = [{"stage": r.stage,
-                      "measured": {k: getattr(r, k) for k in ("params", "grads", "optimizer", "activations", "peak")},
-                      "estimated": {k: getattr(got.estimate.ranks[r.stage], k)
-                                    for k in ("params", "grads", "optimizer", "activations", "peak")}}
+                      "measured": {k: getattr(r, k) for k in %r},
+                      "estimated": {k: getattr(got.estimate.ranks[r.stage], k) for k in %r}}
                      for r in got.ranks]
+    cfg = load_config(None, pinned)
+    out["_pinned"] = {how: [dataclasses.asdict(measure_rank(cfg, r, **kw)) for r in (0, 1)]
+                      for how, kw in (("fake", {}), ("real", {"fake": False}), ("every", {"every_microbatch": True}))}
     import torch
     t = torch.ones(3)
     dist.all_reduce(t)  # faked: returns at once, nothing summed over the other ranks
     out["_seam"] = {"backend": dist.get_backend(), "world": dist.get_world_size(), "rank": dist.get_rank(),
                     "after_all_reduce": t.tolist()}
     print("RESULT " + json.dumps(out))
-""")
+""" % (KEYS, KEYS))
 
 
 @pytest.fixture(scope="module")
 def measured() -> dict:
     layouts = {name: {**TINY, **overrides} for name, overrides in LAYOUTS.items()}
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(layouts)], env=CLI_ENV, capture_output=True,
-                          text=True, timeout=1200)
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(layouts), json.dumps(PINNED)], env=CLI_ENV,
+                          capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
     return json.loads(line[len("RESULT "):])
@@ -80,6 +92,32 @@ def test_fake_process_group_seam_is_what_measure_relies_on(measured):
     seam = measured["_seam"]
     assert seam["backend"] == "fake" and seam["world"] > 4096 and seam["rank"] == 4096
     assert seam["after_all_reduce"] == [1.0, 1.0, 1.0]
+
+
+def _same(a: dict, b: dict) -> None:
+    """Equal to a scalar: a fake run creates one 4-byte constant (``lift_fresh``) the real one does not."""
+    for key in a:
+        assert a[key] == pytest.approx(b[key], abs=16), (key, a, b)
+
+
+def test_fake_tensors_measure_what_real_tensors_allocate(measured):
+    fake, real = measured["_pinned"]["fake"], measured["_pinned"]["real"]
+    _same(fake[0], real[0])
+    assert {k: fake[1][k] for k in ("params", "grads", "optimizer", "per_layer")} == \
+        {k: real[1][k] for k in ("params", "grads", "optimizer", "per_layer")}
+
+
+@pytest.mark.xfail(strict=True, reason="not understood yet: on the last stage the real run keeps three more b*s*h "
+                                       "bf16 tensors (24,576 bytes here, from the sequence-parallel all-gather "
+                                       "around the head) than the fake one")
+def test_fake_tensors_measure_what_real_tensors_allocate_on_the_last_stage(measured):
+    _same(measured["_pinned"]["fake"][1], measured["_pinned"]["real"][1])
+
+
+def test_the_schedules_warm_up_and_one_steady_round_reach_the_peak_of_every_microbatch(measured):
+    fake, every = measured["_pinned"]["fake"], measured["_pinned"]["every"]
+    for a, b in zip(fake, every):
+        _same(a, b)
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
@@ -97,18 +135,31 @@ def test_measured_ranks_include_first_and_last_stage(measured):
     assert first["measured"]["params"] > last["measured"]["params"]  # embeddings (576 x 64) > head (512 x 64)
 
 
-def test_plan_measure_json_of_a_model_too_big_for_this_machine_measures_a_scaled_copy():
-    # 48 layers of width 256 against a 20 MiB allowance: measured as a few layers of the same width.
-    result = run_cli(["plan", "--vocab-size", "1024", "--d-model", "256", "--heads", "8", "--layers", "48",
-                      "--nodes", "1", "--gpus-per-node", "4", "--tp", "2", "--pp", "2", "--seq-len", "64",
-                      "--global-batch", "8", "--precision", "bf16", "--gpu", "h100", "--measure",
-                      "--measure-mem-gib", "0.02", "--json"], timeout=1200)
+@pytest.fixture(scope="module")
+def real_width() -> dict:
+    """gpt2-124m's widths and vocabulary (two blocks) at tp 2, pp 2, dp 2, bf16, 8 microbatches, through the CLI."""
+    result = run_cli(["plan", "--vocab-size", "50304", "--d-model", "768", "--heads", "12", "--layers", "2",
+                      "--nodes", "1", "--gpus-per-node", "8", "--tp", "2", "--pp", "2", "--seq-len", "256",
+                      "--global-batch", "16", "--micro-batch", "1", "--precision", "bf16", "--gpu", "h100",
+                      "--measure", "--json"], timeout=1200)
     assert result.returncode == 0, result.stderr[-3000:]
-    data = json.loads(result.stdout)
-    measured = data["measured"]
-    assert measured["scaled"].startswith("measured a scaled copy: ") and "of 48 layers, same widths" in measured["scaled"]
+    return json.loads(result.stdout)
+
+
+def test_plan_measure_json_at_a_real_width(real_width):
+    measured = real_width["measured"]
     assert [s["stage"] for s in measured["memory"]["stages"]] == [0, 1]
+    assert measured["microbatches_run"] == 3  # 1F1B at pp 2: warm-up 2 + one steady round, of m = 8
     for got, want in zip(measured["memory"]["stages"], measured["estimate_of_measured"]["stages"]):
-        assert want["params_gib"] == pytest.approx(got["params_gib"], rel=0.10)
-        assert want["peak_gib"] == pytest.approx(got["peak_gib"], rel=0.15)
-    assert set(data["memory"]) == {"gpu", "gpu_mem_gib", "stages", "peak_gib", "fits"}
+        for key in ("params_gib", "grads_gib", "optimizer_gib", "activations_gib"):
+            assert want[key] == pytest.approx(got[key], rel=0.10), (got["stage"], key)
+    last, want = measured["memory"]["stages"][1], measured["estimate_of_measured"]["stages"][1]
+    assert want["peak_gib"] == pytest.approx(last["peak_gib"], rel=0.10)
+    assert set(real_width["memory"]) == {"gpu", "gpu_mem_gib", "stages", "peak_gib", "fits"}
+
+
+@pytest.mark.xfail(strict=True, reason="issue 16 item 1: the token embedding's gradient arrives full-vocabulary "
+                                       "(Replicate) on every TP rank, which the estimate does not count")
+def test_first_stage_peak_at_a_real_vocabulary(real_width):
+    got, want = real_width["measured"]["memory"]["stages"][0], real_width["measured"]["estimate_of_measured"]["stages"][0]
+    assert want["peak_gib"] == pytest.approx(got["peak_gib"], rel=0.10)

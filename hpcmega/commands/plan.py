@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from hpcmega.commands.options import Finite, pass_config
+from hpcmega.commands.options import pass_config
 
 # Groups listed per dimension in the table; the full lists are in --json.
 _MAX_ROWS = 16
@@ -183,8 +183,8 @@ def _print_measured(console, measured: dict[str, Any]) -> None:
     (mode, got), = measured["activation_bytes_per_layer"].items()
     want = measured["estimate_of_measured"]["activation_bytes_per_layer"][mode]
     console.print(f"activations per layer ({mode}): measured {_fmt_bytes(got)}, estimated {_fmt_bytes(want)}")
-    if measured["scaled"]:
-        console.print(measured["scaled"])
+    console.print(f"schedule run for {measured['microbatches_run']} microbatches (later steady rounds repeat the "
+                  "same peak); token ids and receive buffers are allocated for every microbatch")
 
 
 def _print_table(layout, summary: dict[str, Any], warnings: list[str]) -> None:
@@ -240,13 +240,11 @@ def _print_table(layout, summary: dict[str, Any], warnings: list[str]) -> None:
 @click.option("--node-names", help="Comma-separated node names (default node1..nodeN).")
 @click.option("--no-memory-check", is_flag=True, help="Do not refuse a layout that does not fit GPU memory.")
 @click.option("--auto", is_flag=True, help="Search tp/pp/schedule/micro-batch/recompute; list what fits, fastest first.")
-@click.option("--measure", is_flag=True, help="Run the real engine for the worst rank(s) on a fake process group "
-                                              "(CPU, a scaled copy when too big) and show measured bytes.")
-@click.option("--measure-mem-gib", type=Finite(min=0, min_open=True, max=1024), default=3.0, show_default=True,
-              help="Host memory --measure may use; a bigger rank is measured as a scaled copy.")
+@click.option("--measure", is_flag=True, help="Run the real engine for the first, last and worst rank at full size on "
+                                              "fake tensors and a fake process group; show measured bytes.")
 @pass_config(chosen=True)
 def plan(cfg, chosen, as_json: bool, placement_kind: str, node_names: str | None, no_memory_check: bool,
-         auto: bool, measure: bool, measure_mem_gib: float) -> None:
+         auto: bool, measure: bool) -> None:
     """Validate a config and show its TP/PP/DP groups and the nodes each spans.
 
     \b
@@ -262,7 +260,7 @@ def plan(cfg, chosen, as_json: bool, placement_kind: str, node_names: str | None
     if measure:
         from hpcmega.bench.measure import measure as run_measure
 
-        measured = run_measure(cfg, measure_mem_gib)
+        measured = run_measure(cfg)
     summary = config_summary(cfg, placement_kind, chosen)
     if as_json:
         data = layout.to_json()

@@ -24,6 +24,7 @@ parameter names, the optimizer and DCP checkpoints are those of every other layo
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -109,7 +110,10 @@ def check_shapes(cfg: Config, dims: ParallelDims, num_stages: int) -> None:
         )
 
 
-def build_model_parts(cfg: Config, mesh: DeviceMesh, device: torch.device) -> ModelParts:
+def build_model_parts(cfg: Config, mesh: DeviceMesh, device: torch.device,
+                      allocation: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> ModelParts:
+    """``allocation``: the context in which the shards are allocated and initialised (``plan --measure`` passes a
+    ``FakeTensorMode``: shapes without storage); the stage split, TP and FSDP2 wrapping happen on meta outside it."""
     pp, dp, tp = mesh_sizes(mesh)
     stages_per_rank = cfg.stages_per_rank if pp > 1 else 1
     num_stages = pp * stages_per_rank
@@ -134,13 +138,15 @@ def build_model_parts(cfg: Config, mesh: DeviceMesh, device: torch.device) -> Mo
                 block.compile()
         if use_fsdp:
             apply_fsdp(model, mesh["dp"], cfg.train.precision, reshard)
-        model.to_empty(device=device)  # allocates this rank's shards only
-        model.init_weights(cfg.train.seed)  # each local shard = its slice of the layout-independent full value
+        with allocation():
+            model.to_empty(device=device)  # allocates this rank's shards only
+            model.init_weights(cfg.train.seed)  # each local shard = its slice of the layout-independent full value
         mark_partial_grads(model)  # on the final parameter objects (FSDP2 and to_empty replace them)
         parts.append(model)
         layers.append(stage_layers)
     bf16 = torch.bfloat16 if replicate and cfg.train.precision == "bf16" else None
-    ddp = replicate_module(parts[0], mesh["dp"]) if replicate and dp > 1 else None
+    with allocation():
+        ddp = replicate_module(parts[0], mesh["dp"]) if replicate and dp > 1 else None
     return ModelParts(parts, stage_ids, num_stages, use_fsdp, device, layers, reshard, cfg.reduce_every_microbatch,
                       ddp, bf16)
 

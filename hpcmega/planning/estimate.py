@@ -202,6 +202,22 @@ def boundary_bytes(sh: Shape) -> int:
     return sh.tokens_per_microbatch * sh.h * sh.compute_bytes // (sh.tp if sh.sp and sh.tp > 1 else 1)
 
 
+def receive_buffer_bytes(sh: Shape, stages: list[int]) -> int:
+    """What ``torch.distributed.pipelining`` keeps for the whole run on a rank owning ``stages``: each
+    ``PipelineStage`` allocates, when the schedule first runs, one activation receive buffer per microbatch (every
+    stage but the first) and one gradient receive buffer per microbatch (every stage but the last), each one
+    boundary tensor -- also between two stages of the same rank (torch 2.13, ``_setup_forward_recv_info``)."""
+    if sh.pp == 1:
+        return 0
+    last = sh.pp * sh.v - 1
+    return sum((st > 0) + (st < last) for st in stages) * sh.m * boundary_bytes(sh)
+
+
+def token_id_bytes(sh: Shape, first: bool, last: bool) -> int:
+    """The step's int64 token ids on the device: inputs on the first stage, targets on the last."""
+    return (first + last) * sh.m * sh.tokens_per_microbatch * 8
+
+
 def logits_grad_bytes(sh: Shape) -> int:
     """Transient during the last stage's backward: fp32 gradient of the logits (and its compute-dtype cast)."""
     logits = sh.tokens_per_microbatch * sh.vocab // sh.tp
@@ -216,7 +232,8 @@ class RankMemory:
     grads: int
     optimizer: int
     activations: int
-    buffers: int  # FSDP2 unsharded parameters / gradient accumulators, recompute and logits transients
+    buffers: int  # pipeline receive buffers, token ids, FSDP2 unsharded parameters / gradient accumulators,
+    # recompute and logits transients
     peak: int
     param_count: int
     layers: int
@@ -261,7 +278,8 @@ def rank_memory(sh: Shape, pp_rank: int) -> RankMemory:
     activations = int(activations)
 
     accumulating = sh.pp > 1 or sh.m > 1  # gradients outlive one backward
-    buffers = recompute_transient_bytes(sh) + (logits_grad_bytes(sh) if last else 0)
+    held = receive_buffer_bytes(sh, stages) + token_id_bytes(sh, first, last)  # alive for the whole step
+    buffers = held + recompute_transient_bytes(sh) + (logits_grad_bytes(sh) if last else 0)
     grads_at_peak = grads
     if sh.fsdp:
         # Sharded gradients appear with the first reduce-scatter: after the last backward (activations gone), or
@@ -287,7 +305,7 @@ def rank_memory(sh: Shape, pp_rank: int) -> RankMemory:
     # square root of the second moment) during its step.
     largest_stage = max(len(r) for r in layer_ranges) * block_params(sh.h, sh.tp) + (count - n_layers * block_params(
         sh.h, sh.tp))
-    optimizer_peak = params + grads + optimizer + FP32 * min(count, largest_stage) // shard
+    optimizer_peak = params + grads + optimizer + FP32 * min(count, largest_stage) // shard + held
     peak = max(backward_peak, optimizer_peak)
     return RankMemory(pp_rank, params, grads, optimizer, activations, buffers, peak, count, n_layers)
 

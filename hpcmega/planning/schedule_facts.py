@@ -10,8 +10,12 @@ Counted the way ``torch.distributed.pipelining`` runs them (torch 2.13):
   p * (1 + (p - 1)/(p * v)) microbatches of a whole rank's layers.
 - ``zero-bubble`` (interleaved ZB-H1) holds what interleaved-1f1b holds; ``zbv``/``dualpipev`` (two chunks per rank
   in a V) at most 2p chunks on rank 0 -- an upper bound, not a measured count.
-Bubble = idle / total = (p - 1) / (v * m + p - 1) (Narayanan 2021 section 2.2); zero-bubble schedules are given the
-same bound, which over-estimates their idle time.
+Bubble = idle / total = (p - 1) / (v * m + p - 1) (Narayanan 2021 section 2.2), except ``zbv``: replaying torch's
+own action lists (``ScheduleZBVZeroBubble``, every rank, forward / input-backward / weight-backward one time unit
+each, an action waiting for its cross-stage input) leaves p - 1 idle units per rank when m >= 2p and 2(p - 1) when
+m = p, against 6m busy units: (p - 1) / (6m + p - 1), 1/49 at p = 2, m = 8 where the interleaved bound says 1/17
+(pinned against torch's lists in tests/test_planning.py). ``zero-bubble`` and ``dualpipev`` keep the interleaved
+bound, which over-estimates their idle time.
 """
 from __future__ import annotations
 
@@ -35,8 +39,11 @@ def chunks_in_flight(schedule: str, pp: int, pp_rank: int, v: int, m: int) -> in
 
 
 def bubble_fraction(schedule: str, pp: int, v: int, m: int) -> float:
-    """Idle fraction of a step on each rank: (p - 1) / (v*m + p - 1)."""
+    """Idle fraction of a step on each rank (see the module docstring)."""
     if pp == 1:
         return 0.0
+    if schedule == "zbv":
+        idle = (pp - 1) * (1 if m >= 2 * pp else 2)
+        return idle / (6 * m + idle)
     chunks = v if SCHEDULES[schedule].multi_stage else 1
     return (pp - 1) / (chunks * m + pp - 1)
