@@ -336,11 +336,13 @@ class RankStep:
             for i, (kind, k, j) in enumerate(order):
                 part, stage = parts[k], stage_ids[k]
                 if kind == "F":
-                    out = part(self._input(k, j))
-                    # Inside a pipeline the stage's output (the logits too) stays cached until its backward.
-                    kept = out if self.cfg.parallel.pp > 1 else None
-                    if stage == last_stage:
-                        out = loss_fn(out, self.targets[j * self.b:(j + 1) * self.b])
+                    forward = part if self.cfg.parallel.pp > 1 else self.parts.forward_module
+                    with self.parts.compute_context():  # autocast under replicate + bf16
+                        out = forward(self._input(k, j))
+                        # Inside a pipeline the stage's output (the logits too) stays cached until its backward.
+                        kept = out if self.cfg.parallel.pp > 1 else None
+                        if stage == last_stage:
+                            out = loss_fn(out, self.targets[j * self.b:(j + 1) * self.b])
                     live[(k, j)] = (out, kept)
                     continue
                 last = finish and i == last_backward[k]
