@@ -1,7 +1,7 @@
 """The estimator against the real engine: `plan --measure` runs one rank of a job at full size on fake tensors and
 a fake process group (nothing computed, nothing scaled down) and counts parameters, gradients, optimizer state,
 activations and the peak of a training step. Agreement: +-10% for model state, +-15% for activations and peak at
-tiny widths (every layout kind); +-10% for the peak at a real width and vocabulary.
+tiny widths (every layout kind); +-10% for everything at a real width and vocabulary.
 
 The measurement itself is pinned twice: fake tensors allocate exactly what real ones do, and running the schedule
 for its warm-up + one steady round measures what running every microbatch measures.
@@ -147,19 +147,12 @@ def real_width() -> dict:
 
 
 def test_plan_measure_json_at_a_real_width(real_width):
+    """Every stage's peak within 10% at gpt2-124m's vocabulary: the vocab-parallel embedding's gradient (this rank's
+    rows), the loss's logits-sized transients and the pipeline's receive buffers are all in the estimate."""
     measured = real_width["measured"]
     assert [s["stage"] for s in measured["memory"]["stages"]] == [0, 1]
     assert measured["microbatches_run"] == 3  # 1F1B at pp 2: warm-up 2 + one steady round, of m = 8
     for got, want in zip(measured["memory"]["stages"], measured["estimate_of_measured"]["stages"]):
-        for key in ("params_gib", "grads_gib", "optimizer_gib", "activations_gib"):
-            assert want[key] == pytest.approx(got[key], rel=0.10), (got["stage"], key)
-    last, want = measured["memory"]["stages"][1], measured["estimate_of_measured"]["stages"][1]
-    assert want["peak_gib"] == pytest.approx(last["peak_gib"], rel=0.10)
+        for key in ("params_gib", "grads_gib", "optimizer_gib", "activations_gib", "peak_gib"):
+            assert want[key] == pytest.approx(got[key], rel=0.10), (got["stage"], key, got, want)
     assert set(real_width["memory"]) == {"gpu", "gpu_mem_gib", "stages", "peak_gib", "fits"}
-
-
-@pytest.mark.xfail(strict=True, reason="issue 16 item 1: the token embedding's gradient arrives full-vocabulary "
-                                       "(Replicate) on every TP rank, which the estimate does not count")
-def test_first_stage_peak_at_a_real_vocabulary(real_width):
-    got, want = real_width["measured"]["memory"]["stages"][0], real_width["measured"]["estimate_of_measured"]["stages"][0]
-    assert want["peak_gib"] == pytest.approx(got["peak_gib"], rel=0.10)
