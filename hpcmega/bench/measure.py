@@ -336,9 +336,9 @@ class RankStep:
             for i, (kind, k, j) in enumerate(order):
                 part, stage = parts[k], stage_ids[k]
                 if kind == "F":
-                    forward = part if self.cfg.parallel.pp > 1 else self.parts.forward_module
-                    with self.parts.compute_context():  # autocast under replicate + bf16
-                        out = forward(self._input(k, j))
+                    # autocast under replicate + bf16 (the bare part: a DDP forward would wait for a backward)
+                    with self.parts.compute_context():
+                        out = part(self._input(k, j))
                         # Inside a pipeline the stage's output (the logits too) stays cached until its backward.
                         kept = out if self.cfg.parallel.pp > 1 else None
                         if stage == last_stage:
