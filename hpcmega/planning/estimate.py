@@ -297,6 +297,10 @@ def rank_memory(sh: Shape, pp_rank: int) -> RankMemory:
         else:
             buffers += sh.compute_bytes * (count - n_layers * block + 2 * block)  # root + two blocks in flight
         buffers += FP32 * (count if accumulating and not per_microbatch else 2 * block)  # unsharded gradients
+        if first and sh.pp > 1 and sh.compute_bytes != FP32:
+            # The first stage's peak is the end of its backward, when the embeddings' compute-dtype gradients
+            # arrive next to their fp32 accumulators (measured: one bf16 copy of the embedding shard).
+            buffers += sh.compute_bytes * embedding_params(sh)
     elif sh.replicate and sh.precision == "bf16":
         buffers += sh.compute_bytes * count  # autocast's bf16 copies of the weights, kept for backward
     if sh.ddp:  # DDP's gradient buckets next to the gradients autograd produces (plan --measure: one fp32 copy)
