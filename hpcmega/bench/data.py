@@ -4,7 +4,7 @@ Generates jsonl corpora of the given sizes (documents of 5-60 random Shakespeare
 every machine), measures the tokenizer's own speed on one core in this process (``encode_batch`` on 1 MB batches of
 the corpus's first documents, no reading, no writing) right before each run, then runs ``hpcmega data prepare`` on each corpus as a user
 would (a separate process with its worker pool) while sampling the resident memory of its whole process tree from
-/proc every 50 ms. Reports, per corpus: input MB/s, tokens/s, the ratio of tokens/s to workers x one-core tokens/s,
+/proc every 0.5 s. Reports, per corpus: input MB/s, tokens/s, the ratio of tokens/s to workers x one-core tokens/s,
 the peak RSS of the tree, and the CPU efficiency (tokens per CPU second of the whole process tree over the
 tokenizer's alone: what the ratio would be if every worker had a core of its own, which on a shared machine wall
 time cannot show). The goals (issue 17): ratio >= 0.8, peak <= 1 GiB, and the peak of the largest corpus
@@ -103,12 +103,14 @@ def run_prepare(corpus: Path, out: Path, tokenizer: str, workers: int) -> dict:
     peak, done = [0], threading.Event()
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # its own session, as when typed in a terminal: with autogroup scheduling it then gets its own CPU share instead
+    # of sharing this process's (and its memory sampler's)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
     def sample() -> None:
         while not done.is_set():
             peak[0] = max(peak[0], _tree_rss(proc.pid))
-            time.sleep(0.05)
+            time.sleep(0.5)  # a sample reads every /proc/PID/stat (~3 ms of CPU): rarely, not to slow the run
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
