@@ -7,6 +7,7 @@ the same as top-level ones: a local import does not make an upward arrow or a ci
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 import pytest
@@ -62,7 +63,11 @@ def room_of(module: str) -> tuple[int, str]:
 def imports_of(module: str) -> list[tuple[str, int, str | None]]:
     """(imported module, line, enclosing function or None) for every import in ``module``, at any depth."""
     path = MODULES[module]
-    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    return _imports_in(str(path), module if path.name == "__init__.py" else module.rpartition(".")[0])
+
+
+@functools.lru_cache(maxsize=None)
+def _imports_in(path: str, package: str) -> list[tuple[str, int, str | None]]:
     found: list[tuple[str, int, str | None]] = []
 
     def visit(node: ast.AST, function: str | None) -> None:
@@ -80,7 +85,7 @@ def imports_of(module: str) -> list[tuple[str, int, str | None]]:
                     found.append((sub if sub in MODULES else base, child.lineno, function))
             visit(child, inner)
 
-    visit(ast.parse(path.read_text()), None)
+    visit(ast.parse(Path(path).read_text()), None)
     return found
 
 
