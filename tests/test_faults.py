@@ -803,6 +803,12 @@ REFUSED_UP_FRONT: list[tuple[list[str], str]] = [
     (["sample", "{T}/runs/done", "--max-new-tokens", BIG], "is not in the range 1<=x<=4194304"),
     (["plot", "{T}/runs/done", "--out", "{T}/no-such-folder/loss.png"], "no-such-folder does not exist"),
     (["plot", "{T}/runs/done", "--out", "{T}/loss.txt"], "name a .png"),
+    # data prepare
+    (["data", "prepare", "--source", "shakespeare", "--out", "{T}/d", "--workers", BIG], "0<=x<=1024"),
+    (["data", "prepare", "--source", "shakespeare", "--out", "{T}/d", "--val-fraction", "nan"],
+     "'nan' is not a finite number"),
+    (["data", "prepare", "--source", "shakespeare", "--out", "{T}/d", "--shard-tokens", BIG], "1024<=x<="),
+    (["data", "prepare", "--source", "shakespeare", "--out", "{T}/d", "--piece-bytes", BIG], "4096<=x<="),
 ]
 
 
@@ -842,7 +848,7 @@ def test_bad_values_are_refused_in_one_line_before_anything_is_written(tmp_path,
 
 def test_hostile_corpus_of_issue_19_covers_every_command():
     commands = {args[0] for args, _ in REFUSED_UP_FRONT}
-    assert commands == {"plan", "submit", "run", "resume", "ls", "bench", "sample", "ckpt", "plot"}
+    assert commands == {"plan", "submit", "run", "resume", "ls", "bench", "sample", "ckpt", "plot", "data"}
     assert len(REFUSED_UP_FRONT) >= 66
 
 

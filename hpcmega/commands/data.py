@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from hpcmega.commands.options import field_option
+from hpcmega.commands.options import Finite, field_option
 from hpcmega.data.sources import PIECE_BYTES
 
 
@@ -30,11 +30,11 @@ def _cluster_options(fn):
 @click.option("--tokenizer", default="gpt2", show_default=True,
               help="'gpt2', a Hugging Face tokenizer.json, or a model folder holding one.")
 @click.option("--text-field", default="text", show_default=True, help="The text's key (jsonl) or column (parquet).")
-@click.option("--workers", type=click.IntRange(min=0), default=0, help="Tokenizer processes [default: the usable cores, one per 8 MB of input at most].")
-@click.option("--shard-tokens", type=click.IntRange(min=1024), default=10_000_000, show_default=True)
-@click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.01, show_default=True,
+@click.option("--workers", type=click.IntRange(0, 1024), default=0, help="Tokenizer processes [default: the usable cores, one per 8 MB of input at most].")
+@click.option("--shard-tokens", type=click.IntRange(1024, 2**40), default=10_000_000, show_default=True)
+@click.option("--val-fraction", type=Finite(0, 1, max_open=True), default=0.01, show_default=True,
               help="Share of the tokens (the end of the stream) held out as the validation split.")
-@click.option("--piece-bytes", type=click.IntRange(min=4096), default=PIECE_BYTES, show_default=True,
+@click.option("--piece-bytes", type=click.IntRange(4096, 2**30), default=PIECE_BYTES, show_default=True,
               help="Input bytes per unit of work (restart granularity, load balance); never changes the output.")
 @click.option("--strict", is_flag=True, help="Fail on the first bad row instead of skipping and counting it.")
 @click.option("--force", is_flag=True, help="Overwrite a prepared dataset at --out.")

@@ -16,9 +16,13 @@ import hashlib
 import json
 import os
 import re
+from typing import TYPE_CHECKING
 
 from hpcmega.data.tokenizer import Tokenizer, dataset_tokenizer, load_tokenizer
 from hpcmega.errors import ConfigError
+
+if TYPE_CHECKING:  # numpy is imported where shards are opened, not at import time
+    import numpy as np
 
 INDEX = "index.json"
 DTYPES = ("uint16", "uint32")
