@@ -24,15 +24,35 @@ from hpcmega.gpus import GPU_NAMES
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Model presets: GPT-2 style shapes. ``tiny`` is for tests and CPU demos; its 8 heads and 8 layers take tp in
-# {1, 2, 4, 8} and pp in {1, 2, 4} (also with two stages per rank), so any layout of 8-GPU nodes plans with it.
-MODEL_PRESETS: dict[str, dict[str, int]] = {
-    "tiny": dict(vocab_size=256, d_model=64, n_layers=8, n_heads=8, max_seq_len=256),
-    "gpt2-124m": dict(vocab_size=50304, d_model=768, n_layers=12, n_heads=12, max_seq_len=1024),
-    "gpt2-350m": dict(vocab_size=50304, d_model=1024, n_layers=24, n_heads=16, max_seq_len=1024),
-    "gpt-1.3b": dict(vocab_size=50304, d_model=2048, n_layers=24, n_heads=16, max_seq_len=2048),
-    "gpt-7b": dict(vocab_size=50304, d_model=4096, n_layers=32, n_heads=32, max_seq_len=2048),
-    "gpt3-175b": dict(vocab_size=50304, d_model=12288, n_layers=96, n_heads=96, max_seq_len=2048),
+# Model presets. GPT-2 family: ``tiny`` is for tests and CPU demos; its 8 heads and 8 layers take tp in {1, 2, 4, 8}
+# and pp in {1, 2, 4} (also with two stages per rank), so any layout of 8-GPU nodes plans with it.
+# Llama family (RoPE, RMSNorm, SwiGLU, grouped-query attention; hpcmega.models.llama): the published Llama 3 shapes
+# (without Llama 3.1's long-context RoPE scaling) and ``llama-tiny`` for tests and CPU demos: GPT-2's padded
+# vocabulary (so it trains on `data prepare`'s GPT-2 tokens), 8 heads sharing 2 kv heads (tp 2 splits the kv heads,
+# tp 4 and 8 replicate them).
+def _gpt2(**shape: int) -> dict[str, Any]:
+    return dict(family="gpt2", n_kv_heads=0, ffn_hidden=0, tie_embeddings=False, qkv_bias=False, **shape)
+
+
+def _llama(**shape: Any) -> dict[str, Any]:
+    return {**dict(family="llama", tie_embeddings=False, qkv_bias=False, rope_theta=500000.0, norm_eps=1e-5), **shape}
+
+
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": _gpt2(vocab_size=256, d_model=64, n_layers=8, n_heads=8, max_seq_len=256),
+    "gpt2-124m": _gpt2(vocab_size=50304, d_model=768, n_layers=12, n_heads=12, max_seq_len=1024),
+    "gpt2-350m": _gpt2(vocab_size=50304, d_model=1024, n_layers=24, n_heads=16, max_seq_len=1024),
+    "gpt-1.3b": _gpt2(vocab_size=50304, d_model=2048, n_layers=24, n_heads=16, max_seq_len=2048),
+    "gpt-7b": _gpt2(vocab_size=50304, d_model=4096, n_layers=32, n_heads=32, max_seq_len=2048),
+    "gpt3-175b": _gpt2(vocab_size=50304, d_model=12288, n_layers=96, n_heads=96, max_seq_len=2048),
+    "llama-tiny": _llama(vocab_size=50304, d_model=128, n_layers=4, n_heads=8, n_kv_heads=2, ffn_hidden=384,
+                         max_seq_len=256, rope_theta=10000.0),
+    "llama3.2-1b": _llama(vocab_size=128256, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_hidden=8192,
+                          max_seq_len=8192, tie_embeddings=True),
+    "llama3-8b": _llama(vocab_size=128256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_hidden=14336,
+                        max_seq_len=8192),
+    "llama3-70b": _llama(vocab_size=128256, d_model=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_hidden=28672,
+                         max_seq_len=8192),
 }
 # Training shape each preset is meant for: its context length and a batch of about 0.5M (GPT-2 sizes) to 2-4M
 # (1.3B and up) tokens per step, GPT-3 paper style. Used where train.seq_len / global_batch / micro_batch are unset.
@@ -43,6 +63,10 @@ PRESET_TRAIN: dict[str, dict[str, int]] = {
     "gpt-1.3b": dict(seq_len=2048, global_batch=1024, micro_batch=2),
     "gpt-7b": dict(seq_len=2048, global_batch=2048, micro_batch=1),
     "gpt3-175b": dict(seq_len=2048, global_batch=1536, micro_batch=1),
+    "llama-tiny": dict(seq_len=64, global_batch=8, micro_batch=1),
+    "llama3.2-1b": dict(seq_len=8192, global_batch=512, micro_batch=1),
+    "llama3-8b": dict(seq_len=8192, global_batch=512, micro_batch=1),
+    "llama3-70b": dict(seq_len=8192, global_batch=512, micro_batch=1),
 }
 # Value of a string field that means "unset: chosen by resolve_defaults()" (an explicit value always wins).
 AUTO = "auto"
@@ -53,6 +77,8 @@ RESOLVED_BY_RULE = ("cluster.gpus_per_node", "train.precision", "parallel.recomp
                     "train.micro_batch", "train.global_batch")
 
 RANK_ORDERS = ("tp-dp-pp", "tp-pp-dp")
+# Model families (hpcmega.models): the block each builds and what it needs from [model].
+FAMILIES = ("gpt2", "llama")
 RECOMPUTE_MODES = ("none", "selective", "full")
 PRECISIONS = ("fp32", "bf16")
 # How data-parallel ranks hold the model (hpcmega.parallel.parallelize; docs/engine.md).
@@ -117,11 +143,35 @@ def setting(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any 
 class ModelConfig:
     preset: str = setting("tiny", "Model preset; sets the shape fields below (which may then be overridden).",
                           flag="--model", choices=tuple(MODEL_PRESETS))
+    family: str = setting("gpt2", "Block architecture: gpt2 (learned positions, LayerNorm, GELU MLP, biases) or "
+                                  "llama (RoPE, RMSNorm, SwiGLU, grouped-query attention, no biases).",
+                          choices=FAMILIES)
     vocab_size: int = setting(256, "Vocabulary size (a multiple of tp).", ge=1, le=MAX_VOCAB)
     d_model: int = setting(64, "Hidden size (a multiple of n_heads).", ge=1, le=MAX_WIDTH)
     n_layers: int = setting(8, "Transformer blocks.", flag="--layers", ge=1, le=MAX_LAYERS)
     n_heads: int = setting(8, "Attention heads (a multiple of tp).", flag="--heads", ge=1, le=MAX_WIDTH)
-    max_seq_len: int = setting(256, "Size of the position table (>= train.seq_len).", ge=1, le=MAX_SEQ)
+    n_kv_heads: int = setting(0, "Key/value heads (llama: grouped-query attention; divides n_heads).",
+                              flag="--kv-heads", ge=0, le=MAX_WIDTH, zero="n_heads")
+    ffn_hidden: int = setting(0, "MLP hidden size (llama: the SwiGLU width; a multiple of tp).", ge=0,
+                              le=8 * MAX_WIDTH, zero="4 x d_model")
+    max_seq_len: int = setting(256, "Longest sequence (gpt2: size of the position table; >= train.seq_len).", ge=1,
+                               le=MAX_SEQ)
+    rope_theta: float = setting(10000.0, "llama: RoPE base frequency.", gt=0)
+    norm_eps: float = setting(1e-5, "Epsilon of the LayerNorms (gpt2) / RMSNorms (llama).", gt=0)
+    tie_embeddings: bool = setting(False, "llama: the head reuses the token embedding's weight (needs pp = 1).")
+    qkv_bias: bool = setting(False, "llama: biases on the q/k/v projections (Qwen2-style).")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def ffn(self) -> int:
+        return self.ffn_hidden or 4 * self.d_model
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
 
 
 @dataclass

@@ -122,7 +122,7 @@ def test_flops_formula_by_hand():
     )
     logits_forward = 2 * b * s * h * v
     by_hand = 3 * (layers * per_layer_forward + logits_forward)  # backward costs twice the forward
-    assert model_flops_per_step(b, s, layers, h, v) == pytest.approx(by_hand, rel=1e-12)
+    assert model_flops_per_step(b, s, layers, h, v, 12 * h * h) == pytest.approx(by_hand, rel=1e-12)
 
 
 def test_flops_formula_matches_the_model_as_executed():
@@ -137,4 +137,4 @@ def test_flops_formula_matches_the_model_as_executed():
     # The counter does not see inside CPU fused attention; add its forward + backward by hand: 3 x 4 b s^2 h per
     # layer. Everything else the formula counts is a matmul the counter saw.
     attention_core = 3 * 4 * b * s * s * H * L
-    assert matmuls + attention_core == pytest.approx(model_flops_per_step(b, s, L, H, V), rel=1e-12)
+    assert matmuls + attention_core == pytest.approx(model_flops_per_step(b, s, L, H, V, 12 * H * H), rel=1e-12)

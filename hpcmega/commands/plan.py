@@ -12,6 +12,7 @@ from typing import Any
 import click
 
 from hpcmega.commands.options import pass_config
+from hpcmega.planning.families import kv_heads_replicated
 
 # Groups listed per dimension in the table; the full lists are in --json.
 _MAX_ROWS = 16
@@ -49,8 +50,12 @@ def config_summary(cfg, placement_kind: str, chosen: list | None = None) -> dict
     the values resolved by rule rather than given (config.resolve_defaults), with why."""
     return {
         "model": cfg.model.preset,
+        "family": cfg.model.family,
         "n_layers": cfg.model.n_layers,
         "n_heads": cfg.model.n_heads,
+        "n_kv_heads": cfg.model.kv_heads,
+        "kv_heads_replicated": kv_heads_replicated(cfg.model.family, cfg.model.kv_heads, cfg.parallel.tp),
+        "ffn_hidden": cfg.model.ffn,
         "d_model": cfg.model.d_model,
         "vocab_size": cfg.model.vocab_size,
         "nodes": cfg.cluster.nodes,
@@ -70,6 +75,16 @@ def config_summary(cfg, placement_kind: str, chosen: list | None = None) -> dict
         "data_parallel": cfg.parallel.data_parallel,
         "chosen": [{"key": c.key, "value": c.value, "source": c.source} for c in chosen or []],
     }
+
+
+def _kv_line(s: dict[str, Any], tp: int) -> str:
+    """How the kv heads of grouped-query attention sit on the TP ranks (nothing for full multi-head attention)."""
+    kv = s["n_kv_heads"]
+    if kv == s["n_heads"]:
+        return ""
+    if s["kv_heads_replicated"]:
+        return f", {kv} kv heads (replicated: tp={tp} > {kv}, each rank computes the one its query heads share)"
+    return f", {kv} kv heads ({kv // tp} per TP rank)"
 
 
 def memory_check(cfg, skip: bool):
@@ -203,8 +218,8 @@ def _print_table(layout, summary: dict[str, Any], warnings: list[str]) -> None:
                  + (f" (NVLink domains of {s['nvlink_domain_nodes']} nodes)" if s["nvlink_domain_nodes"] > 1 else ""))
     head.add_row("parallel", f"tp={layout.tp}  pp={layout.pp}  dp={layout.dp}  order={layout.order}  "
                  f"distribution={s['distribution']}")
-    head.add_row("model", f"{s['model']}: {s['n_layers']} layers, {s['n_heads']} heads, d_model={s['d_model']}, "
-                 f"vocab={s['vocab_size']}")
+    head.add_row("model", f"{s['model']} ({s['family']}): {s['n_layers']} layers, {s['n_heads']} heads, "
+                 f"d_model={s['d_model']}, ffn={s['ffn_hidden']}, vocab={s['vocab_size']}{_kv_line(s, layout.tp)}")
     head.add_row("pipeline", f"schedule={s['schedule']}, {s['stages_per_rank']} stage(s) per rank, "
                  f"{s['layers_per_stage']} layer(s) per stage")
     head.add_row("batch", f"global_batch={s['global_batch']} = dp {layout.dp} x micro_batch {s['micro_batch']} x "

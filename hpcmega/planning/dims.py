@@ -16,7 +16,7 @@ from hpcmega.config import MODEL_PRESETS
 from hpcmega.errors import ConfigError
 
 if TYPE_CHECKING:
-    from hpcmega.config import Config
+    from hpcmega.config import Config, ModelConfig
 
 MESH_DIMS = ("pp", "dp", "tp")
 
@@ -36,6 +36,21 @@ def alternatives(values: list[int]) -> str:
     if not values:
         return "?"
     return str(values[0]) + (f" (or {', '.join(map(str, values[1:]))})" if len(values) > 1 else "")
+
+
+def check_tp_split(m: ModelConfig, tp: int) -> None:
+    """What tensor parallelism splits in a llama block besides the query heads: the kv heads (split, or tp a
+    multiple of them: hpcmega.planning.families.kv_heads_replicated) and the SwiGLU width."""
+    if m.family != "llama":
+        return
+    if m.kv_heads % tp and tp % m.kv_heads:
+        fits = [d for d in sorted(divisors(m.n_heads), reverse=True) if d % m.kv_heads == 0 or m.kv_heads % d == 0]
+        raise ConfigError(f"tp={tp} and n_kv_heads={m.kv_heads}: the kv heads must split evenly over tp, or tp must "
+                          f"be a multiple of them (each rank's query heads then share one replicated kv head); use "
+                          f"--tp {alternatives(fits)}")
+    if m.ffn % tp:
+        raise ConfigError(f"ffn_hidden={m.ffn} is not divisible by tp={tp} (gate/up split by columns, down by rows); "
+                          f"use --ffn-hidden {round_up(m.ffn, tp)}")
 
 
 @dataclass(frozen=True)
@@ -78,7 +93,8 @@ class ParallelDims:
         if m.vocab_size % tp:
             raise ConfigError(f"vocab_size={m.vocab_size} is not divisible by tp={tp} (the vocab-parallel embedding "
                               f"splits its rows evenly); use --vocab-size {round_up(m.vocab_size, tp)}")
-        if m.max_seq_len % tp:
+        check_tp_split(m, tp)
+        if m.family == "gpt2" and m.max_seq_len % tp:
             raise ConfigError(f"model.max_seq_len={m.max_seq_len} is not divisible by tp={tp} (the position "
                               f"embedding splits its rows evenly); use --set model.max_seq_len="
                               f"{round_up(m.max_seq_len, tp)}")

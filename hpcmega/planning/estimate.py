@@ -31,6 +31,7 @@ from hpcmega.config import Config
 from hpcmega.planning.stages import layers_for_stage, stage_ids_for_rank
 from hpcmega.planning.flops import model_flops_per_step
 from hpcmega.gpus import GPU, INTERNODE_GB_S, get_gpu
+from hpcmega.planning.families import BlockShape
 from hpcmega.planning.schedule_facts import bubble_fraction, chunks_in_flight
 
 GIB = 2**30
@@ -60,6 +61,11 @@ class Shape:
     reshard_after_forward: bool
     replicate: bool = False  # parallel.data_parallel = "replicate"
     reduce_every_microbatch: bool = False  # Config.reduce_every_microbatch (pp = 1 FSDP2 accumulation)
+    family: str = "gpt2"  # the block's architecture and its extra shape (hpcmega.planning.families)
+    kv_heads: int = 0  # 0 = heads
+    ffn: int = 0  # 0 = 4h
+    qkv_bias: bool = False
+    tied: bool = False
 
     @classmethod
     def from_config(cls, cfg: Config) -> "Shape":
@@ -72,7 +78,14 @@ class Shape:
             recompute=cfg.parallel.recompute, sp=cfg.sequence_parallel, precision=cfg.train.precision,
             reshard_after_forward=cfg.reshard_after_forward, replicate=cfg.parallel.data_parallel == "replicate",
             reduce_every_microbatch=cfg.reduce_every_microbatch,
+            family=cfg.model.family, kv_heads=cfg.model.kv_heads, ffn=cfg.model.ffn, qkv_bias=cfg.model.qkv_bias,
+            tied=cfg.model.tie_embeddings,
         )
+
+    @property
+    def block(self) -> BlockShape:
+        return BlockShape(self.family, self.h, self.heads, self.kv_heads or self.heads, self.ffn or 4 * self.h,
+                          self.qkv_bias, self.tied)
 
     @property
     def compute_bytes(self) -> int:
@@ -96,25 +109,26 @@ class Shape:
 
 
 # -- parameters ---------------------------------------------------------------------------------------------------
-def block_params(h: int, tp: int) -> int:
-    """One block's parameters on one TP rank: wq/wk/wv/fc1 (weights and biases) and wo/fc2 weights are split over
-    tp; wo/fc2 biases and both LayerNorms are replicated. 12h^2 + 13h at tp = 1."""
-    return (12 * h * h + 7 * h) // tp + 6 * h
+def block_params(sh: Shape) -> int:
+    """One block's parameters on one TP rank (GPT-2: 12h^2 + 13h at tp = 1; hpcmega.planning.families)."""
+    return sh.block.params(sh.tp)
 
 
 def embedding_params(sh: Shape) -> int:
-    """Token and position embeddings, vocab- and position-parallel over tp."""
-    return (sh.vocab + sh.max_seq_len) * sh.h // sh.tp
+    """Token (and GPT-2's position) embeddings, vocab- and position-parallel over tp."""
+    return sh.block.embedding_params(sh.vocab, sh.max_seq_len, sh.tp)
 
 
 def head_params(sh: Shape) -> int:
-    """Final LayerNorm (replicated) and the bias-free head (column-parallel over the vocabulary)."""
-    return 2 * sh.h + sh.vocab * sh.h // sh.tp
+    """Final norm (replicated) and the bias-free head (column-parallel over the vocabulary; none when tied)."""
+    return sh.block.head_params(sh.vocab, sh.tp)
 
 
 def total_params(sh: Shape) -> int:
     """The whole model's parameter count (tp = 1 numbers)."""
-    return sh.layers * (12 * sh.h * sh.h + 13 * sh.h) + (2 * sh.vocab + sh.max_seq_len) * sh.h + 2 * sh.h
+    block = sh.block
+    return sh.layers * block.params(1) + block.embedding_params(sh.vocab, sh.max_seq_len, 1) + block.head_params(
+        sh.vocab, 1)
 
 
 # -- activations --------------------------------------------------------------------------------------------------
@@ -149,32 +163,21 @@ def korthikanti_bytes_per_layer(s: int, b: int, h: int, a: int, t: int, sp: bool
     return total
 
 
-# Tensors each block keeps for backward with recompute selective/full, in units of s*b*h elements:
-# (replicated over tp, split over tp). Recompute none is the Korthikanti breakdown above for this engine.
-#  selective: block input; results of the matmuls, attention and TP reductions (hpcmega.parallel.recompute):
-#             q, k, v, attention output, fc1 output (split); the wo and fc2 outputs at tp = 1 or the two
-#             all-reduce outputs with tp > 1 and no SP (replicated); with SP the block input and the two
-#             reduce-scatter outputs are sequence shards (split). Row-parallel partial sums and all-gather
-#             outputs are not kept (measured per t in tests/test_recompute.py).
-#  full:      the block input only.
-def _block_units(recompute: str, sp: bool) -> tuple[float, float]:
-    if recompute == "full":
-        return (0.0, 1.0) if sp else (1.0, 0.0)
-    if sp:
-        return 0.0, 11.0
-    return 3.0, 8.0
-
-
 def activation_bytes_per_layer(sh: Shape, recompute: str | None = None) -> int:
     """Bytes one block keeps for backward, per microbatch, on one TP rank."""
     mode = recompute or sh.recompute
     sp = sh.sp and sh.tp > 1
+    if mode == "none" and sh.family == "llama":
+        return int(sh.block.llama_none_bytes(sh.s, sh.b, sh.tp, sp, sh.compute_bytes))
     if mode == "none":  # SDPA (flash) attention, no dropout, DTensor sequence parallelism
         bytes16 = korthikanti_bytes_per_layer(sh.s, sh.b, sh.h, sh.heads, sh.tp, sp, "none", dropout=False,
                                               flash=True, sp_keeps_gathered=True)
         lse = 4 * sh.tokens_per_microbatch * (sh.heads // sh.tp)
         return int((bytes16 - lse) * sh.compute_bytes / 2) + lse
-    full, split = _block_units(mode, sp)
+    if mode == "full":  # the block input only
+        full, split = (0.0, 1.0) if sp else (1.0, 0.0)
+    else:
+        full, split = sh.block.selective_units(sp, sh.tp)
     sbh = sh.tokens_per_microbatch * sh.h
     logsumexp = 0 if mode == "full" else FP32 * sh.tokens_per_microbatch * (sh.heads // sh.tp)
     return int((full + split / sh.tp) * sbh * sh.compute_bytes) + logsumexp
@@ -263,7 +266,7 @@ def rank_memory(sh: Shape, pp_rank: int) -> RankMemory:
     layer_ranges = [layers_for_stage(st, num_stages, sh.layers) for st in stages]
     n_layers = sum(len(r) for r in layer_ranges)
     first, last = 0 in stages, num_stages - 1 in stages
-    count = n_layers * block_params(sh.h, sh.tp) + (embedding_params(sh) if first else 0)
+    count = n_layers * block_params(sh) + (embedding_params(sh) if first else 0)
     count += head_params(sh) if last else 0
 
     shard = sh.dp if sh.fsdp else 1
@@ -291,7 +294,7 @@ def rank_memory(sh: Shape, pp_rank: int) -> RankMemory:
         # after the first microbatch's when every microbatch reduces.
         per_microbatch = accumulating and sh.reduce_every_microbatch
         grads_at_peak = grads if per_microbatch else 0
-        block = block_params(sh.h, sh.tp)
+        block = block_params(sh)
         if sh.pp > 1 or not sh.reshard_after_forward:
             buffers += sh.compute_bytes * count  # gathered parameters kept until the end of backward
         else:
@@ -312,8 +315,7 @@ def rank_memory(sh: Shape, pp_rank: int) -> RankMemory:
         backward_peak = params + optimizer + max(activations, grads) + buffers
     # AdamW (foreach, one optimizer per local stage) holds a temporary the size of that stage's parameters (the
     # square root of the second moment) during its step.
-    largest_stage = max(len(r) for r in layer_ranges) * block_params(sh.h, sh.tp) + (count - n_layers * block_params(
-        sh.h, sh.tp))
+    largest_stage = max(len(r) for r in layer_ranges) * block_params(sh) + (count - n_layers * block_params(sh))
     optimizer_peak = params + grads + optimizer + FP32 * min(count, largest_stage) // shard + held
     peak = max(backward_peak, optimizer_peak)
     return RankMemory(pp_rank, params, grads, optimizer, activations, buffers, peak, count, n_layers)
@@ -321,8 +323,9 @@ def rank_memory(sh: Shape, pp_rank: int) -> RankMemory:
 
 # -- throughput ---------------------------------------------------------------------------------------------------
 def flops_per_step(sh: Shape) -> float:
-    """Model FLOPs of one optimizer step (hpcmega.training.metrics): 6N + 12*L*h*s per token, N = 12*L*h^2 + V*h."""
-    return model_flops_per_step(sh.b * sh.m * sh.dp, sh.s, sh.layers, sh.h, sh.vocab)
+    """Model FLOPs of one optimizer step (hpcmega.planning.flops): 6N + 12*L*h*s per token, N = the matmul weights
+    (GPT-2: 12*L*h^2 + V*h)."""
+    return model_flops_per_step(sh.b * sh.m * sh.dp, sh.s, sh.layers, sh.h, sh.vocab, sh.block.matmul_params())
 
 
 def hardware_flops_per_step(sh: Shape) -> float:
@@ -331,7 +334,7 @@ def hardware_flops_per_step(sh: Shape) -> float:
     flops = flops_per_step(sh)
     if sh.recompute == "full":
         tokens = sh.b * sh.m * sh.dp * sh.s
-        flops += tokens * sh.layers * (24 * sh.h * sh.h + 4 * sh.s * sh.h)
+        flops += tokens * sh.layers * (2 * sh.block.matmul_params() + 4 * sh.s * sh.h)
     return flops
 
 
@@ -372,10 +375,14 @@ def tp_bytes(sh: Shape, pp_rank: int) -> float:
     first, last = 0 in stages, sh.pp * sh.v - 1 in stages
     sbh = sh.tokens_per_microbatch * sh.h
     per_block = 4 + (2 if sh.recompute == "full" else 0)
-    elements = n_layers * per_block * sbh + first * (sbh + sh.s * sh.h) + last * sbh
+    positions = sh.s * sh.h if sh.family == "gpt2" else 0  # GPT-2's position table, shared by the micro-batch
+    elements = n_layers * per_block * sbh + first * (sbh + positions) + last * sbh
     total = wire_bytes("all_reduce", elements * sh.compute_bytes * sh.m, sh.tp)
-    if sh.sp:
-        partial = (6 * sh.h * n_layers + 2 * sh.h * last) // (sh.dp if sh.fsdp else 1)
+    block = sh.block
+    partial = n_layers * block.partial_grad_elements(sh.sp, sh.tp) + last * block.final_norm_partial_elements(
+        sh.sp, sh.tp)
+    partial //= sh.dp if sh.fsdp else 1
+    if partial:
         total += wire_bytes("all_reduce", FP32 * partial, sh.tp)
     return total
 

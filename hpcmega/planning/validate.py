@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import re
 
-from hpcmega.config import AUTO, RESOLVED_BY_RULE, Config, check_declared, get_value, named
+from hpcmega.config import AUTO, RESOLVED_BY_RULE, Config, ModelConfig, check_declared, get_value, named
 from hpcmega.errors import ConfigError
 from hpcmega.planning.dims import ParallelDims, alternatives, divisors, round_up
 from hpcmega.planning.schedule_facts import bubble_fraction
@@ -57,6 +57,32 @@ def _check_model(cfg: Config) -> None:
     if t.seq_len > m.max_seq_len:
         raise ConfigError(f"seq_len={t.seq_len} exceeds the model's max_seq_len={m.max_seq_len} (size of the "
                           f"position table); use --seq-len {m.max_seq_len} or less")
+    check_family(m, cfg.parallel.pp)
+
+
+def check_family(m: ModelConfig, pp: int) -> None:
+    """What each family's block can be built with (hpcmega.models): GPT-2's block has full multi-head attention, a
+    4h MLP, an untied head and biases everywhere; llama's grouped-query attention needs whole query groups and RoPE
+    an even head size. A head tied to the embedding needs both on one pipeline stage."""
+    if m.family == "gpt2":
+        llama_only = {"n_kv_heads": m.kv_heads != m.n_heads, "ffn_hidden": m.ffn != 4 * m.d_model,
+                      "tie_embeddings": m.tie_embeddings, "qkv_bias": m.qkv_bias}
+        for key, odd in llama_only.items():
+            if odd:
+                raise ConfigError(f"model.{key}={getattr(m, key)} is a llama-family setting (GPT-2's block has full "
+                                  "multi-head attention, a 4 x d_model MLP, an untied head and biases); use "
+                                  f"--family llama, or leave model.{key} unset")
+        return
+    if m.n_heads % m.kv_heads:
+        fits = [d for d in sorted(divisors(m.n_heads), reverse=True) if d <= m.kv_heads]
+        raise ConfigError(f"n_kv_heads={m.n_kv_heads} does not divide n_heads={m.n_heads} (each kv head serves a "
+                          f"whole group of query heads); use --kv-heads {alternatives(fits)}")
+    if m.head_dim % 2:
+        raise ConfigError(f"head size d_model/n_heads={m.head_dim} is odd; RoPE rotates pairs of dimensions: use "
+                          f"--d-model {round_up(m.d_model, 2 * m.n_heads)}")
+    if m.tie_embeddings and pp > 1:
+        raise ConfigError(f"model.tie_embeddings needs the embedding and the head on one pipeline stage (pp={pp}); "
+                          "use --pp 1 or --no-tie-embeddings")
 
 
 def _world_fixes(cfg: Config) -> str:

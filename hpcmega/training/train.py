@@ -31,6 +31,7 @@ from hpcmega.parallel.parallelize import build_model_parts, mesh_sizes
 from hpcmega.parallel.pipeline import GradAccumulation, PipelineRunner
 from hpcmega.parallel.step_guard import StepGuard
 from hpcmega.training.metrics import ConsoleLogger, MetricsWriter, peak_tflops, step_record
+from hpcmega.planning.families import BlockShape
 from hpcmega.planning.flops import model_flops_per_step
 from hpcmega.training.optim import CosineWithWarmup, build_optimizer, clip_grad_norm_
 from hpcmega.runs import files
@@ -104,7 +105,8 @@ class Trainer:
         self.tokens_per_step = cfg.train.global_batch * cfg.train.seq_len
         m = cfg.model
         self.flops_per_step = model_flops_per_step(
-            cfg.train.global_batch, cfg.train.seq_len, m.n_layers, m.d_model, m.vocab_size
+            cfg.train.global_batch, cfg.train.seq_len, m.n_layers, m.d_model, m.vocab_size,
+            BlockShape.of(m).matmul_params(),
         )
         device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None
         self.peak_tflops = peak_tflops(device_name, cfg.train.precision)
