@@ -105,6 +105,18 @@ NODE4 = dict(cluster__nodes=1, cluster__gpus_per_node=4)
         (dict(**NODE4, parallel__tp=4, train__seq_len=30), ["seq_len=30", "--seq-len 32", "--no-sequence-parallel"]),
         (dict(train__seq_len=512), ["max_seq_len=256", "--seq-len 256"]),
         (dict(model__d_model=66), ["d_model=66", "n_heads=8", "--d-model 72"]),
+        # model families: llama's grouped-query attention, RoPE and tied head; GPT-2 refuses llama settings
+        (dict(model__preset="llama-tiny", model__n_kv_heads=3), ["n_kv_heads=3", "n_heads=8", "--kv-heads 2"]),
+        (dict(model__preset="llama-tiny", model__n_kv_heads=3, model__n_heads=12, model__d_model=96, **NODE4,
+              parallel__tp=2), ["tp=2 and n_kv_heads=3", "--tp 12 (or 6, 3, 1)"]),
+        (dict(model__preset="llama-tiny", model__d_model=40, model__n_heads=8), ["head size", "odd", "--d-model 48"]),
+        (dict(model__preset="llama-tiny", model__tie_embeddings=True, cluster__nodes=1, cluster__gpus_per_node=2,
+              parallel__pp=2), ["tie_embeddings", "pp=2", "--no-tie-embeddings"]),
+        (dict(model__preset="llama-tiny", model__ffn_hidden=383, cluster__nodes=1, cluster__gpus_per_node=2,
+              parallel__tp=2), ["ffn_hidden=383", "--ffn-hidden 384"]),
+        (dict(model__n_kv_heads=2), ["model.n_kv_heads=2", "llama-family", "--family llama"]),
+        (dict(model__qkv_bias=True), ["model.qkv_bias=True", "--family llama"]),
+        (dict(model__family="mamba"), ["unknown model.family", "gpt2, llama"]),
         # batch and microbatches
         (dict(**NODE4, train__global_batch=6), ["global_batch=6", "dp=4", "--global-batch 8"]),
         (dict(cluster__nodes=1, cluster__gpus_per_node=2, parallel__pp=2, parallel__microbatches=3),
@@ -221,3 +233,11 @@ def test_parse_slurm_time(text, minutes):
 def test_parse_slurm_time_refuses(text):
     with pytest.raises(ConfigError, match="cluster.time"):
         parse_slurm_time(text)
+
+
+@pytest.mark.parametrize("preset", ["llama-tiny", "llama3.2-1b", "llama3-8b", "llama3-70b"])
+def test_llama_presets_take_every_tp_of_an_8_gpu_node(preset):
+    """tp 1-8 over 8 (or 2, for llama-tiny) kv heads: split when tp divides them, replicated beyond."""
+    for tp in (1, 2, 4, 8):
+        assert validate(make(model__preset=preset, cluster__nodes=1, cluster__gpus_per_node=8, parallel__tp=tp)) \
+            is not None
