@@ -23,7 +23,7 @@ def tiny() -> Config:
 def _compare(cfg: Config) -> dict:
     from hpcmega.bench.explicit_tp import ExplicitTPGPT, clip_grad_norm_explicit
     from hpcmega.bench.references import synthetic_batch
-    from hpcmega.models.gpt2.model import build_model, cross_entropy
+    from hpcmega.models.common import build_model, cross_entropy
 
     reference = build_model(cfg.model, cfg.train.seed)
     explicit = ExplicitTPGPT(build_model(cfg.model, cfg.train.seed), dist.group.WORLD)

@@ -16,7 +16,7 @@ from hpcmega.data.tokenizer import encode
 from hpcmega.models.gpt2.state_dict_adapter import export_hf
 from hpcmega.inference.load import load_model
 from hpcmega.checkpoint.locate import find_checkpoint
-from hpcmega.models.gpt2.model import build_model
+from hpcmega.models.common import build_model
 
 LOGITS_ATOL = 1e-4
 

@@ -18,7 +18,8 @@ import torch
 import torch.multiprocessing as mp
 
 from hpcmega.config import Config, resolve_defaults
-from hpcmega.models.gpt2.model import GPT, build_model
+from hpcmega.models.common import build_model
+from hpcmega.models.gpt2.model import GPT
 
 PP, DP, TP = 2, 2, 4
 FP32 = 4

@@ -1,6 +1,9 @@
 """Layout invariance: tp, pp (every schedule), dp, their combinations, recompute, compile and bf16 change where the
 math runs, not what it computes. Each layout trains the same tiny GPT on the same global batches for 5 steps and is
 compared with a single process, step by step (loss) and parameter by parameter (first-step gradients, by full name).
+The llama family runs through the same layouts (names ``llama-...``, compared with ``llama-single`` under the same
+tolerances); its 4 query heads share 2 kv heads, so tp=2 splits the kv heads and tp=4 replicates them. The tied
+llama (head = embedding weight) has its own reference, ``llama-tied-single``.
 
 Runs real gloo process groups. Layouts of one world size share one process group (see engine_harness.run_layouts).
 """
@@ -39,7 +42,15 @@ def tiny_config(**overrides) -> Config:
 
 
 # name -> config overrides. World size = tp * pp * (dp from the process group).
-REFERENCE = {"single": {}}
+LLAMA = {"model.family": "llama", "model.n_kv_heads": 2, "model.ffn_hidden": 160}  # GQA: 2 query heads per kv head
+
+
+def llama(**overrides) -> dict:
+    return {**LLAMA, **overrides}
+
+
+TIED = {"model.tie_embeddings": True}  # the head is the embedding's weight (pp = 1 only)
+REFERENCE = {"single": {}, "llama-single": llama(), "llama-tied-single": llama(**TIED)}
 TWO_RANKS = {
     "tp2": {"parallel.tp": 2},
     "tp2-no-sequence-parallel": {"parallel.tp": 2, "parallel.sequence_parallel": False},
@@ -60,6 +71,16 @@ TWO_RANKS = {
     "tp2-recompute-full": {"parallel.tp": 2, "parallel.recompute": "full"},
     "tp2-compile": {"parallel.tp": 2, "parallel.compile": True},
     "tp2-bf16": {"parallel.tp": 2, "train.precision": "bf16"},
+    "llama-tp2": llama(**{"parallel.tp": 2}),
+    "llama-dp2": llama(),
+    "llama-pp2-interleaved-1f1b-v2": llama(**{
+        "parallel.pp": 2, "parallel.schedule": "interleaved-1f1b", "parallel.virtual_stages": 2,
+    }),
+    "llama-pp2-zbv": llama(**{"parallel.pp": 2, "parallel.schedule": "zbv"}),
+    "llama-tp2-recompute-selective": llama(**{"parallel.tp": 2, "parallel.recompute": "selective"}),
+    "llama-tp2-bf16": llama(**{"parallel.tp": 2, "train.precision": "bf16"}),
+    "llama-tied-tp2": llama(**TIED, **{"parallel.tp": 2}),
+    "llama-tied-dp2": llama(**TIED),
 }
 FOUR_RANKS = {
     "pp2-tp2": {"parallel.pp": 2, "parallel.tp": 2},
@@ -68,6 +89,8 @@ FOUR_RANKS = {
         "parallel.pp": 2, "parallel.tp": 2, "parallel.schedule": "zbv", "parallel.recompute": "full",
     },
     "pp2-dp2-zero-bubble-v2": {"parallel.pp": 2, "parallel.schedule": "zero-bubble", "parallel.virtual_stages": 2},
+    "llama-pp2-tp2": llama(**{"parallel.pp": 2, "parallel.tp": 2}),
+    "llama-tp4-kv-replicated": llama(**{"parallel.tp": 4}),
 }
 EIGHT_RANKS = {
     "pp2-dp2-tp2": {"parallel.pp": 2, "parallel.tp": 2},
@@ -76,7 +99,7 @@ EIGHT_RANKS = {
         "parallel.recompute": "full", "parallel.reshard_after_forward": False,
     },
 }
-BF16 = {"tp2-bf16", "dp2-replicate-bf16"}  # FSDP2's mixed-precision policy; autocast under replicate
+BF16 = {"tp2-bf16", "dp2-replicate-bf16", "llama-tp2-bf16"}  # FSDP2's mixed-precision policy; autocast under replicate
 # Trained through the public ``hpcmega.training.train.train`` entry point (no gradient capture hook).
 VIA_TRAIN_ENTRY_POINT = {"pp2-dp2-tp2-interleaved-full-no-reshard"}
 # Configurations the engine must refuse, on every rank, with a ConfigError naming the fix, before writing anything.
@@ -116,6 +139,12 @@ def _get(results: dict, name: str) -> dict:
     return result
 
 
+def _reference(name: str) -> str:
+    if name.startswith("llama-tied-"):
+        return "llama-tied-single"
+    return "llama-single" if name.startswith("llama-") else "single"
+
+
 def _assert_losses_close(name: str, losses: list[float], ref: list[float], rtol: float) -> None:
     assert len(losses) == len(ref) == STEPS
     for step, (got, want) in enumerate(zip(losses, ref), start=1):
@@ -130,20 +159,20 @@ FP32_LAYOUTS = [n for n in (*TWO_RANKS, *FOUR_RANKS, *EIGHT_RANKS) if n not in B
 
 @pytest.mark.parametrize("name", FP32_LAYOUTS)
 def test_losses_match_single_process(results, name):
-    ref = _get(results, "single")["losses"]
+    ref = _get(results, _reference(name))["losses"]
     got = _get(results, name)
     _assert_losses_close(name, got["losses"], ref, LOSS_RTOL)
     # The reported loss is the global mean, the same number on every rank.
     assert all(rank_losses == got["losses"] for rank_losses in got["rank_losses"]), got["rank_losses"]
     # The global grad norm (tp/dp/pp reduced) is layout independent too.
-    ref_norms = _get(results, "single")["grad_norms"]
+    ref_norms = _get(results, _reference(name))["grad_norms"]
     for a, b in zip(got["grad_norms"], ref_norms):
         assert abs(a - b) <= LOSS_RTOL * b, (name, got["grad_norms"], ref_norms)
 
 
 @pytest.mark.parametrize("name", [n for n in FP32_LAYOUTS if n not in VIA_TRAIN_ENTRY_POINT])
 def test_first_step_gradients_match_single_process(results, name):
-    ref = _get(results, "single")
+    ref = _get(results, _reference(name))
     got = _get(results, name)
     assert got["param_names"] == set(ref["grads"]), "parameter names differ from the full model's"
     assert set(got["grads"]) == set(ref["grads"])
@@ -155,14 +184,15 @@ def test_first_step_gradients_match_single_process(results, name):
         assert diff <= GRAD_ATOL, f"{name}: grad of {pname} differs by {diff:.2e}"
 
 
-def test_the_model_learns(results):
-    losses = _get(results, "single")["losses"]
+@pytest.mark.parametrize("name", sorted(REFERENCE))
+def test_the_model_learns(results, name):
+    losses = _get(results, name)["losses"]
     assert losses[-1] < losses[0] - 0.01, losses
 
 
 @pytest.mark.parametrize("name", sorted(BF16))
 def test_bf16_close_to_fp32(results, name):
-    ref = _get(results, "single")["losses"]
+    ref = _get(results, _reference(name))["losses"]
     got = _get(results, name)
     _assert_losses_close(name, got["losses"], ref, BF16_RTOL)
     assert got["losses"] != ref, "bf16 gave bit-identical fp32 losses: mixed precision is not in effect"

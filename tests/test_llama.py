@@ -15,7 +15,7 @@ from hpcmega.config import ModelConfig, load_config
 from hpcmega.models.llama.model import Llama
 from hpcmega.planning.estimate import Shape, total_params
 from hpcmega.planning.families import BlockShape
-from hpcmega.rank.metrics import model_flops_per_step
+from hpcmega.planning.flops import model_flops_per_step
 
 transformers = pytest.importorskip("transformers")
 

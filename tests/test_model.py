@@ -9,7 +9,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from hpcmega.config import ModelConfig
 from hpcmega.planning.stages import layers_for_stage, stage_ids_for_rank
 from hpcmega.planning.flops import model_flops_per_step
-from hpcmega.models.gpt2.model import GPT, build_model, cross_entropy
+from hpcmega.models.common import build_model, cross_entropy
+from hpcmega.models.gpt2.model import GPT
 
 CFG = ModelConfig(vocab_size=128, d_model=64, n_layers=4, n_heads=4, max_seq_len=64)
 V, H, L, MAXS = 128, 64, 4, 64

@@ -24,8 +24,10 @@ TINY = {"model.vocab_size": 512, "model.d_model": 64, "model.n_heads": 8, "model
         # explicit where the GPU-job defaults would choose otherwise (config.resolve_defaults)
         "train.micro_batch": 1, "cluster.gpus_per_node": 1, "train.precision": "fp32", "parallel.recompute": "none"}
 
+LLAMA = {"model.family": "llama", "model.n_kv_heads": 2, "model.ffn_hidden": 192}
+
 # name -> overrides; together: tp 1/2/4/8, pp 1/2/4, FSDP dp>1, replicate, recompute none/selective/full, SP on and
-# off, gpipe/1f1b/interleaved, fp32 and bf16.
+# off, gpipe/1f1b/interleaved, fp32 and bf16, both model families.
 LAYOUTS = {
     "tp1-fp32-none": {"cluster.gpus_per_node": 1},
     "tp2-sp-selective": {"parallel.tp": 2, "parallel.recompute": "selective", "cluster.gpus_per_node": 2},
@@ -43,6 +45,12 @@ LAYOUTS = {
                                           "train.global_batch": 8},
     "pp4-1f1b-dp2-selective": {"parallel.pp": 4, "cluster.gpus_per_node": 8, "parallel.recompute": "selective",
                                "train.global_batch": 8},
+    # llama (8 query heads sharing 2 kv heads): kv heads split at tp 2, replicated at tp 4 and 8
+    "llama-tp2-sp-selective": {**LLAMA, "parallel.tp": 2, "parallel.recompute": "selective",
+                               "cluster.gpus_per_node": 2},
+    "llama-tp8-sp-bf16": {**LLAMA, "parallel.tp": 8, "train.precision": "bf16", "cluster.gpus_per_node": 8},
+    "llama-pp2-tp4-bf16-selective": {**LLAMA, "parallel.pp": 2, "parallel.tp": 4, "train.precision": "bf16",
+                                     "parallel.recompute": "selective", "cluster.gpus_per_node": 8},
 }
 KEYS = ("params", "grads", "optimizer", "activations", "peak")
 # Fake == real and "warm-up + one steady round" == "every microbatch": a pipelined FSDP2 + TP/SP + bf16 rank with

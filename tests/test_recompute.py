@@ -25,8 +25,9 @@ from hpcmega.config import ModelConfig
 from hpcmega.parallel.fake_world import fake_mesh, fake_world
 from hpcmega.parallel.memory import LiveTensorBytes, data_ptrs
 from hpcmega.parallel.recompute import apply_recompute
-from hpcmega.models.gpt2.parallelize import apply_tensor_parallel
-from hpcmega.models.gpt2.model import GPT, build_model, cross_entropy
+from hpcmega.models import family_module
+from hpcmega.models.common import build_model, cross_entropy, new_model
+from hpcmega.planning.estimate import Shape, activation_bytes_per_layer
 
 CFG = ModelConfig(vocab_size=128, d_model=64, n_layers=2, n_heads=4, max_seq_len=64)
 B, S, H = 2, 32, 64
@@ -127,22 +128,31 @@ PAPER = {"selective": 34, "full": 2}  # bf16 bytes per s·b·h/t and layer, with
 TOLERANCE = 1.15
 
 
+# One block of each family; llama's 8 query heads share 2 kv heads (t = 2 splits them, t = 4 and 8 replicate them).
+TP_MODELS = {
+    "gpt2": ModelConfig(vocab_size=64, d_model=TP_H, n_layers=1, n_heads=TP_HEADS, max_seq_len=TP_S),
+    "llama": ModelConfig(family="llama", vocab_size=64, d_model=TP_H, n_layers=1, n_heads=TP_HEADS, n_kv_heads=2,
+                         ffn_hidden=3 * TP_H, max_seq_len=TP_S),
+}
+
+
 @functools.cache
-def saved_bytes_per_block(t: int, mode: str) -> int:
-    """Bytes one rank of a t-way TP+SP group keeps for backward after the forward of one real Block in bf16: its
-    input shard plus every storage the forward created that is still alive (parameters and output excluded)."""
+def saved_bytes_per_block(t: int, mode: str, family: str = "gpt2", dtype: torch.dtype = torch.bfloat16) -> int:
+    """Bytes one rank of a t-way TP+SP group keeps for backward after the forward of one real block (bf16 unless
+    said): its input shard plus every storage the forward created that is still alive (parameters and output
+    excluded)."""
     with fake_world(t):
         mesh = fake_mesh(1, 1, t)
         with torch.device("meta"):
-            model = GPT(ModelConfig(vocab_size=64, d_model=TP_H, n_layers=1, n_heads=TP_HEADS, max_seq_len=TP_S))
+            model = new_model(TP_MODELS[family])
         model.keep_only(range(1), first=False, last=False)
         if t > 1:
-            apply_tensor_parallel(model, mesh["tp"], sequence_parallel=True)
+            family_module(family, "parallelize").apply_tensor_parallel(model, mesh["tp"], sequence_parallel=True)
         apply_recompute(model, mode)
         model.to_empty(device="cpu")
-        model.to(torch.bfloat16)
+        model.to(dtype)
         block = model.blocks["0"]
-        x = torch.randn(TP_B, TP_S // t, TP_H, dtype=torch.bfloat16, requires_grad=True)  # the sequence shard
+        x = torch.randn(TP_B, TP_S // t, TP_H, dtype=dtype, requires_grad=True)  # the sequence shard
         tracker = LiveTensorBytes()
         with tracker:
             y = block(x)
@@ -164,9 +174,45 @@ def test_selective_keeps_neither_all_gathers_nor_partial_sums():
     assert saved_bytes_per_block(8, "selective") * 8 == saved_bytes_per_block(1, "selective")
 
 
+def _planned_bytes(t: int, mode: str, dtype: torch.dtype) -> int:
+    """What the planner (hpcmega.planning.estimate, hpcmega.planning.families) says the llama block keeps."""
+    m = TP_MODELS["llama"]
+    sh = Shape(vocab=m.vocab_size, h=m.d_model, layers=1, heads=m.n_heads, max_seq_len=m.max_seq_len, tp=t, pp=1,
+               dp=1, v=1, schedule="1f1b", m=1, b=TP_B, s=TP_S, recompute=mode, sp=t > 1,
+               precision="bf16" if dtype == torch.bfloat16 else "fp32", reshard_after_forward=True,
+               family="llama", kv_heads=m.n_kv_heads, ffn=m.ffn_hidden)
+    return activation_bytes_per_layer(sh)
+
+
+@pytest.mark.parametrize("t", TP_SIZES)
+def test_llama_block_keeps_what_the_accounting_says(t):
+    """Per layer and rank, bf16, SP: selective keeps sbh/t x (10 + 4f/h + 4 kv_dim/h) + the fp32 log-sum-exp
+    (4 s b n_heads/t), with replicated kv heads (t > n_kv_heads) 2 x 2 s b head_dim for k and v instead of their
+    share; full keeps the 2 sbh/t input; none is the breakdown in hpcmega.planning.families. Exactly, at every t."""
+    sbh = TP_S * TP_B * TP_H
+    m = TP_MODELS["llama"]
+    kv_dim, head_dim = m.n_kv_heads * m.head_dim, m.head_dim
+    kv = 4 * kv_dim / TP_H * sbh / t if t <= m.n_kv_heads else 2 * 2 * TP_S * TP_B * head_dim
+    korthikanti_style = (10 + 4 * m.ffn_hidden / TP_H) * sbh / t + kv + 4 * TP_S * TP_B * m.n_heads / t
+    assert saved_bytes_per_block(t, "selective", "llama") == korthikanti_style
+    assert saved_bytes_per_block(t, "full", "llama") == 2 * sbh / t
+    for mode in ("none", "selective", "full"):
+        assert saved_bytes_per_block(t, mode, "llama") == _planned_bytes(t, mode, torch.bfloat16), mode
+
+
+@pytest.mark.parametrize("t", (1, 4))
+def test_llama_fp32_bytes_match_the_planner(t):
+    for mode in ("none", "selective"):
+        assert saved_bytes_per_block(t, mode, "llama", torch.float32) == _planned_bytes(t, mode, torch.float32)
+
+
 if __name__ == "__main__":
     print("| t | none | selective | full | paper selective+SP | paper full |")
     print("|---|---|---|---|---|---|")
     for t in TP_SIZES:
         row = [saved_bytes_per_block(t, m) / (SBH / t) for m in ("none", "selective", "full")]
         print(f"| {t} | " + " | ".join(f"{v:.1f}" for v in row) + f" | {PAPER['selective']} | {PAPER['full']} |")
+    print("llama (8 heads, 2 kv heads, f = 3h):")
+    for t in TP_SIZES:
+        row = [saved_bytes_per_block(t, m, "llama") / (SBH / t) for m in ("none", "selective", "full")]
+        print(f"| {t} | " + " | ".join(f"{v:.2f}" for v in row) + " |")

@@ -10,7 +10,7 @@ from conftest import run_cli
 from hpcmega.errors import ConfigError
 from hpcmega.config import ModelConfig
 from hpcmega.inference.sample import sample_text
-from hpcmega.models.gpt2.model import build_model
+from hpcmega.models.common import build_model
 
 LINE = "one two three four five six seven eight nine ten "
 

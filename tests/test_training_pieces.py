@@ -11,7 +11,7 @@ import torch
 from hpcmega.config import Config, ModelConfig, TrainConfig
 from hpcmega.data.synthetic import SyntheticLoader
 from hpcmega.training.metrics import MetricsWriter, format_line, peak_tflops, step_record
-from hpcmega.models.gpt2.model import build_model, cross_entropy
+from hpcmega.models.common import build_model, cross_entropy
 from hpcmega.training.optim import CosineWithWarmup, build_optimizer, clip_grad_norm_, param_groups
 
 

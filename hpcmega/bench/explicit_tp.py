@@ -18,7 +18,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hpcmega.models.gpt2.model import GPT, cross_entropy
+from hpcmega.models.common import cross_entropy
+from hpcmega.models.gpt2.model import GPT
 
 
 class _CopyToTP(torch.autograd.Function):

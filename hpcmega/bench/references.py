@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 
 from hpcmega.config import Config
 from hpcmega.cluster.launcher import free_port
-from hpcmega.models.gpt2.model import build_model, cross_entropy
+from hpcmega.models.common import build_model, cross_entropy
 from hpcmega.training.optim import build_optimizer
 
 

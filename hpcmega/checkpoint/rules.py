@@ -15,9 +15,12 @@ from typing import Any
 from hpcmega.config import Config
 from hpcmega.errors import ConfigError
 
-MODEL_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len")
-_FLAG = {"vocab_size": "--vocab-size", "d_model": "--d-model", "n_layers": "--layers", "n_heads": "--heads",
-         "max_seq_len": "model.max_seq_len"}
+MODEL_FIELDS = ("family", "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "max_seq_len",
+                "tie_embeddings", "qkv_bias")
+_FLAG = {"family": "--family", "vocab_size": "--vocab-size", "d_model": "--d-model", "n_layers": "--layers",
+         "n_heads": "--heads", "n_kv_heads": "--kv-heads", "ffn_hidden": "--ffn-hidden",
+         "max_seq_len": "--max-seq-len", "tie_embeddings": "--set model.tie_embeddings=",
+         "qkv_bias": "--set model.qkv_bias="}
 
 
 def check_model_matches(meta: dict[str, Any], cfg: Config, url: str) -> None:
@@ -25,7 +28,7 @@ def check_model_matches(meta: dict[str, Any], cfg: Config, url: str) -> None:
     diffs = [(k, saved[k], getattr(cfg.model, k)) for k in MODEL_FIELDS if k in saved and saved[k] != getattr(cfg.model, k)]
     if diffs:
         said = ", ".join(f"{k}={want} (this run: {got})" for k, want, got in diffs)
-        fix = " ".join(f"{_FLAG[k]} {want}" for k, want, _ in diffs)
+        fix = " ".join(f"{_FLAG[k]}{'' if _FLAG[k].endswith('=') else ' '}{want}" for k, want, _ in diffs)
         raise ConfigError(f"checkpoint {url} was written for another model: {said}; resume with {fix}, "
                           "or start fresh with --resume none")
 

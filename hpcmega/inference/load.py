@@ -4,11 +4,12 @@ from __future__ import annotations
 import warnings
 
 import torch
+import torch.nn as nn
 
 from hpcmega.checkpoint.store import CheckpointInfo, verify_checkpoint
 from hpcmega.config import Config
 from hpcmega.errors import ConfigError
-from hpcmega.models.gpt2.model import GPT
+from hpcmega.models.common import new_model
 
 
 def checkpoint_config(info: CheckpointInfo) -> Config:
@@ -18,7 +19,7 @@ def checkpoint_config(info: CheckpointInfo) -> Config:
     return Config.from_dict(info.meta["config"])
 
 
-def load_model(info: CheckpointInfo) -> tuple[GPT, Config]:
+def load_model(info: CheckpointInfo) -> tuple[nn.Module, Config]:
     """The full fp32 model of checkpoint ``info`` on the CPU, in eval mode, and the run's config.
 
     Every file is first checked against the checkpoint's manifest (sizes and SHA-256). Only model tensors are read
@@ -32,7 +33,7 @@ def load_model(info: CheckpointInfo) -> tuple[GPT, Config]:
         raise ConfigError(f"checkpoint {info.url} is damaged: {'; '.join(problems)}; pick another one from "
                           "`hpcmega ckpt ls`")
     with torch.device("meta"):
-        model = GPT(cfg.model)
+        model = new_model(cfg.model)
     model.to_empty(device="cpu")
     tensors = model.state_dict()  # the model's own storage: DCP loads into it in place
     # The checkpoint's app state is {"model": ModelOptimizerState, ...}, whose keys are "model.<param>" and

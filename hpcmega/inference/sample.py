@@ -9,13 +9,13 @@ so the same command prints the same text.
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
 
 from hpcmega.errors import ConfigError
 from hpcmega.data.tokenizer import Tokenizer, load_tokenizer
-from hpcmega.models.gpt2.model import GPT
 
 
-def prompt_ids(model: GPT, prompt: str, tok: Tokenizer) -> list[int]:
+def prompt_ids(model: nn.Module, prompt: str, tok: Tokenizer) -> list[int]:
     """The prompt's token ids; an empty prompt starts a new document (end-of-text), as GPT-2 does."""
     if model.cfg.vocab_size < tok.vocab_size:
         raise ConfigError(f"this model's vocabulary ({model.cfg.vocab_size}) is smaller than the {tok.name} "
@@ -30,7 +30,7 @@ def prompt_ids(model: GPT, prompt: str, tok: Tokenizer) -> list[int]:
 
 
 @torch.no_grad()
-def generate(model: GPT, ids: list[int], max_new_tokens: int, temperature: float, seed: int,
+def generate(model: nn.Module, ids: list[int], max_new_tokens: int, temperature: float, seed: int,
              tok: Tokenizer) -> list[int]:
     """New token ids after ``ids`` (stops early at the end-of-text id)."""
     gen = torch.Generator().manual_seed(seed)
@@ -49,7 +49,7 @@ def generate(model: GPT, ids: list[int], max_new_tokens: int, temperature: float
     return new
 
 
-def sample_text(model: GPT, prompt: str, max_new_tokens: int, temperature: float, seed: int,
+def sample_text(model: nn.Module, prompt: str, max_new_tokens: int, temperature: float, seed: int,
                 tokenizer: Tokenizer | None = None) -> str:
     """The prompt followed by the generated continuation, as text (GPT-2's tokenizer unless told)."""
     tok = tokenizer or load_tokenizer("gpt2")

@@ -12,6 +12,7 @@ from hpcmega.errors import ConfigError
 # family name -> the package holding model.py, parallelize.py and state_dict_adapter.py
 FAMILIES: dict[str, str] = {
     "gpt2": "hpcmega.models.gpt2",
+    "llama": "hpcmega.models.llama",
 }
 
 

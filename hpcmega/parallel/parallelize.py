@@ -17,7 +17,7 @@ never be used with TP or PP here: they silently drop or desynchronise DTensor pa
 of the model on every dp rank: plain ``DistributedDataParallel`` around the one part, gradients all-reduced once per
 step in buckets that overlap backward. Chosen over FSDP2-based replication (``fully_shard`` on a (replicate, 1) mesh)
 by measurement (docs/performance.md): parameters stay plain tensors, so the optimizer, clipping and forward pay no
-DTensor dispatch. The part itself stays the bare GPT (DDP holds it, ``ModelParts.forward_module`` is the wrapper), so
+DTensor dispatch. The part itself stays the bare model (DDP holds it, ``ModelParts.forward_module`` is the wrapper), so
 parameter names, the optimizer and DCP checkpoints are those of every other layout. bf16 under replicate is
 ``torch.autocast``: fp32 parameters, gradients, all-reduce and optimizer state, bf16 matmuls.
 """
@@ -39,8 +39,9 @@ from hpcmega.parallel.grad_sync import mark_partial_grads
 from hpcmega.parallel.recompute import apply_recompute
 from hpcmega.planning.dims import ParallelDims
 from hpcmega.planning.stages import layers_for_stage, stage_ids_for_rank
-from hpcmega.models.gpt2.parallelize import apply_tensor_parallel
-from hpcmega.models.gpt2.model import GPT
+from hpcmega.models import family_module
+from hpcmega.models.common import new_model
+from hpcmega.planning.validate import check_family
 
 
 @dataclass
@@ -108,6 +109,7 @@ def check_shapes(cfg: Config, dims: ParallelDims, num_stages: int) -> None:
             f"model.n_layers={m.n_layers} is fewer than the {num_stages} pipeline stages; "
             "lower parallel.pp / parallel.virtual_stages or add layers"
         )
+    check_family(m, num_stages)
 
 
 def build_model_parts(cfg: Config, mesh: DeviceMesh, device: torch.device,
@@ -128,10 +130,11 @@ def build_model_parts(cfg: Config, mesh: DeviceMesh, device: torch.device,
     for stage in stage_ids:
         stage_layers = layers_for_stage(stage, num_stages, cfg.model.n_layers)
         with torch.device("meta"):  # shapes only: nothing is allocated until to_empty, after sharding
-            model = GPT(cfg.model)
+            model = new_model(cfg.model)
         model.keep_only(stage_layers, first=stage == 0, last=stage == num_stages - 1)
         if tp > 1:
-            apply_tensor_parallel(model, mesh["tp"], cfg.parallel.sequence_parallel)
+            tensor_parallel = family_module(cfg.model.family, "parallelize").apply_tensor_parallel
+            tensor_parallel(model, mesh["tp"], cfg.parallel.sequence_parallel)
         apply_recompute(model, cfg.parallel.recompute)
         if cfg.parallel.compile:
             for block in model.blocks.values():
@@ -151,7 +154,7 @@ def build_model_parts(cfg: Config, mesh: DeviceMesh, device: torch.device,
                       ddp, bf16)
 
 
-def replicate_module(model: GPT, dp_mesh: DeviceMesh) -> DistributedDataParallel:
+def replicate_module(model: nn.Module, dp_mesh: DeviceMesh) -> DistributedDataParallel:
     """Plain DDP over "dp". Every rank initialised the same full weights (drawn per name from the seed), so the
     initial broadcast is skipped. Gradients end each backward as views into DDP's buckets; during backward
     autograd's own gradients sit next to the buckets until copied in (one more fp32 copy at the peak, which the
@@ -160,7 +163,7 @@ def replicate_module(model: GPT, dp_mesh: DeviceMesh) -> DistributedDataParallel
                                    gradient_as_bucket_view=True)
 
 
-def apply_fsdp(model: GPT, dp_mesh: DeviceMesh, precision: str, reshard_after_forward: bool) -> None:
+def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, precision: str, reshard_after_forward: bool) -> None:
     """FSDP2 over "dp": one unit per block plus the root (embeddings, final norm, head). With bf16, parameters are
     cast for compute while master weights, optimizer state and gradient reduction stay fp32."""
     if precision == "bf16":

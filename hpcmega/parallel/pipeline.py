@@ -20,7 +20,7 @@ from torch.distributed.tensor import DTensor
 from hpcmega.errors import ConfigError
 from hpcmega.parallel.parallelize import ModelParts
 from hpcmega.parallel.loss import loss_context
-from hpcmega.models.gpt2.model import cross_entropy
+from hpcmega.models.common import cross_entropy
 from hpcmega.schedules import SCHEDULES, names
 
 

@@ -28,11 +28,11 @@ import functools
 from typing import Any
 
 import torch
+import torch.nn as nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from hpcmega.config import RECOMPUTE_MODES
 from hpcmega.models.partial_sums import in_partial_sums
-from hpcmega.models.gpt2.model import GPT
 
 
 def _ops(namespace: Any, names: tuple[str, ...]) -> set:
@@ -64,7 +64,7 @@ def _selective_contexts():
     return create_selective_checkpoint_contexts(_selective_policy)
 
 
-def apply_recompute(model: GPT, mode: str) -> None:
+def apply_recompute(model: nn.Module, mode: str) -> None:
     """Set every block of ``model`` to recompute according to ``mode`` (none | selective | full)."""
     if mode not in RECOMPUTE_MODES:
         raise ValueError(f"unknown recompute mode {mode!r}; choose one of {', '.join(RECOMPUTE_MODES)}")

@@ -15,18 +15,14 @@ Why the shape of this module matters for parallelism:
 """
 from __future__ import annotations
 
-import math
-import zlib
 from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.distributed.tensor import DTensor, distribute_tensor
 
 from hpcmega.config import ModelConfig
-
-INIT_STD = 0.02
+from hpcmega.models.common import init_weights, keep_stage
 
 
 class Attention(nn.Module):
@@ -69,11 +65,11 @@ class Block(nn.Module):
     the local shards of its (DTensor) parameters with a few explicit collectives instead of the code below.
     """
 
-    def __init__(self, d_model: int, n_heads: int) -> None:
+    def __init__(self, d_model: int, n_heads: int, eps: float = 1e-5) -> None:
         super().__init__()
-        self.ln1 = nn.LayerNorm(d_model)
+        self.ln1 = nn.LayerNorm(d_model, eps=eps)
         self.attn = Attention(d_model, n_heads)
-        self.ln2 = nn.LayerNorm(d_model)
+        self.ln2 = nn.LayerNorm(d_model, eps=eps)
         self.mlp = MLP(d_model)
         self.checkpoint_fn: Callable[..., torch.Tensor] | None = None
         self.sharded_body: Callable[[Block, torch.Tensor], torch.Tensor] | None = None
@@ -98,42 +94,22 @@ class GPT(nn.Module):
         self.cfg = cfg
         self.tok_emb: nn.Embedding | None = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb: nn.Embedding | None = nn.Embedding(cfg.max_seq_len, cfg.d_model)
-        self.blocks = nn.ModuleDict({str(i): Block(cfg.d_model, cfg.n_heads) for i in range(cfg.n_layers)})
-        self.ln_f: nn.LayerNorm | None = nn.LayerNorm(cfg.d_model)
+        self.blocks = nn.ModuleDict({str(i): Block(cfg.d_model, cfg.n_heads, cfg.norm_eps)
+                                     for i in range(cfg.n_layers)})
+        self.ln_f: nn.LayerNorm | None = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
         self.head: nn.Linear | None = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
 
     # -- pipeline split ---------------------------------------------------------------------------------------------
     def keep_only(self, layers: range, first: bool, last: bool) -> GPT:
         """Turn this model into one pipeline stage: keep ``layers`` (global indices), embeddings iff ``first``,
         final norm and head iff ``last``. Names of what is kept do not change."""
-        for name in list(self.blocks.keys()):
-            if int(name) not in layers:
-                del self.blocks[name]
-        if not first:
-            self.tok_emb = None
-            self.pos_emb = None
-        if not last:
-            self.ln_f = None
-            self.head = None
-        return self
+        return keep_stage(self, layers, first, last)
 
     # -- initialisation ---------------------------------------------------------------------------------------------
-    @torch.no_grad()
     def init_weights(self, seed: int) -> None:
-        """GPT-2 initialisation, each tensor from a generator seeded by (seed, its name): layout-independent."""
-        residual_std = INIT_STD / math.sqrt(2 * self.cfg.n_layers)
-        for module_name, module in self.named_modules():
-            if isinstance(module, nn.LayerNorm):
-                module.weight.fill_(1.0)
-                module.bias.zero_()
-            elif isinstance(module, (nn.Linear, nn.Embedding)):
-                # Residual-stream projections are scaled down by depth (GPT-2).
-                std = residual_std if module_name.endswith(("attn.wo", "mlp.fc2")) else INIT_STD
-                name = f"{module_name}.weight"
-                gen = torch.Generator(device="cpu").manual_seed(param_seed(seed, name))
-                copy_full_value(module.weight, torch.randn(module.weight.shape, generator=gen).mul_(std))
-                if getattr(module, "bias", None) is not None:
-                    module.bias.zero_()
+        """GPT-2 initialisation, each tensor from a generator seeded by (seed, its name): layout-independent.
+        Residual-stream projections are scaled down by depth."""
+        init_weights(self, seed, self.cfg.n_layers, residual=("attn.wo", "mlp.fc2"))
 
     # -- forward ----------------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -150,30 +126,4 @@ class GPT(nn.Module):
         return x
 
 
-def copy_full_value(param: torch.Tensor, value: torch.Tensor) -> None:
-    """Write the full (unsharded) ``value`` of a parameter into ``param``; for a DTensor only the local shard is
-    written. Every rank holds the same ``value``, so the shard is cut locally (no communication)."""
-    if isinstance(param, DTensor):
-        shard = distribute_tensor(value, param.device_mesh, param.placements, src_data_rank=None)
-        param.to_local().copy_(shard.to_local())
-    else:
-        param.copy_(value.to(device=param.device, dtype=param.dtype))
-
-
-def param_seed(seed: int, name: str) -> int:
-    """A generator seed for one parameter: stable across processes and Python runs (unlike ``hash``)."""
-    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
-
-
-def build_model(cfg: ModelConfig, seed: int, device: torch.device | str = "cpu") -> GPT:
-    """The full model, initialised; for a single process and for tests."""
-    with torch.device("meta"):
-        model = GPT(cfg)
-    model.to_empty(device=device)
-    model.init_weights(seed)
-    return model
-
-
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean token cross entropy, always on fp32 logits (bf16 logits lose too much in log-softmax)."""
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(0, 1))
+Model = GPT  # what hpcmega.models.common.new_model builds for family gpt2

@@ -32,7 +32,6 @@ initialise after ``to_empty``, and selective recompute recomputes them instead o
 """
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
@@ -40,23 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hpcmega.config import ModelConfig
-from hpcmega.models.gpt2.model import INIT_STD, copy_full_value, param_seed
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Normalised in fp32 and cast back before the weight, as HF's LlamaRMSNorm (bf16 logits then agree)."""
-    x32 = x.float()
-    return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+from hpcmega.models.common import RMSNorm, init_weights, keep_stage
 
 
 def rope_tables(seq_len: int, head_dim: int, theta: float, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -162,31 +145,12 @@ class Llama(nn.Module):
     def keep_only(self, layers: range, first: bool, last: bool) -> Llama:
         """One pipeline stage: ``layers`` (global indices), the embedding iff ``first``, final norm and head iff
         ``last`` (with tied embeddings validation keeps both on one stage). Kept names do not change."""
-        for name in list(self.blocks.keys()):
-            if int(name) not in layers:
-                del self.blocks[name]
-        if not first:
-            self.tok_emb = None
-        if not last:
-            self.ln_f = None
-            self.head = None
-        return self
+        return keep_stage(self, layers, first, last)
 
-    @torch.no_grad()
     def init_weights(self, seed: int) -> None:
         """Normal(0.02) matrices, residual projections (wo, down) scaled by 1/sqrt(2 n_layers), norms 1, biases 0;
         each tensor from a generator seeded by (seed, its name): layout-independent."""
-        residual_std = INIT_STD / math.sqrt(2 * self.cfg.n_layers)
-        for module_name, module in self.named_modules():
-            if isinstance(module, RMSNorm):
-                module.weight.fill_(1.0)
-            elif isinstance(module, (nn.Linear, nn.Embedding)):
-                std = residual_std if module_name.endswith(("attn.wo", "mlp.down")) else INIT_STD
-                name = f"{module_name}.weight"
-                gen = torch.Generator(device="cpu").manual_seed(param_seed(seed, name))
-                copy_full_value(module.weight, torch.randn(module.weight.shape, generator=gen).mul_(std))
-                if getattr(module, "bias", None) is not None:
-                    module.bias.zero_()
+        init_weights(self, seed, self.cfg.n_layers, residual=("attn.wo", "mlp.down"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Token ids [b, s] on the first stage, hidden states [b, s, d] elsewhere; logits [b, s, vocab] on the last."""
@@ -198,3 +162,6 @@ class Llama(nn.Module):
             x = self.ln_f(x)
             x = self.head(x) if self.head is not None else self.tied_logits(x, self.tok_emb.weight)
         return x
+
+
+Model = Llama  # what hpcmega.models.common.new_model builds for family llama

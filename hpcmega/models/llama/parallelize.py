@@ -2,15 +2,17 @@
 
 Per block: wq, gate and up are split by output columns, wo and down by input rows: one all-reduce (TP) or one
 all-gather + one reduce-scatter (TP+SP) per sub-layer, as GPT-2. The RMSNorms run on the residual layout (sequence
-shards with SP; their weight gradients are ``Partial`` sums), RoPE and attention on this rank's heads.
+shards with SP, their weight gradients then partial sums over tp, declared to hpcmega.parallel.grad_sync), RoPE and
+attention on this rank's heads.
 
 Grouped-query attention, n_kv_heads = k over t ranks (validation allows t | k or k | t):
 - t divides k: wk/wv are column-parallel like wq; rank r holds kv heads [r k/t, (r+1) k/t), exactly the ones its
   query heads [r n/t, (r+1) n/t) use.
 - t > k (kv heads replicated): the t/k ranks whose query heads share one kv head all need it. wk/wv stay whole on
   every rank (Replicate), and each rank projects only the rows of its one kv head; the weight gradient of a rank is
-  then its kv head's rows only, declared ``Partial`` and summed over tp once per step (hpcmega.parallel.grad_sync or
-  FSDP2), like the norms'. Per rank this keeps head_dim-wide k and v activations instead of k/t x head_dim.
+  then its kv head's rows only, a partial sum over tp: the modules are declared (hpcmega.models.grad_marks) and
+  hpcmega.parallel.grad_sync sums them once per step, like the norms' under SP. Per rank this keeps head_dim-wide
+  k and v activations instead of k/t x head_dim.
 :func:`hpcmega.planning.families.kv_heads_replicated` is the one rule both this code and the planner follow.
 
 Tied embeddings: the head is the embedding's vocab-sharded weight (Shard(0), the same placement a column-parallel
@@ -21,10 +23,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Partial, Replicate
+from torch.distributed.tensor import DTensor, Replicate
 
-from hpcmega.models.llama.model import Block, Llama, attend, rms_norm
-from hpcmega.models.sharding import ShardedOps, local, shard_block_params, shard_ends
+from hpcmega.models.grad_marks import declare_partial_grads
+from hpcmega.models.llama.model import Block, Llama, attend
+from hpcmega.models.sharding import ShardedOps, local, norm_on_shard, shard_block_params, shard_ends
 from hpcmega.planning.families import kv_heads_replicated
 
 COLUMN_PARALLEL = ("attn.wq", "mlp.gate", "mlp.up")
@@ -43,6 +46,11 @@ def apply_tensor_parallel(model: Llama, tp_mesh: DeviceMesh, sequence_parallel: 
     for block in model.blocks.values():
         shard_block_params(block, tp_mesh, column, ROW_PARALLEL)
         block.sharded_body = body
+        if sequence_parallel:  # its RMSNorms see one sequence shard (and replicated k/v weights one kv head)
+            declare_partial_grads(block)
+        elif replicate_kv:  # without SP the norms see the whole sequence: only k/v are partial
+            declare_partial_grads(block.attn.wk)
+            declare_partial_grads(block.attn.wv)
 
 
 def vocab_parallel_logits(x: torch.Tensor, weight: DTensor) -> DTensor:
@@ -60,11 +68,8 @@ class BlockOnShards(ShardedOps):
         self.replicate_kv = replicate_kv
 
     def __call__(self, block: Block, x: torch.Tensor) -> torch.Tensor:
-        x = x + self._attention(block, self.enter(self._norm(block.ln1, x)))
-        return x + self._mlp(block, self.enter(self._norm(block.ln2, x)))
-
-    def _norm(self, ln, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.replicated(ln.weight), ln.eps)
+        x = x + self._attention(block, self.enter(norm_on_shard(block.ln1, x)))
+        return x + self._mlp(block, self.enter(norm_on_shard(block.ln2, x)))
 
     def _kv(self, x: torch.Tensor, lin, head_dim: int, kv_heads: int) -> torch.Tensor:
         if not self.replicate_kv:
@@ -72,9 +77,8 @@ class BlockOnShards(ShardedOps):
         # Replicated: project only the kv head this rank's query heads share (rank r of t: head r // (t / k)).
         head = self.mesh.get_local_rank() // (self.mesh.size() // kv_heads)
         rows = slice(head * head_dim, (head + 1) * head_dim)
-        weight = lin.weight.to_local(grad_placements=[Partial()])[rows]
-        bias = None if lin.bias is None else lin.bias.to_local(grad_placements=[Partial()])[rows]
-        return F.linear(x, weight, bias)
+        bias = None if lin.bias is None else lin.bias.to_local()[rows]
+        return F.linear(x, lin.weight.to_local()[rows], bias)
 
     def _attention(self, block: Block, x: torch.Tensor) -> torch.Tensor:
         a = block.attn

@@ -1,0 +1,105 @@
+"""What every model family shares with the engine: layout-independent initialisation, the pipeline split, the loss,
+and building a family's model by name (hpcmega.models.FAMILIES).
+
+- A family's model keeps its blocks in an ``nn.ModuleDict`` keyed by their *global* index, its embeddings as
+  ``tok_emb`` (and ``pos_emb``), its final norm as ``ln_f`` and its head as ``head``; :func:`keep_stage` turns it into
+  one pipeline stage without renaming a parameter, so every checkpoint loads into any layout.
+- :class:`RMSNorm` is here (not in the llama family) because the shared tensor-parallel code
+  (:func:`hpcmega.models.sharding.norm_on_shard`) runs it on sequence shards.
+- :func:`init_weights` draws each matrix from a generator seeded by (seed, parameter name) and writes only this
+  rank's shard of a DTensor parameter: any stage on any rank, sharded or not, holds the single-process values.
+"""
+from __future__ import annotations
+
+import math
+import zlib
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from hpcmega.config import ModelConfig
+from hpcmega.models import family_module
+
+INIT_STD = 0.02
+FIRST_STAGE = ("tok_emb", "pos_emb")  # modules only the first pipeline stage holds (a family may lack pos_emb)
+LAST_STAGE = ("ln_f", "head")
+
+
+def keep_stage(model: nn.Module, layers: range, first: bool, last: bool) -> nn.Module:
+    """Keep ``layers`` (global indices), the embeddings iff ``first``, final norm and head iff ``last``."""
+    for name in list(model.blocks.keys()):
+        if int(name) not in layers:
+            del model.blocks[name]
+    for attr in (() if first else FIRST_STAGE) + (() if last else LAST_STAGE):
+        if hasattr(model, attr):
+            setattr(model, attr, None)
+    return model
+
+
+@torch.no_grad()
+def init_weights(model: nn.Module, seed: int, n_layers: int, residual: tuple[str, ...]) -> None:
+    """GPT-2's scheme for any family: matrices N(0, 0.02), the residual-stream projections (module paths ending in
+    ``residual``) N(0, 0.02 / sqrt(2 n_layers)), biases 0, norm weights 1; each matrix from a generator seeded by
+    (seed, its name)."""
+    residual_std = INIT_STD / math.sqrt(2 * n_layers)
+    for module_name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            std = residual_std if module_name.endswith(residual) else INIT_STD
+            gen = torch.Generator(device="cpu").manual_seed(param_seed(seed, f"{module_name}.weight"))
+            copy_full_value(module.weight, torch.randn(module.weight.shape, generator=gen).mul_(std))
+        elif isinstance(getattr(module, "weight", None), torch.Tensor):  # a norm (LayerNorm, RMSNorm)
+            module.weight.fill_(1.0)
+        if isinstance(getattr(module, "bias", None), torch.Tensor):
+            module.bias.zero_()
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Normalised in fp32 and cast back before the weight, as HF's LlamaRMSNorm (bf16 logits then agree)."""
+    x32 = x.float()
+    return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def copy_full_value(param: torch.Tensor, value: torch.Tensor) -> None:
+    """Write the full (unsharded) ``value`` of a parameter into ``param``; for a DTensor only the local shard is
+    written. Every rank holds the same ``value``, so the shard is cut locally (no communication)."""
+    if isinstance(param, DTensor):
+        shard = distribute_tensor(value, param.device_mesh, param.placements, src_data_rank=None)
+        param.to_local().copy_(shard.to_local())
+    else:
+        param.copy_(value.to(device=param.device, dtype=param.dtype))
+
+
+def param_seed(seed: int, name: str) -> int:
+    """A generator seed for one parameter: stable across processes and Python runs (unlike ``hash``)."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
+
+
+def new_model(cfg: ModelConfig) -> nn.Module:
+    """The family's model for ``cfg`` on the current default device (the engine builds on meta)."""
+    return family_module(cfg.family, "model").Model(cfg)
+
+
+def build_model(cfg: ModelConfig, seed: int, device: torch.device | str = "cpu") -> nn.Module:
+    """The full model, initialised; for a single process and for tests."""
+    with torch.device("meta"):
+        model = new_model(cfg)
+    model.to_empty(device=device)
+    model.init_weights(seed)
+    return model
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean token cross entropy, always on fp32 logits (bf16 logits lose too much in log-softmax)."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(0, 1))
