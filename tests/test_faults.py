@@ -312,6 +312,9 @@ def test_resume_refuses_another_model_naming_the_fields(tmp_path, one_rank):
     other = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, n_layers=2))
     with pytest.raises(ConfigError, match=r"n_layers=4 \(this run: 2\).*--layers 4"):
         resume(other, CheckpointManager(url), app, print)
+    llama = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, family="llama", n_kv_heads=2))
+    with pytest.raises(ConfigError, match=r"family=gpt2 \(this run: llama\).*--family gpt2 --kv-heads 0"):
+        resume(llama, CheckpointManager(url), app, print)
     assert resume(cfg, CheckpointManager(url), app, print).step == 2
 
     run = ["run", "--nproc", "1", "--cpu", "--wandb", "disabled", "--global-batch", "2", "--seq-len", "16"]
