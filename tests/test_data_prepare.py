@@ -119,7 +119,7 @@ def test_sample_decodes_with_the_tokenizer_the_data_was_prepared_with(big_vocab_
     from hpcmega.config import ModelConfig
     from hpcmega.data.index import data_tokenizer
     from hpcmega.inference.sample import sample_text
-    from hpcmega.models.gpt2.model import build_model
+    from hpcmega.models.common import build_model
 
     _write_jsonl(tmp_path / "c.jsonl", _docs(20))
     prepare(str(tmp_path / "c.jsonl"), str(tmp_path / "ds"), tokenizer=str(big_vocab_tokenizer), workers=1)
