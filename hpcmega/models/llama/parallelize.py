@@ -20,10 +20,12 @@ head weight has), applied to the gathered final-norm output; logits stay sharded
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor import DTensor, Placement, Replicate, Shard
 
 from hpcmega.models.grad_marks import declare_partial_grads
 from hpcmega.models.llama.model import Block, Llama, attend
@@ -39,7 +41,8 @@ def apply_tensor_parallel(model: Llama, tp_mesh: DeviceMesh, sequence_parallel: 
     """Shard ``model`` (a full model or one pipeline stage) in place over ``tp_mesh``."""
     shard_ends(model, tp_mesh, sequence_parallel)
     if model.tok_emb is not None and model.ln_f is not None and model.head is None:
-        model.tied_logits = vocab_parallel_logits
+        residual = Shard(1) if sequence_parallel else Replicate()
+        model.tied_logits = functools.partial(vocab_parallel_logits, residual)
     replicate_kv = kv_heads_replicated(model.cfg.family, model.cfg.kv_heads, tp_mesh.size())
     column = COLUMN_PARALLEL + (() if replicate_kv else KV)
     body = BlockOnShards(tp_mesh, sequence_parallel, replicate_kv)
@@ -53,10 +56,11 @@ def apply_tensor_parallel(model: Llama, tp_mesh: DeviceMesh, sequence_parallel: 
             declare_partial_grads(block.attn.wv)
 
 
-def vocab_parallel_logits(x: torch.Tensor, weight: DTensor) -> DTensor:
-    """Logits sharded over the vocabulary from the vocab-sharded embedding weight (tied head)."""
-    if not isinstance(x, DTensor):  # without SP the final norm hands back the replicated local tensor
-        x = DTensor.from_local(x, weight.device_mesh, [Replicate()], run_check=False)
+def vocab_parallel_logits(residual: Placement, x: torch.Tensor, weight: DTensor) -> DTensor:
+    """Logits sharded over the vocabulary from the vocab-sharded embedding weight (tied head); ``x`` is the final
+    norm's local output in the residual layout (this rank's sequence shard with SP), gathered first as a
+    column-parallel head's input is."""
+    x = DTensor.from_local(x, weight.device_mesh, [residual], run_check=False)
     return F.linear(x.redistribute(placements=[Replicate()]), weight)
 
 
