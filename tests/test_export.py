@@ -13,7 +13,7 @@ from conftest import run_cli
 from hpcmega.errors import ConfigError
 from hpcmega.config import ModelConfig
 from hpcmega.data.tokenizer import encode
-from hpcmega.models.gpt2.state_dict_adapter import export_hf
+from hpcmega.models.hf import export_hf
 from hpcmega.inference.load import load_model
 from hpcmega.checkpoint.locate import find_checkpoint
 from hpcmega.models.common import build_model

@@ -76,7 +76,7 @@ def test_bad_folders_are_refused_in_one_line_and_nothing_is_written(tmp_path):
     refused(tmp_path / "no-config", out, "has no config.json")
 
     write_gpt2_folder(tmp_path / "bert", **small, config={"architectures": ["BertForMaskedLM"]})
-    refused(tmp_path / "bert", out, "BertForMaskedLM is not supported", "GPT2LMHeadModel")
+    refused(tmp_path / "bert", out, "BertForMaskedLM is not supported", "GPT2LMHeadModel", "LlamaForCausalLM")
 
     missing = tmp_path / "missing"
     tensors = write_gpt2_folder(missing, **small)
@@ -139,3 +139,51 @@ def test_the_import_streams_one_tensor_at_a_time(tmp_path):
     assert growth <= 3 * largest, (growth / 1e6, largest / 1e6)
     written = sum(f.stat().st_size for f in (tmp_path / "out" / "step-00000000").glob("__*"))
     assert written >= model_bytes  # every tensor is on storage (fp32)
+
+
+def qwen2():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    return Qwen2ForCausalLM(Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                                        rope_theta=1e6, rms_norm_eps=1e-5))
+
+
+def mistral_tied():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    return MistralForCausalLM(MistralConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=32,
+                                            sliding_window=None, tie_word_embeddings=True))
+
+
+@pytest.mark.parametrize("make", [qwen2, mistral_tied])
+def test_llama_style_variants_import_and_export_with_transformers_logits(tmp_path, make):
+    """Qwen2 (q/k/v biases) and a Mistral with tied embeddings, in one process: the import gives transformers'
+    logits, and the export loads back in transformers with them (the tp/pp round trip of the Llama family is in
+    tests/test_hf_roundtrip.py)."""
+    from transformers import AutoModelForCausalLM
+
+    from hpcmega.checkpoint.locate import find_checkpoint
+    from hpcmega.inference.load import load_model
+    from hpcmega.models.hf import Import, export_hf
+
+    torch.manual_seed(0)
+    hf = make().eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    hf.save_pretrained(tmp_path / "hf")
+    ids = torch.randint(128, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = hf(ids).logits
+    Import(tmp_path / "hf", str(tmp_path / "imported")).write()
+    model, cfg = load_model(find_checkpoint(str(tmp_path / "imported"), trust=True))
+    assert (cfg.model.qkv_bias, cfg.model.tie_embeddings) == ((True, False) if make is qwen2 else (False, True))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), expected, atol=1e-4, rtol=0)
+    export_hf(model, tmp_path / "exported")
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "exported", dtype=torch.float32).eval()
+    assert type(back).__name__ == ("Qwen2ForCausalLM" if make is qwen2 else "LlamaForCausalLM")
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, expected, atol=1e-4, rtol=0)

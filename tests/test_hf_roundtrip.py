@@ -26,7 +26,14 @@ def gpt2():
     return GPT2LMHeadModel(GPT2Config(vocab_size=256, n_positions=64, n_embd=64, n_layer=4, n_head=4))
 
 
-FAMILIES = {"gpt2": gpt2}
+def llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                                        num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=64))
+
+
+FAMILIES = {"gpt2": gpt2, "llama": llama}
 LAYOUTS = {"tp2": {"tp": 2}, "pp2": {"pp": 2}}
 
 

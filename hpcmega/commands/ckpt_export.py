@@ -1,6 +1,7 @@
-"""`hpcmega ckpt export RUN_OR_CKPT --to hf OUT/`: a checkpoint of any layout as a Hugging Face GPT-2 folder."""
+"""`hpcmega ckpt export RUN_OR_CKPT --to hf OUT/`: a checkpoint of any layout as a Hugging Face folder."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import click
@@ -14,7 +15,8 @@ FORMATS = ("hf",)
 @ckpt_group.command("export")
 @click.argument("target", metavar="RUN_OR_CKPT")
 @click.argument("out", type=click.Path(file_okay=False))
-@click.option("--to", "fmt", type=click.Choice(FORMATS), required=True, help="hf: Hugging Face GPT-2 folder.")
+@click.option("--to", "fmt", type=click.Choice(FORMATS), required=True,
+              help="hf: a Hugging Face folder (GPT2LMHeadModel, LlamaForCausalLM or Qwen2ForCausalLM).")
 @click.option("--step", type=click.IntRange(min=0),
               help="Checkpoint step (default: the latest checkpoint, as `ckpt ls` marks it).")
 @field_option("checkpoint.trust", "trust")
@@ -24,7 +26,7 @@ def export(target: str, out: str, fmt: str, step: int | None, trust: bool | None
 
     \b
     hpcmega ckpt export runs/shakespeare-tiny --to hf exported/
-    python -c "import transformers; transformers.GPT2LMHeadModel.from_pretrained('exported')"
+    python -c "import transformers; transformers.AutoModelForCausalLM.from_pretrained('exported')"
     """
     from hpcmega.checkpoint.locate import find_checkpoint
     from hpcmega.cluster.preflight import storage_filesystem
@@ -34,13 +36,14 @@ def export(target: str, out: str, fmt: str, step: int | None, trust: bool | None
     storage_filesystem(target, "RUN_OR_CKPT")  # unknown protocol, missing package or s3 credentials: one line
     info = find_checkpoint(target, step, bool(trust))
     from hpcmega.inference.load import load_model  # torch: only once the checkpoint is found
-    from hpcmega.models.gpt2.state_dict_adapter import export_hf
+    from hpcmega.models.hf import export_hf
 
     model, _ = load_model(info)
     notes = export_hf(model, out)
     for note in notes:
         click.echo(f"note: {note}", err=True)
-    click.echo(f"exported step {info.step} ({info.layout}) of {info.url} -> {out} (Hugging Face GPT-2)")
+    click.echo(f"exported step {info.step} ({info.layout}) of {info.url} -> {out} (Hugging Face "
+               f"{json.loads((Path(out) / 'config.json').read_text())['architectures'][0]})")
 
 
 def register(main: click.Group) -> None:

@@ -22,13 +22,9 @@ def import_(fmt: str, folder: str, out: str) -> None:
     hpcmega ckpt import --from hf ./Llama-3.2-1B --out ckpts/llama-1b
     hpcmega run --init-from ckpts/llama-1b --trust-checkpoint --tp 2 ...
     """
-    from hpcmega.errors import ConfigError
     from hpcmega.models.hf import Import
 
-    try:
-        job = Import(folder, out)
-    except ConfigError as e:
-        raise click.UsageError(str(e)) from None
+    job = Import(folder, out)  # every check; a ConfigError is one line, exit 2 (hpcmega.cli)
     info = job.write()
     m = job.cfg.model
     click.echo(f"imported {job.folder.architecture} ({m.n_layers} layers, d={m.d_model}, vocab {m.vocab_size}, "

@@ -1,5 +1,5 @@
-"""Hugging Face folders in and out: `ckpt import --from hf` streams a ``config.json`` + ``*.safetensors`` folder
-into a DCP checkpoint that any layout resumes; `ckpt export --to hf` writes one back.
+"""Hugging Face folders in and out, for every family: `ckpt import --from hf` streams a ``config.json`` +
+``*.safetensors`` folder into a DCP checkpoint that any layout resumes; `ckpt export --to hf` writes one back.
 
 Why it is built this way:
 - **One tensor at a time.** A 70B model does not fit in the memory of the machine that imports it, so nothing here
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -31,14 +32,16 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
+import torch.nn as nn
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import MetadataIndex
 
 from hpcmega.checkpoint.store import CheckpointInfo, CheckpointManager
 from hpcmega.config import Config, ModelConfig
+from hpcmega.data.tokenizer import EOT_TOKEN, GPT2_VOCAB_SIZE, tokenizer_files
 from hpcmega.errors import ConfigError
-from hpcmega.models.gpt2 import state_dict_adapter as gpt2_adapter
-from hpcmega.models.gpt2.model import GPT
+from hpcmega.models import FAMILIES, family_module
+from hpcmega.models.common import new_model
 
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
@@ -48,7 +51,8 @@ PARAM_DTYPE = torch.float32  # hpcmega's parameters (master weights) are fp32 in
 # A family's adapter: HF_ARCHITECTURES, model_section(config.json) -> model fields, import_plan(model config, tensor
 # names) -> {hpcmega name: (HF names, convert)}, ignored_hf_tensor(model config, name) (tensors that are not
 # weights: buffers, a tied head's copy); hf_state_dict(model) and hf_config(model) for the export.
-ADAPTERS = {arch: adapter for adapter in (gpt2_adapter,) for arch in adapter.HF_ARCHITECTURES}
+ADAPTERS = {arch: adapter for adapter in (family_module(f, "state_dict_adapter") for f in FAMILIES)
+            for arch in adapter.HF_ARCHITECTURES}
 Plan = dict[str, tuple[tuple[str, ...], Callable[..., torch.Tensor]]]
 
 
@@ -227,7 +231,7 @@ class Import:
 def empty_params(m: ModelConfig) -> dict[str, torch.Tensor]:
     """The model's parameters by name, on the meta device (shapes only)."""
     with torch.device("meta"):
-        return dict(GPT(m).state_dict())
+        return dict(new_model(m).state_dict())
 
 
 class StreamingPlanner(DefaultSavePlanner):
@@ -255,3 +259,37 @@ def one_process_group() -> Iterator[None]:
         yield
     finally:
         dist.destroy_process_group()
+
+
+# -- export ---------------------------------------------------------------------------------------------------------
+WEIGHTS_FILE = "model.safetensors"
+
+
+def write_gpt2_tokenizer(out: Path, max_len: int) -> None:
+    """GPT-2's own vocab.json/merges.txt (the files hpcmega's tokenizer is built from) and their settings."""
+    for name, src in tokenizer_files().items():
+        shutil.copyfile(src, out / name)
+    special = {"bos_token": EOT_TOKEN, "eos_token": EOT_TOKEN, "unk_token": EOT_TOKEN}
+    (out / "special_tokens_map.json").write_text(json.dumps(special, indent=1))
+    settings = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": max_len, "add_prefix_space": False,
+                "add_bos_token": False, **special}
+    (out / "tokenizer_config.json").write_text(json.dumps(settings, indent=1))
+
+
+def export_hf(model: nn.Module, out: str | Path) -> list[str]:
+    """Write ``model`` (the full model, any family) as a Hugging Face folder: config.json, model.safetensors (fp32)
+    and, for a model with GPT-2's vocabulary, GPT-2's tokenizer files. Everything is checked before anything is
+    written; returns notes for the user (e.g. why no tokenizer was written)."""
+    from safetensors.torch import save_file
+
+    adapter = family_module(model.cfg.family, "state_dict_adapter")
+    tensors, config = adapter.hf_state_dict(model), adapter.hf_config(model)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+    (out / CONFIG_FILE).write_text(json.dumps(config, indent=1))
+    if model.cfg.vocab_size < GPT2_VOCAB_SIZE:
+        return [f"no tokenizer files: the model's vocabulary ({model.cfg.vocab_size}) is smaller than GPT-2's "
+                f"{GPT2_VOCAB_SIZE} tokens (trained on synthetic tokens, not `hpcmega data prepare` shards)"]
+    write_gpt2_tokenizer(out, model.cfg.max_seq_len)
+    return []

@@ -1,5 +1,5 @@
-"""Export to a Hugging Face GPT-2 folder (``config.json``, ``model.safetensors``, tokenizer files) without needing
-``transformers``: the folder is what ``GPT2LMHeadModel.from_pretrained`` reads.
+"""Hugging Face ``GPT2LMHeadModel`` <-> hpcmega's GPT: the names, shapes and settings of each; the folders are read
+and written by hpcmega.models.hf (which needs ``safetensors`` only, not ``transformers``).
 
 How hpcmega's GPT maps onto HF GPT-2 (checked by the round-trip test, logits within 1e-4 in fp32):
 - same block: pre-LayerNorm (eps read from the model), biases everywhere but the head, tanh GELU (HF "gelu_new"),
@@ -9,24 +9,19 @@ How hpcmega's GPT maps onto HF GPT-2 (checked by the round-trip test, logits wit
 - hpcmega's head is its own matrix, so the config says ``tie_word_embeddings: false`` and ``lm_head.weight`` is
   written; a padded vocabulary (e.g. 50304) is kept as is (HF accepts any size; the extra logits are never produced
   by the tokenizer).
-A parameter with no GPT-2 counterpart, or one missing, is refused by name rather than silently dropped.
+A parameter with no GPT-2 counterpart, or one missing, is refused by name rather than silently dropped; so is, on
+import, a config.json setting the block cannot express.
 """
 from __future__ import annotations
 
-import json
-import shutil
-from pathlib import Path
 from typing import Callable
 
 import torch
 
 from hpcmega.config import ModelConfig
 from hpcmega.errors import ConfigError
-from hpcmega.data.tokenizer import EOT_ID, EOT_TOKEN, GPT2_VOCAB_SIZE, tokenizer_files
+from hpcmega.data.tokenizer import EOT_ID
 from hpcmega.models.gpt2.model import GPT
-
-WEIGHTS_FILE = "model.safetensors"
-
 
 def _same(t: torch.Tensor) -> torch.Tensor:
     return t
@@ -110,36 +105,8 @@ def hf_config(model: GPT) -> dict:
     }
 
 
-def write_tokenizer(out: Path, max_len: int) -> None:
-    """GPT-2's own vocab.json/merges.txt (the files hpcmega's tokenizer is built from) and their settings."""
-    for name, src in tokenizer_files().items():
-        shutil.copyfile(src, out / name)
-    special = {"bos_token": EOT_TOKEN, "eos_token": EOT_TOKEN, "unk_token": EOT_TOKEN}
-    (out / "special_tokens_map.json").write_text(json.dumps(special, indent=1))
-    settings = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": max_len, "add_prefix_space": False,
-                "add_bos_token": False, **special}
-    (out / "tokenizer_config.json").write_text(json.dumps(settings, indent=1))
-
-
-def export_hf(model: GPT, out: str | Path) -> list[str]:
-    """Write the HF folder; returns notes for the user (e.g. why no tokenizer was written)."""
-    from safetensors.torch import save_file
-
-    tensors, config = hf_state_dict(model), hf_config(model)  # refuse before writing anything
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(config, indent=1))
-    if model.cfg.vocab_size < GPT2_VOCAB_SIZE:
-        return [f"no tokenizer files: the model's vocabulary ({model.cfg.vocab_size}) is smaller than GPT-2's "
-                f"{GPT2_VOCAB_SIZE} tokens (trained on synthetic tokens, not `hpcmega data prepare` shards)"]
-    write_tokenizer(out, model.cfg.max_seq_len)
-    return []
-
-
 # -- import: a GPT2LMHeadModel folder -> hpcmega's parameters -----------------------------------------------------
 HF_ARCHITECTURES = ("GPT2LMHeadModel",)
-_EPS = 1e-5  # nn.LayerNorm's default, which hpcmega's GPT uses (GPT-2's layer_norm_epsilon default too)
 
 
 def ignored_hf_tensor(m: ModelConfig, name: str) -> bool:
@@ -152,8 +119,9 @@ def model_section(hf: dict) -> dict:
     """hpcmega's model fields from a GPT-2 config.json; a setting the block cannot express is refused by name."""
     try:
         d, heads, layers = int(hf["n_embd"]), int(hf["n_head"]), int(hf["n_layer"])
-        section = {"vocab_size": int(hf["vocab_size"]), "d_model": d, "n_layers": layers, "n_heads": heads,
-                   "max_seq_len": int(hf["n_positions"])}
+        section = {"family": "gpt2", "vocab_size": int(hf["vocab_size"]), "d_model": d, "n_layers": layers,
+                   "n_heads": heads, "max_seq_len": int(hf["n_positions"]),
+                   "norm_eps": float(hf.get("layer_norm_epsilon", 1e-5))}
     except KeyError as e:
         raise ConfigError(f"config.json of a GPT2LMHeadModel lacks {e.args[0]!r}; re-save it with transformers") \
             from None
@@ -161,7 +129,6 @@ def model_section(hf: dict) -> dict:
         "n_inner": (hf.get("n_inner") not in (None, 4 * d), "4 x n_embd (hpcmega's MLP)"),
         "activation_function": (hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"),
                                 "gelu_new (tanh GELU)"),
-        "layer_norm_epsilon": (float(hf.get("layer_norm_epsilon", _EPS)) != _EPS, str(_EPS)),
         "scale_attn_weights": (hf.get("scale_attn_weights", True) is not True, "true"),
         "scale_attn_by_inverse_layer_idx": (hf.get("scale_attn_by_inverse_layer_idx", False) is not False, "false"),
         "add_cross_attention": (hf.get("add_cross_attention", False) is not False, "false"),
