@@ -107,7 +107,7 @@ BAD_TWO_RANKS = {
     "bad-compile-with-zbv": ({"parallel.pp": 2, "parallel.schedule": "zbv", "parallel.compile": True}, "--compile"),
     "bad-too-few-microbatches": ({"parallel.pp": 2, "train.micro_batch": 8}, "parallel.microbatches"),
     "bad-batch-not-divisible-by-dp": ({"train.global_batch": 7, "train.micro_batch": 1}, "train.global_batch"),
-    "bad-heads-not-divisible-by-tp": ({"parallel.tp": 2, "model.n_heads": 1}, "model.n_heads"),
+    "bad-heads-not-divisible-by-tp": ({"parallel.tp": 2, "model.n_heads": 1}, "use --tp 1"),
     "bad-replicate-with-tp": ({"parallel.tp": 2, "parallel.data_parallel": "replicate"}, "--data-parallel fsdp"),
 }
 
