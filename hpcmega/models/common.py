@@ -6,21 +6,21 @@ and building a family's model by name (hpcmega.models.FAMILIES).
   one pipeline stage without renaming a parameter, so every checkpoint loads into any layout.
 - :class:`RMSNorm` is here (not in the llama family) because the shared tensor-parallel code
   (:func:`hpcmega.models.sharding.norm_on_shard`) runs it on sequence shards.
-- :func:`init_weights` draws each matrix from a generator seeded by (seed, parameter name) and writes only this
-  rank's shard of a DTensor parameter: any stage on any rank, sharded or not, holds the single-process values.
+- :func:`init_weights` gives each matrix element a value that depends only on (seed, parameter name, element) and
+  draws only this rank's shard of a DTensor parameter (:mod:`hpcmega.models.init`): any stage on any rank, sharded
+  or not, holds the single-process values, in time proportional to the shard.
 """
 from __future__ import annotations
 
 import math
-import zlib
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.distributed.tensor import DTensor, distribute_tensor
 
 from hpcmega.config import ModelConfig
 from hpcmega.models import family_module
+from hpcmega.models.init import normal_
 
 INIT_STD = 0.02
 FIRST_STAGE = ("tok_emb", "pos_emb")  # modules only the first pipeline stage holds (a family may lack pos_emb)
@@ -41,14 +41,13 @@ def keep_stage(model: nn.Module, layers: range, first: bool, last: bool) -> nn.M
 @torch.no_grad()
 def init_weights(model: nn.Module, seed: int, n_layers: int, residual: tuple[str, ...]) -> None:
     """GPT-2's scheme for any family: matrices N(0, 0.02), the residual-stream projections (module paths ending in
-    ``residual``) N(0, 0.02 / sqrt(2 n_layers)), biases 0, norm weights 1; each matrix from a generator seeded by
+    ``residual``) N(0, 0.02 / sqrt(2 n_layers)), biases 0, norm weights 1; each matrix from the tiled streams of
     (seed, its name)."""
     residual_std = INIT_STD / math.sqrt(2 * n_layers)
     for module_name, module in model.named_modules():
         if isinstance(module, (nn.Linear, nn.Embedding)):
             std = residual_std if module_name.endswith(residual) else INIT_STD
-            gen = torch.Generator(device="cpu").manual_seed(param_seed(seed, f"{module_name}.weight"))
-            copy_full_value(module.weight, torch.randn(module.weight.shape, generator=gen).mul_(std))
+            normal_(module.weight, std, seed, f"{module_name}.weight")
         elif isinstance(getattr(module, "weight", None), torch.Tensor):  # a norm (LayerNorm, RMSNorm)
             module.weight.fill_(1.0)
         if isinstance(getattr(module, "bias", None), torch.Tensor):
@@ -69,21 +68,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Normalised in fp32 and cast back before the weight, as HF's LlamaRMSNorm (bf16 logits then agree)."""
     x32 = x.float()
     return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-
-
-def copy_full_value(param: torch.Tensor, value: torch.Tensor) -> None:
-    """Write the full (unsharded) ``value`` of a parameter into ``param``; for a DTensor only the local shard is
-    written. Every rank holds the same ``value``, so the shard is cut locally (no communication)."""
-    if isinstance(param, DTensor):
-        shard = distribute_tensor(value, param.device_mesh, param.placements, src_data_rank=None)
-        param.to_local().copy_(shard.to_local())
-    else:
-        param.copy_(value.to(device=param.device, dtype=param.dtype))
-
-
-def param_seed(seed: int, name: str) -> int:
-    """A generator seed for one parameter: stable across processes and Python runs (unlike ``hash``)."""
-    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
 
 
 def new_model(cfg: ModelConfig) -> nn.Module:
