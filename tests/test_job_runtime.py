@@ -1,5 +1,6 @@
 """Runtime safety of a job (issue 7, item 6): a GPU job never falls back to CPU, every rank gets the NCCL/allocator
-environment (the user's values win), and checkpoint collectives run on their own group with a longer timeout."""
+environment (the user's values win), checkpoint collectives run on their own group with a longer timeout, and a hung
+rank leaves flight-recorder and stack evidence in the run folder (issue 16, item 6)."""
 from __future__ import annotations
 
 import datetime
@@ -8,12 +9,14 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from engine_harness import spawn
 
 from hpcmega.config import Config, resolve_defaults
-from hpcmega.cluster.distenv import JOB_ENV
+from conftest import run_cli
+from hpcmega.cluster.distenv import JOB_ENV, flight_recorder_env
 from hpcmega.cluster.launcher import rank_env
 from hpcmega.cluster.slurm import sbatch_script
 
@@ -40,7 +43,7 @@ def test_sbatch_script_sets_the_job_environment_and_user_values_win(tmp_path):
     resolve_defaults(cfg)
     script = sbatch_script(cfg, tmp_path)
     exports = [line for line in script.splitlines() if line.startswith("export ") and any(k in line for k in JOB_ENV)]
-    assert len(exports) == 4
+    assert len(exports) == len(JOB_ENV)
     # run those lines in bash, once with the user's own allocator setting exported
     shown = "; ".join(f'echo "{k}=${k}"' for k in JOB_ENV)
     for user in ({}, {"PYTORCH_ALLOC_CONF": "backend:cudaMallocAsync"}):
@@ -56,6 +59,65 @@ def test_local_ranks_get_the_same_environment_unless_the_user_set_it():
     assert env["TORCH_NCCL_TRACE_BUFFER_SIZE"] == "50"
     assert env["PYTORCH_ALLOC_CONF"] == "expandable_segments:True"
     assert env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "3"
+    assert env["TORCH_FR_BUFFER_SIZE"] == "2000"  # the flight recorder records gloo's collectives too
+    dump = flight_recorder_env("/runs/r1")  # set by each rank: dumps land in the run folder, not node-local /tmp
+    assert dump == {"TORCH_FR_DUMP_TEMP_FILE": "/runs/r1/debug/fr_trace_rank_",
+                    "TORCH_NCCL_DEBUG_INFO_TEMP_FILE": "/runs/r1/debug/fr_trace_rank_"}
+
+
+def _hung_rank(run_dir: str, port: int) -> dict:
+    """Rank 1 hangs (never joins the second all-reduce); rank 0 times out after 2 s and records the failure. The
+    job's store is a TCPStore on ``port`` (rank 0 hosts it, as the rendezvous store of a real job)."""
+    import torch
+    import torch.distributed as dist
+
+    from hpcmega.parallel.timeouts import set_group_timeout
+    from hpcmega.training.hang_evidence import HangEvidence
+
+    rank = dist.get_rank()
+    store = dist.TCPStore("127.0.0.1", port, 2, is_master=rank == 0, timeout=datetime.timedelta(seconds=30))
+    evidence = HangEvidence(run_dir, rank, 2, store, poll_s=0.5)
+    set_group_timeout(dist.group.WORLD, 2)
+    dist.all_reduce(torch.ones(1))  # both ranks finish this one
+    out = {"error": None}
+    if rank == 1:  # hung: never joins the next collective (until it has dumped, so the test cannot race the dump)
+        deadline = time.monotonic() + 60
+        while not (Path(run_dir) / "debug" / "stacks_rank_1.txt").exists() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        time.sleep(1)
+    else:
+        try:
+            dist.all_reduce(torch.ones(1))
+        except Exception as e:  # noqa: BLE001 -- gloo raises RuntimeError on timeout
+            out["error"] = str(e)
+            evidence.on_failure(e)
+    evidence.stop()
+    return out
+
+
+def test_a_hung_rank_leaves_evidence_in_the_run_folder(tmp_path, monkeypatch):
+    """gloo, 2 ranks, a 2 s timeout: rank 0's collective times out; both ranks' flight-recorder entries and stacks
+    land in RUN_DIR/debug/ (the hung rank's through the store), and `hpcmega status` points at them."""
+    import pickle
+
+    from engine_harness import free_port
+
+    from hpcmega.runs.files import RunFolder
+
+    monkeypatch.setenv("TORCH_FR_BUFFER_SIZE", "100")  # JOB_ENV's recorder, inherited by the spawned ranks
+    results = spawn(2, _hung_rank, str(tmp_path), free_port())
+    assert "Timed out" in results[0]["error"], results[0]
+    debug = tmp_path / "debug"
+    stacks = [(debug / f"stacks_rank_{r}.txt").read_text() for r in range(2)]
+    assert "rank 0 failed" in stacks[0] and "Timed out" in stacks[0]
+    assert "asked by the job's store: rank 0 failed" in stacks[1] and "in _hung_rank" in stacks[1]  # where it hangs
+    traces = [pickle.loads((debug / f"fr_trace_rank_{r}").read_bytes()) for r in range(2)]  # torch's dump format
+    seqs = [[e["collective_seq_id"] for e in t["entries"] if "all_reduce" in e["profiling_name"]] for t in traces]
+    assert seqs[0][-1] == seqs[1][-1] + 1, seqs  # the collective rank 1 never reached
+    RunFolder(tmp_path).write_config(Config().to_toml())
+    status = run_cli(["status", tmp_path])
+    assert status.returncode == 0 and "hang evidence: 4 file(s)" in status.stdout, status.stdout + status.stderr
+    assert "docs/runtime.md" in status.stdout
 
 
 def _slow_rank_saves(tmp: str) -> dict:

@@ -21,22 +21,35 @@ import socket
 import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from hpcmega.errors import ConfigError
+from hpcmega.runs.files import DEBUG, FR_TRACE_PREFIX
 
 # Set in every rank's environment (SLURM script and local launcher) unless the user's environment already sets them:
 # - TORCH_NCCL_ASYNC_ERROR_HANDLING=3: a timed-out or failed NCCL collective tears the process down instead of
 #   hanging, so srun --kill-on-bad-exit ends the job step;
 # - TORCH_NCCL_TRACE_BUFFER_SIZE / TORCH_NCCL_DUMP_ON_TIMEOUT: the NCCL flight recorder keeps the last 2000
-#   collectives per rank and dumps them on a timeout (which rank stopped in which collective);
+#   collectives per rank and dumps them on a timeout (which rank stopped in which collective), into RUN_DIR/debug/
+#   (flight_recorder_env, set by the rank itself); TORCH_FR_BUFFER_SIZE: the same recorder for gloo's collectives,
+#   which hpcmega.training.hang_evidence dumps;
 # - PYTORCH_ALLOC_CONF=expandable_segments:True: less fragmentation of the CUDA caching allocator with varying
 #   activation sizes (pipeline microbatches, recompute).
 JOB_ENV: dict[str, str] = {
     "TORCH_NCCL_ASYNC_ERROR_HANDLING": "3",
     "TORCH_NCCL_TRACE_BUFFER_SIZE": "2000",
     "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
+    "TORCH_FR_BUFFER_SIZE": "2000",
     "PYTORCH_ALLOC_CONF": "expandable_segments:True",
 }
+
+
+def flight_recorder_env(run_dir: str | os.PathLike) -> dict[str, str]:
+    """Where the flight recorder dumps: RUN_DIR/debug/fr_trace_rank_<rank> (torch appends the rank), not the
+    node-local /tmp default that vanishes with the allocation. The current name and NCCL's older one."""
+    prefix = str(Path(run_dir) / DEBUG / FR_TRACE_PREFIX)
+    return {"TORCH_FR_DUMP_TEMP_FILE": prefix, "TORCH_NCCL_DEBUG_INFO_TEMP_FILE": prefix}
+
 
 # Ports derived from a job id fall in [BASE, BASE + SPAN): below Linux's ephemeral range (32768+), so a port picked
 # for a rendezvous is not already taken by some outgoing connection.

@@ -110,6 +110,11 @@ def _status_rows(folder, s) -> list[tuple[str, str]]:
                                                                       if lay else "")))
     rows.append(("progress", f"step {s.step}/{s.steps}, loss {_loss(s.loss)}, elapsed {duration(s.elapsed_s)}, "
                              f"ETA {duration(s.eta_s)}"))
+    debug = folder.debug_files()
+    if debug:  # a rank failed or hung (hpcmega.training.hang_evidence); how to read them: docs/runtime.md
+        rows.append(("debug", f"hang evidence: {len(debug)} file(s) in {debug[0].parent} ("
+                              f"{', '.join(p.name for p in debug[:4])}{', ...' if len(debug) > 4 else ''}); how to "
+                              "read them: docs/runtime.md"))
     try:
         cfg = folder.config()
         latest = latest_checkpoint(list_checkpoints(folder.checkpoint_url(cfg)))

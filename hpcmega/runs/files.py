@@ -14,6 +14,9 @@ A run folder is created by `hpcmega run` or `hpcmega submit` and holds a run acr
     logs/rankN.log   local runs: each rank's output, appended across attempts
     slurm/<stamp>/   SLURM runs: submitit's folder per submission (scripts, <jobid>_<rank>_log.out/.err, results)
     wandb_run_id     the W&B run id shared by every attempt; wandb/ holds the offline W&B files
+    debug/           evidence of a hang or failure, per rank: fr_trace_rank_N (the collectives flight recorder: NCCL's
+                     own dump on a timeout, or the gloo equivalent) and stacks_rank_N.txt (every thread's stack);
+                     see hpcmega.training.hang_evidence and docs/runtime.md
 
 Every log section of an attempt starts with the line from ``attempt_marker`` (printed by each rank), so `logs
 --attempt K` can cut one attempt out of a log file that SLURM appends across requeues.
@@ -38,11 +41,21 @@ SLURM = "slurm"
 WANDB_ID = "wandb_run_id"
 WANDB_DIR = "wandb"
 LOCK = ".hpcmega.lock"  # who uses the folder now (hpcmega.runs.lock)
+DEBUG = "debug"
+FR_TRACE_PREFIX = "fr_trace_rank_"  # + rank: torch's flight recorder appends the rank to its dump path
 
 # Set by the local launcher for its ranks: the id of a local launch ("local-<launcher pid>").
 LOCAL_JOB_ENV = "HPCMEGA_LOCAL_JOB"
 _MARKER = "==> hpcmega attempt: job={job} restart={restart} rank={rank} <=="
 _MARKER_RE = re.compile(r"^==> hpcmega attempt: job=(\S+) restart=(\d+) rank=(\d+) <==$", re.M)
+
+
+def fr_trace_name(rank: int) -> str:
+    return f"{FR_TRACE_PREFIX}{rank}"
+
+
+def stacks_name(rank: int) -> str:
+    return f"stacks_rank_{rank}.txt"
 
 
 def attempt_marker(job: str, restart: int, rank: int) -> str:
@@ -173,6 +186,11 @@ class RunFolder:
     def checkpoint_url(self, cfg=None) -> str:
         cfg = cfg if cfg is not None else self.config()
         return cfg.checkpoint.url or str(self.path / CHECKPOINTS)
+
+    def debug_files(self) -> list[Path]:
+        """The hang/failure evidence the ranks wrote (non-empty files of debug/), by name."""
+        folder = self.path / DEBUG
+        return sorted(p for p in folder.iterdir() if p.is_file() and p.stat().st_size) if folder.is_dir() else []
 
     def local_log(self, rank: int) -> Path:
         return self.path / LOGS / f"rank{rank}.log"

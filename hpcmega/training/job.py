@@ -23,13 +23,14 @@ from typing import Any, NoReturn
 
 from hpcmega.config import Config, load_config
 from hpcmega.errors import ConfigError
-from hpcmega.cluster.distenv import DistEnv, from_environment
+from hpcmega.cluster.distenv import DistEnv, flight_recorder_env, from_environment
 from hpcmega.cluster.launcher import free_port
 from hpcmega.planning.dims import ParallelDims
 from hpcmega.planning.layout import layout_of, natural_key, planned_layout
 from hpcmega.parallel.timeouts import CollectiveTimeouts
-from hpcmega.runs.files import CONFIG, LAYOUT, LOCAL_JOB_ENV, RunFolder, attempt_marker, job_key
+from hpcmega.runs.files import CONFIG, DEBUG, LAYOUT, LOCAL_JOB_ENV, RunFolder, attempt_marker, job_key
 from hpcmega.runs.lock import acquire
+from hpcmega.training.hang_evidence import HangEvidence
 
 
 
@@ -218,7 +219,9 @@ def _run_rank(cfg: Config | dict[str, Any], run_dir: str) -> dict[str, Any]:
     _print_attempt_marker(env)
     _check_world(cfg, env)
     device_type, backend, device = _select_device(cfg, env)
-    _init_distributed(cfg, env, backend, device)
+    port = _init_distributed(cfg, env, run_path, backend, device)
+    store = dist.TCPStore(env.master_addr, port, is_master=False) if env.world_size > 1 else None
+    evidence = HangEvidence(run_path, env.rank, env.world_size, store)  # RUN_DIR/debug/ when a rank fails or hangs
     ok = False
     try:
         layout, nodes = _place(cfg, env)
@@ -240,7 +243,12 @@ def _run_rank(cfg: Config | dict[str, Any], run_dir: str) -> dict[str, Any]:
             RunFolder(run_path).record_event("finished", {"job_id": job_key(), "restart_count": env.restart_count})
         ok = True
         return result
+    except Exception as e:
+        if not isinstance(e, (ConfigError, TrainingUnfinished)):  # the same refusal on every rank, or a stop
+            evidence.on_failure(e)
+        raise
     finally:
+        evidence.stop()
         # On success leave cleanly; on error with NCCL a destroy could block on a peer stuck in a collective, so
         # let process exit tear it down (the launcher / srun ends the peers).
         if ok or backend == "gloo":
@@ -265,10 +273,15 @@ def _check_world(cfg: Config, env: DistEnv) -> None:
         )
 
 
-def _init_distributed(cfg: Config, env: DistEnv, backend: str, device) -> None:
+def _init_distributed(cfg: Config, env: DistEnv, run_path: Path, backend: str, device) -> int:
+    """Start the process group (flight-recorder dumps into RUN_DIR/debug/); -> the rendezvous port."""
     import torch.distributed as dist
 
     port = env.master_port or (free_port() if env.world_size == 1 else 0)
+    for name, value in flight_recorder_env(run_path).items():  # NCCL dumps there by itself; the user's value wins
+        os.environ.setdefault(name, value)
+    if backend == "nccl":  # NCCL writes into an existing folder only (hang_evidence makes it for gloo when needed)
+        (run_path / DEBUG).mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     dist.init_process_group(
         backend,
@@ -281,6 +294,7 @@ def _init_distributed(cfg: Config, env: DistEnv, backend: str, device) -> None:
     _say(env, f"torch.distributed up: {backend}, world {env.world_size}, rendezvous "
               f"{env.master_addr}:{port} ({time.perf_counter() - t0:.1f}s)"
               + (f", SLURM job {env.job_id} attempt {env.restart_count + 1}" if env.job_id else ""))
+    return port
 
 
 def _place(cfg: Config, env: DistEnv):
