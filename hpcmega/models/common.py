@@ -13,6 +13,7 @@ and building a family's model by name (hpcmega.models.FAMILIES).
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -25,6 +26,32 @@ from hpcmega.models.init import normal_
 INIT_STD = 0.02
 FIRST_STAGE = ("tok_emb", "pos_emb")  # modules only the first pipeline stage holds (a family may lack pos_emb)
 LAST_STAGE = ("ln_f", "head")
+
+
+class PreNormBlock(nn.Module):
+    """The residual pre-norm block both families share: ``x + attn(ln1(x))``, then ``x + mlp(ln2(x))``.
+
+    The engine sets two hooks rather than wrapping the module, so parameter names never depend on the layout:
+    ``checkpoint_fn`` (:mod:`hpcmega.parallel.recompute`) runs the body under activation recompute, and
+    ``sharded_body`` (the family's ``parallelize``) replaces the body under tensor parallelism with one that computes
+    on the local shards of the (DTensor) parameters with a few explicit collectives."""
+
+    def __init__(self, ln1: nn.Module, attn: nn.Module, ln2: nn.Module, mlp: nn.Module) -> None:
+        super().__init__()
+        self.ln1, self.attn, self.ln2, self.mlp = ln1, attn, ln2, mlp
+        self.checkpoint_fn: Callable[..., torch.Tensor] | None = None
+        self.sharded_body: Callable[[PreNormBlock, torch.Tensor], torch.Tensor] | None = None
+
+    def body(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sharded_body is not None:
+            return self.sharded_body(self, x)
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.checkpoint_fn is not None:
+            return self.checkpoint_fn(self.body, x)
+        return self.body(x)
 
 
 def keep_stage(model: nn.Module, layers: range, first: bool, last: bool) -> nn.Module:

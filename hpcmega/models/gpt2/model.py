@@ -15,14 +15,13 @@ Why the shape of this module matters for parallelism:
 """
 from __future__ import annotations
 
-from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from hpcmega.config import ModelConfig
-from hpcmega.models.common import init_weights, keep_stage
+from hpcmega.models.common import PreNormBlock, init_weights, keep_stage
 
 
 class Attention(nn.Module):
@@ -56,34 +55,12 @@ class MLP(nn.Module):
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
-class Block(nn.Module):
-    """Pre-LayerNorm transformer block.
-
-    ``checkpoint_fn`` is set by :mod:`hpcmega.parallel.recompute` (activation recompute); it runs the block body, e.g.
-    under ``torch.utils.checkpoint``. Doing it here rather than with a wrapper module keeps parameter names intact.
-    ``sharded_body`` is set by :mod:`hpcmega.models.gpt2.parallelize`: under tensor parallelism the block computes on
-    the local shards of its (DTensor) parameters with a few explicit collectives instead of the code below.
-    """
+class Block(PreNormBlock):
+    """Pre-LayerNorm transformer block (the engine's hooks: :class:`hpcmega.models.common.PreNormBlock`)."""
 
     def __init__(self, d_model: int, n_heads: int, eps: float = 1e-5) -> None:
-        super().__init__()
-        self.ln1 = nn.LayerNorm(d_model, eps=eps)
-        self.attn = Attention(d_model, n_heads)
-        self.ln2 = nn.LayerNorm(d_model, eps=eps)
-        self.mlp = MLP(d_model)
-        self.checkpoint_fn: Callable[..., torch.Tensor] | None = None
-        self.sharded_body: Callable[[Block, torch.Tensor], torch.Tensor] | None = None
-
-    def body(self, x: torch.Tensor) -> torch.Tensor:
-        if self.sharded_body is not None:
-            return self.sharded_body(self, x)
-        x = x + self.attn(self.ln1(x))
-        return x + self.mlp(self.ln2(x))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.checkpoint_fn is not None:
-            return self.checkpoint_fn(self.body, x)
-        return self.body(x)
+        super().__init__(nn.LayerNorm(d_model, eps=eps), Attention(d_model, n_heads), nn.LayerNorm(d_model, eps=eps),
+                         MLP(d_model))
 
 
 class GPT(nn.Module):

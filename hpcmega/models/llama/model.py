@@ -39,7 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hpcmega.config import ModelConfig
-from hpcmega.models.common import RMSNorm, init_weights, keep_stage
+from hpcmega.models.common import PreNormBlock, RMSNorm, init_weights, keep_stage
 
 
 def rope_tables(seq_len: int, head_dim: int, theta: float, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -102,28 +102,12 @@ class MLP(nn.Module):
         return self.down(F.silu(self.gate(x)) * self.up(x))
 
 
-class Block(nn.Module):
-    """Pre-RMSNorm block; ``checkpoint_fn`` and ``sharded_body`` as in GPT-2's block (set by the engine)."""
+class Block(PreNormBlock):
+    """Pre-RMSNorm block (the engine's hooks: :class:`hpcmega.models.common.PreNormBlock`)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.ln1 = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = Attention(cfg)
-        self.ln2 = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mlp = MLP(cfg.d_model, cfg.ffn)
-        self.checkpoint_fn: Callable[..., torch.Tensor] | None = None
-        self.sharded_body: Callable[[Block, torch.Tensor], torch.Tensor] | None = None
-
-    def body(self, x: torch.Tensor) -> torch.Tensor:
-        if self.sharded_body is not None:
-            return self.sharded_body(self, x)
-        x = x + self.attn(self.ln1(x))
-        return x + self.mlp(self.ln2(x))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.checkpoint_fn is not None:
-            return self.checkpoint_fn(self.body, x)
-        return self.body(x)
+        super().__init__(RMSNorm(cfg.d_model, cfg.norm_eps), Attention(cfg), RMSNorm(cfg.d_model, cfg.norm_eps),
+                         MLP(cfg.d_model, cfg.ffn))
 
 
 class Llama(nn.Module):
