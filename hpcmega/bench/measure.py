@@ -237,7 +237,7 @@ class RankStep:
         self.fake_mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else None
         self.allocation = (lambda: self.fake_mode) if fake else contextlib.nullcontext
         torch.manual_seed(0)
-        self.parts = build_model_parts(cfg, self.mesh, torch.device("cpu"), self.allocation)
+        self.parts = build_model_parts(cfg, self.mesh, torch.device("cpu"), self.allocation, fill=not fake)
         if self.parts.replicated is not None:  # DDP cannot take the fake group's empty all-reduce results
             self.parts.replicated.register_comm_hook(None, _keep_local_bucket)
         self.optimizers = [build_optimizer(part, cfg.train) for part in self.parts.parts]

@@ -113,9 +113,12 @@ def check_shapes(cfg: Config, dims: ParallelDims, num_stages: int) -> None:
 
 
 def build_model_parts(cfg: Config, mesh: DeviceMesh, device: torch.device,
-                      allocation: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> ModelParts:
+                      allocation: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                      fill: bool = True) -> ModelParts:
     """``allocation``: the context in which the shards are allocated and initialised (``plan --measure`` passes a
-    ``FakeTensorMode``: shapes without storage); the stage split, TP and FSDP2 wrapping happen on meta outside it."""
+    ``FakeTensorMode``: shapes without storage); the stage split, TP and FSDP2 wrapping happen on meta outside it.
+    ``fill=False`` leaves the shards' values unset: fake tensors hold none, and the tiled initialisation works out
+    each shard's offsets with real index tensors, which a fake mode cannot read."""
     pp, dp, tp = mesh_sizes(mesh)
     stages_per_rank = cfg.stages_per_rank if pp > 1 else 1
     num_stages = pp * stages_per_rank
@@ -143,7 +146,8 @@ def build_model_parts(cfg: Config, mesh: DeviceMesh, device: torch.device,
             apply_fsdp(model, mesh["dp"], cfg.train.precision, reshard)
         with allocation():
             model.to_empty(device=device)  # allocates this rank's shards only
-            model.init_weights(cfg.train.seed)  # each local shard = its slice of the layout-independent full value
+            if fill:
+                model.init_weights(cfg.train.seed)  # each local shard = its slice of the layout-independent full value
         mark_partial_grads(model)  # on the final parameter objects (FSDP2 and to_empty replace them)
         parts.append(model)
         layers.append(stage_layers)
