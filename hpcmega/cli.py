@@ -38,15 +38,21 @@ def _register() -> None:
                 register(main)
 
 
+class BadInput(click.ClickException):
+    """Bad input refused before anything is queued or written: ``Error: <what is wrong; the fix>``, one line on
+    stderr, exit status 2 (click's UsageError would print the usage and a --help hint above it)."""
+
+    exit_code = 2
+
+
 def _config_errors_exit_2(callback: Callable[..., Any]) -> Callable[..., Any]:
-    """The one place a ConfigError becomes a CLI error: its one-line message, exit status 2 (click.UsageError,
-    raised inside the command so click shows which command's --help to read)."""
+    """The one place a ConfigError becomes a CLI error (:class:`BadInput`)."""
     @functools.wraps(callback)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return callback(*args, **kwargs)
         except ConfigError as e:
-            raise click.UsageError(str(e)) from None
+            raise BadInput(str(e)) from None
 
     return wrapper
 
