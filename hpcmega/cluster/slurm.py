@@ -297,19 +297,25 @@ def normalise_state(state: str) -> str:
     return state.split()[0].rstrip("+") if state.strip() else "UNKNOWN"
 
 
+def _ask(name: str, cmd: list[str], timeout: float) -> subprocess.CompletedProcess | str | None:
+    """Run a SLURM client probe: None when it succeeded, a one-line reason when it could not run, else its result."""
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return f"{name} gave no answer in {timeout:g} s"
+    except OSError as e:
+        return f"{name}: {e}"
+    return None if out.returncode == 0 else out
+
+
 def controller_problem(timeout: float = 15) -> str | None:
     """None when slurmctld answers ``scontrol ping`` (in ~20 ms, where a squeue against a dead controller retries
     for ~18 s); else what is wrong, in one line."""
     if not shutil.which("scontrol"):
         return "scontrol not found (no SLURM client on this machine)"
-    try:
-        out = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return f"scontrol ping gave no answer in {timeout:g} s"
-    except OSError as e:
-        return f"scontrol ping: {e}"
-    if out.returncode == 0:
-        return None
+    out = _ask("scontrol ping", ["scontrol", "ping"], timeout)
+    if out is None or isinstance(out, str):
+        return out
     lines = [line.strip() for line in (out.stdout + out.stderr).splitlines() if line.strip("* \n")]
     return lines[0] if lines else f"scontrol ping exited with {out.returncode}"
 
@@ -318,15 +324,9 @@ def accounting_problem(job_ids: list[str], timeout: float = 30) -> str | None:
     """None when sacct answers for ``job_ids``; else its error, in one line (slurmdbd down, accounting off)."""
     if not shutil.which("sacct"):
         return "sacct not found"
-    try:
-        out = subprocess.run(["sacct", "-n", "-X", "-o", "JobID", "-j", ",".join(job_ids)], capture_output=True,
-                             text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return f"sacct gave no answer in {timeout:g} s"
-    except OSError as e:
-        return f"sacct: {e}"
-    if out.returncode == 0:
-        return None
+    out = _ask("sacct", ["sacct", "-n", "-X", "-o", "JobID", "-j", ",".join(job_ids)], timeout)
+    if out is None or isinstance(out, str):
+        return out
     lines = [line.strip() for line in out.stderr.splitlines() if line.strip()]
     return lines[-1] if lines else f"sacct exited with {out.returncode}"
 
