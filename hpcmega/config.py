@@ -70,6 +70,19 @@ PRESET_TRAIN: dict[str, dict[str, int]] = {
 }
 # Value of a string field that means "unset: chosen by resolve_defaults()" (an explicit value always wins).
 AUTO = "auto"
+# The GPT-2 BPE's token ids are 0..50256; models pad their embedding beyond it (e.g. 50304). The data layer's
+# tokenizer and the `train.data = auto` rule below both ask this one number.
+GPT2_VOCAB_SIZE = 50257
+SYNTHETIC = "synthetic"  # train.data: tokens from the seed (hpcmega.data.synthetic), no files
+
+
+def demo_data_location() -> str:
+    """Where `train.data = auto` finds (or the pre-flight prepares) the Shakespeare demo corpus in GPT-2 tokens:
+    ``$HPCMEGA_CACHE/shakespeare-gpt2``, the cache defaulting to ``$XDG_CACHE_HOME/hpcmega`` or
+    ``~/.cache/hpcmega``. On a cluster it must be on a filesystem the nodes share (home folders usually are)."""
+    cache = os.environ.get("HPCMEGA_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "hpcmega")
+    return os.path.join(os.path.abspath(cache), "shakespeare-gpt2")
 # GPUs per node assumed for a GPU job when neither the user nor SLURM's GRES says (the common 8-GPU node).
 DEFAULT_GPUS_PER_NODE = 8
 # The fields resolve_defaults() fills when they are unset (AUTO or 0).
@@ -225,8 +238,10 @@ class TrainConfig:
                                    "reduction), fp32 for CPU jobs.", choices=PRECISIONS)
     max_consecutive_skips: int = setting(5, "Stop the run after this many consecutive steps skipped for a "
                                             "non-finite loss or gradient norm.", ge=1, le=MAX_COUNT)
-    data: str = setting("synthetic", "'synthetic' (tokens from the seed) or the fsspec URL of shards from "
-                                     "`hpcmega data prepare`.")
+    data: str = setting(AUTO, "'synthetic' (tokens from the seed) or the fsspec URL of shards from `hpcmega data "
+                              "prepare`; auto = the Shakespeare demo corpus in GPT-2 tokens (prepared on first use "
+                              "under $HPCMEGA_CACHE, default ~/.cache/hpcmega) when the model's vocabulary holds "
+                              "GPT-2's 50257 tokens, synthetic tokens otherwise.")
     eval_every: int = setting(0, "Compute val_loss on the held-out split every N steps (and at the last step).",
                               ge=0, le=MAX_STEPS, zero="no evaluation")
     eval_batches: int = setting(4, "Held-out global batches per evaluation (the same ones every time).", ge=1,
@@ -772,6 +787,18 @@ class Setting:
     source: str  # why this value, and how to change it
 
 
+def _default_data(cfg: Config) -> Setting:
+    """Unset data: real text when the model can read GPT-2's tokens (a first run learns, as nanoGPT's Shakespeare
+    does; synthetic tokens stay near ln V at GPT-2's vocabulary for dozens of steps), synthetic tokens otherwise."""
+    if cfg.model.vocab_size >= GPT2_VOCAB_SIZE:
+        cfg.train.data = demo_data_location()
+        return Setting("train.data", cfg.train.data, "the Shakespeare demo corpus (GPT-2 tokens, prepared on first "
+                                                     "use); --data URL for your own shards")
+    cfg.train.data = SYNTHETIC
+    return Setting("train.data", SYNTHETIC, f"the model's {cfg.model.vocab_size}-token vocabulary cannot hold "
+                                            f"GPT-2's {GPT2_VOCAB_SIZE}; --data URL for prepared shards")
+
+
 def resolve_defaults(cfg: Config, on_gpu: bool | None = None,
                      gres: tuple[int, str] | None = None) -> list[Setting]:
     """Fill every field left unset (``auto`` / 0) by its rule and return what was chosen and why.
@@ -800,6 +827,8 @@ def resolve_defaults(cfg: Config, on_gpu: bool | None = None,
             _set_value(cfg, key, value)
             others = " or ".join(v for v in FIELDS[key].spec.choices if v != value)
             chosen.append(Setting(key, value, f"{kind}; {FIELDS[key].flag} {others} to change"))
+    if cfg.train.data == AUTO:
+        chosen.append(_default_data(cfg))
     preset = PRESET_TRAIN.get(cfg.model.preset, PRESET_TRAIN["tiny"])
     for name in ("seq_len", "micro_batch", "global_batch"):
         if getattr(cfg.train, name):

@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 START_CLUSTER = REPO / "slurm" / "start-cluster.sh"
 
+# The demo corpus (`train.data = auto`) is prepared once per test session, here, not in the user's ~/.cache.
+os.environ.setdefault("HPCMEGA_CACHE", tempfile.mkdtemp(prefix="hpcmega-test-cache-"))
 # Every rank process of every test: one thread (other suites run at the same time on a 2-core machine).
 CLI_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 

@@ -109,3 +109,31 @@ def test_prepare_cli_refuses_to_overwrite_without_force(two_plays, tmp_path):
     assert again.returncode == 2 and "--force" in again.stderr
     missing = run_cli(["data", "prepare", "--source", tmp_path / "none*.txt", "--out", tmp_path / "x"])
     assert missing.returncode == 2 and not (tmp_path / "x").exists()
+
+
+def losses(run_dir: Path) -> list[float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+def test_a_model_that_reads_gpt2_tokens_learns_from_the_demo_corpus_without_data_flags(tmp_path):
+    """`train.data = auto`: llama-tiny (GPT-2's padded vocabulary) trains on the Shakespeare demo corpus, prepared on
+    first use into $HPCMEGA_CACHE (a dry run writes nothing there), and its loss falls; a model whose vocabulary
+    cannot hold GPT-2's tokens keeps synthetic data."""
+    cache = tmp_path / "cache"
+    env = {"HPCMEGA_CACHE": str(cache)}
+    shape = ["--model", "llama-tiny", "--layers", "2", "--seq-len", "32", "--wandb", "disabled"]
+    dry = run_cli(["submit", "--cpu", "--nodes", "1", *shape, "--dry-run", "--run-dir", tmp_path / "dry"], env=env)
+    assert dry.returncode == 0, dry.stderr
+    assert not cache.exists()
+    first = run_cli(["run", "--nproc", "1", *shape, "--steps", "12", "--run-dir", tmp_path / "a"], env=env)
+    assert first.returncode == 0, first.stderr
+    demo = cache / "shakespeare-gpt2"
+    assert f"preparing the Shakespeare demo corpus (GPT-2 tokens) in {demo}, once" in first.stderr
+    assert f'data = "{demo}"' in (tmp_path / "a" / "config.toml").read_text()
+    loss = losses(tmp_path / "a")
+    assert loss[0] > 10.5 and sum(loss[-3:]) / 3 < loss[0] - 0.8, loss  # text is learnable: ~10.8 -> ~9.5
+    again = run_cli(["run", "--nproc", "1", *shape, "--steps", "1", "--run-dir", tmp_path / "b"], env=env)
+    assert again.returncode == 0 and "preparing" not in again.stderr, again.stderr
+    small = run_cli(["config", "show", "--model", "tiny"], env=env)
+    assert 'data = "synthetic"' in small.stdout.splitlines(), small.stdout

@@ -55,11 +55,11 @@ def test_sbatch_script_sets_the_job_environment_and_user_values_win(tmp_path):
 
 
 def test_local_ranks_get_the_same_environment_unless_the_user_set_it():
-    env = rank_env(0, 2, 12345, "n1", base={"TORCH_NCCL_TRACE_BUFFER_SIZE": "50"})
-    assert env["TORCH_NCCL_TRACE_BUFFER_SIZE"] == "50"
+    env = rank_env(0, 2, 12345, "n1", base={"TORCH_FR_BUFFER_SIZE": "50"})
+    assert env["TORCH_FR_BUFFER_SIZE"] == "50"
+    assert "TORCH_NCCL_TRACE_BUFFER_SIZE" not in env  # the old name: torch warns on every rank when it is set
     assert env["PYTORCH_ALLOC_CONF"] == "expandable_segments:True"
     assert env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "3"
-    assert env["TORCH_FR_BUFFER_SIZE"] == "2000"  # the flight recorder records gloo's collectives too
     dump = flight_recorder_env("/runs/r1")  # set by each rank: dumps land in the run folder, not node-local /tmp
     assert dump == {"TORCH_FR_DUMP_TEMP_FILE": "/runs/r1/debug/fr_trace_rank_",
                     "TORCH_NCCL_DEBUG_INFO_TEMP_FILE": "/runs/r1/debug/fr_trace_rank_"}

@@ -29,15 +29,14 @@ from hpcmega.runs.files import DEBUG, FR_TRACE_PREFIX
 # Set in every rank's environment (SLURM script and local launcher) unless the user's environment already sets them:
 # - TORCH_NCCL_ASYNC_ERROR_HANDLING=3: a timed-out or failed NCCL collective tears the process down instead of
 #   hanging, so srun --kill-on-bad-exit ends the job step;
-# - TORCH_NCCL_TRACE_BUFFER_SIZE / TORCH_NCCL_DUMP_ON_TIMEOUT: the NCCL flight recorder keeps the last 2000
-#   collectives per rank and dumps them on a timeout (which rank stopped in which collective), into RUN_DIR/debug/
-#   (flight_recorder_env, set by the rank itself); TORCH_FR_BUFFER_SIZE: the same recorder for gloo's collectives,
-#   which hpcmega.training.hang_evidence dumps;
+# - TORCH_FR_BUFFER_SIZE / TORCH_NCCL_DUMP_ON_TIMEOUT: the flight recorder keeps the last 2000 collectives per rank
+#   (NCCL's and gloo's; torch 2.13 warns on every rank for its older name TORCH_NCCL_TRACE_BUFFER_SIZE) and NCCL dumps
+#   them on a timeout (which rank stopped in which collective) into RUN_DIR/debug/ (flight_recorder_env, set by the
+#   rank itself); hpcmega.training.hang_evidence dumps gloo's;
 # - PYTORCH_ALLOC_CONF=expandable_segments:True: less fragmentation of the CUDA caching allocator with varying
 #   activation sizes (pipeline microbatches, recompute).
 JOB_ENV: dict[str, str] = {
     "TORCH_NCCL_ASYNC_ERROR_HANDLING": "3",
-    "TORCH_NCCL_TRACE_BUFFER_SIZE": "2000",
     "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
     "TORCH_FR_BUFFER_SIZE": "2000",
     "PYTORCH_ALLOC_CONF": "expandable_segments:True",

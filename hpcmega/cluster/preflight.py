@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import uuid
 from pathlib import Path
 
-from hpcmega.config import Config
+from hpcmega.config import SYNTHETIC, Config
 from hpcmega.errors import ConfigError
 from hpcmega.checkpoint.locate import resume_target
 from hpcmega.checkpoint.rules import check_model_matches, check_trusted
 from hpcmega.checkpoint.store import latest_checkpoint, list_checkpoints
+from hpcmega.data.demo import is_demo, provide_demo_data
 from hpcmega.data.index import check_dataset
 from hpcmega.runs.files import RunFolder
 
@@ -68,10 +70,16 @@ def _aws_credentials() -> bool:
     return any(os.path.isfile(os.path.expanduser(f)) for f in files)
 
 
-def check_data(cfg: Config) -> None:
-    """Prepared data: its index's fields, every shard's size, vocabulary and splits (hpcmega.data.index)."""
-    if cfg.train.data == "synthetic":
+def check_data(cfg: Config, provide: bool = True) -> None:
+    """Prepared data: its index's fields, every shard's size, vocabulary and splits (hpcmega.data.index). The demo
+    corpus is prepared first if it is not yet (hpcmega.data.demo); a dry run (``provide=False``) writes nothing and
+    leaves that to the real run."""
+    if cfg.train.data == SYNTHETIC:
         return
+    if is_demo(cfg.train.data):
+        if not provide:
+            return
+        provide_demo_data(say=lambda line: print(line, file=sys.stderr))
     fs, root = storage_filesystem(cfg.train.data, "--data")
     check_dataset(cfg.train.data, fs, root, cfg.model.vocab_size, cfg.train.seq_len, cfg.train.eval_every)
 
@@ -160,7 +168,7 @@ def preflight(cfg: Config, run_dir: str | Path, probe: bool = True) -> None:
     """Everything above, in the order a user would fix it. ``probe=False`` for dry runs (they write nothing)."""
     check_run_dir(run_dir)
     location = checkpoint_location(cfg, run_dir)
-    check_data(cfg)
+    check_data(cfg, provide=probe)
     storage_filesystem(location, "--ckpt-url")
     check_durable(location)
     check_resume(cfg, location)

@@ -1,4 +1,4 @@
-"""Training data: a synthetic stream (benchmarks, tests) or prepared token shards (`hpcmega data prepare`, any
+"""Training data: a synthetic stream (benchmarks, tests, models too small for GPT-2's tokens) or prepared token shards (`hpcmega data prepare`, any
 tokenizer: docs/data.md).
 
 Both loaders serve ``global_batch(step) -> LongTensor[global_batch, seq_len + 1]`` by global sample index, from
@@ -6,6 +6,7 @@ the training split or the held-out validation split (``split="val"``, for ``trai
 ``local_batch(step, dp_rank, dp)``: the rows of it that DP rank ``dp_rank`` of ``dp`` trains on, read alone."""
 from __future__ import annotations
 
+from hpcmega.config import SYNTHETIC
 
 SPLITS = ("train", "val")
 
@@ -13,7 +14,7 @@ SPLITS = ("train", "val")
 def build_loader(cfg, split: str = "train"):
     if split not in SPLITS:
         raise ValueError(f"unknown data split {split!r}; one of {SPLITS}")
-    if cfg.train.data == "synthetic":
+    if cfg.train.data == SYNTHETIC:
         from hpcmega.data.synthetic import SyntheticLoader
 
         return SyntheticLoader(cfg, split)

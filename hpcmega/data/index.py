@@ -18,6 +18,7 @@ import os
 import re
 from typing import TYPE_CHECKING
 
+from hpcmega.config import SYNTHETIC
 from hpcmega.data.tokenizer import Tokenizer, dataset_tokenizer, load_tokenizer
 from hpcmega.errors import ConfigError
 
@@ -157,7 +158,7 @@ def data_tokenizer(url: str) -> Tokenizer:
     for synthetic data, or when the dataset is no longer there."""
     import fsspec
 
-    if url == "synthetic":
+    if url == SYNTHETIC:
         return load_tokenizer("gpt2")
     try:
         fs, root = fsspec.core.url_to_fs(url)

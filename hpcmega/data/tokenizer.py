@@ -21,11 +21,11 @@ import json
 import os
 from pathlib import Path
 
+from hpcmega.config import GPT2_VOCAB_SIZE
 from hpcmega.errors import ConfigError
 
 EOT_TOKEN = "<|endoftext|>"
 EOT_ID = 50256
-GPT2_VOCAB_SIZE = 50257  # token ids 0..50256; models pad their embedding beyond it (e.g. 50304)
 # GPT-2's pre-tokenizer split pattern (contractions, letters, numbers, other, whitespace).
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 EOT_SPELLINGS = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>")
