@@ -393,7 +393,9 @@ class CheckpointManager:
         dist = _dist()
         rank = dist.get_rank()
         url = _from_rank0(self._folder_for(step) if rank == 0 else None, self.group)
-        writer = FsspecWriter(url, single_file_per_rank=not file_per_tensor, **self.storage_options)
+        # One writer thread: files are written one after another, which the import's release of each written
+        # tensor relies on (hpcmega.models.hf.Made).
+        writer = FsspecWriter(url, single_file_per_rank=not file_per_tensor, thread_count=1, **self.storage_options)
         dcp.save(app_state, storage_writer=writer, planner=planner, process_group=self.group)
         manifest: dict[str, list] = {}
         for part in _everyone(self._hash_own_files(url), self.group):  # after every rank's shards are on storage

@@ -5,9 +5,12 @@ Why it is built this way:
 - **One tensor at a time.** A 70B model does not fit in the memory of the machine that imports it, so nothing here
   holds the model. DCP plans the save over meta-device placeholders (names, shapes, dtypes only); the writer asks
   the planner for each tensor when it writes it (``lookup_object``), and only then is it read from its safetensors
-  file and converted. The writer puts each tensor in its own file (``single_file_per_rank=False``): DCP's writer
-  keeps every tensor of the file it is writing alive until the file is closed, so one file per tensor is what keeps
-  the process at one tensor beyond the one being written (tests/test_hf_import.py measures the peak).
+  file and converted, in one copy (dtype and layout together). At most two tensors exist at any moment: the one
+  being made or written, and the file tensor it is made from. Two DCP habits would add more, so: the writer puts
+  each tensor in its own file (``file_per_tensor``), as it keeps every tensor of a file alive until the file is
+  closed; and the writer's loop variable still holds the tensor it wrote last while it asks for the next one, so
+  that tensor's memory is released (:class:`Made`) before the next is read -- it is on storage by then, because the
+  writer writes one file after another (one thread). tests/test_hf_import.py measures the peak.
 - **Plain reads, not mmap.** safetensors' layout is documented and simple (8-byte little-endian header length, a
   JSON header of dtype/shape/byte offsets, raw little-endian data); reading a tensor with ``readinto`` into its own
   buffer keeps the file's pages out of the process's resident memory, where ``safe_open``'s mmap counts them.
@@ -22,6 +25,7 @@ Why it is built this way:
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
@@ -142,9 +146,15 @@ class HFFolder:
                               f"{e.dtype} needs {t.numel() * t.element_size()}; the file is damaged")
         with open(e.file, "rb") as f:
             f.seek(e.start)
-            if f.readinto(t.view(-1).view(torch.uint8).numpy()) != e.end - e.start:
+            if f.readinto(_writable_bytes(t)) != e.end - e.start:
                 raise ConfigError(f"{e.file} ends inside tensor {name}; the file is truncated")
         return t
+
+
+def _writable_bytes(t: torch.Tensor) -> ctypes.Array:
+    """The memory of contiguous ``t`` as a writable buffer, for ``readinto``; valid while ``t`` lives. Not through
+    ``numpy()``: a tensor once exported to numpy can no longer free its memory early (:class:`Made`)."""
+    return (ctypes.c_char * t.nbytes).from_address(t.data_ptr())
 
 
 def check_plan(folder: HFFolder, plan: Plan, params: dict[str, torch.Tensor], ignored: Callable[[str], bool]) -> None:
@@ -199,12 +209,15 @@ class Import:
         check_plan(self.folder, self.plan, self.params, partial(adapter.ignored_hf_tensor, self.cfg.model))
         self.out = out if "://" in out else os.path.abspath(out)
         check_out(self.out)
+        self.made = Made()
 
     def tensor(self, name: str) -> torch.Tensor:
-        """hpcmega's tensor ``name``: fp32 and contiguous (the HF tensors read are dropped on return; DCP's writer
-        copies a slice that shares a larger tensor's memory into its own before writing it)."""
+        """hpcmega's tensor ``name``: fp32, contiguous and in memory of its own (a slice of a fused HF tensor is
+        copied out), made after the previous one's memory is released; the HF tensors read are dropped on return."""
+        self.made.release()
         names, convert = self.plan[name]
-        return convert(*(self.folder.read(n) for n in names)).to(PARAM_DTYPE).contiguous()
+        t = convert(*(self.folder.read(n) for n in names)).to(PARAM_DTYPE, memory_format=torch.contiguous_format)
+        return self.made.hold(t if t.untyped_storage().nbytes() == t.nbytes else t.clone())
 
     def write(self) -> CheckpointInfo:
         """The checkpoint at ``<out>/step-00000000``, streamed; on failure the half-written location is removed."""
@@ -226,6 +239,24 @@ class Import:
             if fs.exists(path):
                 fs.rm(path, recursive=True)
             raise
+
+
+class Made:
+    """The tensor handed to DCP's writer last. :meth:`release` frees its memory (``untyped_storage().resize_(0)``,
+    what FSDP does to free unsharded parameters): the writer has written it by the time it asks for the next, but
+    still holds it. Only for the serial writer of :meth:`Import.write` (one thread, one tensor per file)."""
+
+    def __init__(self) -> None:
+        self.tensor: torch.Tensor | None = None
+
+    def hold(self, t: torch.Tensor) -> torch.Tensor:
+        self.tensor = t
+        return t
+
+    def release(self) -> None:
+        if self.tensor is not None:
+            self.tensor.untyped_storage().resize_(0)
+            self.tensor = None
 
 
 def empty_params(m: ModelConfig) -> dict[str, torch.Tensor]:
