@@ -27,7 +27,7 @@ from hpcmega.gpus import GPU_NAMES
 # Model presets. GPT-2 family: ``tiny`` is for tests and CPU demos; its 8 heads and 8 layers take tp in {1, 2, 4, 8}
 # and pp in {1, 2, 4} (also with two stages per rank), so any layout of 8-GPU nodes plans with it.
 # Llama family (RoPE, RMSNorm, SwiGLU, grouped-query attention; hpcmega.models.llama): the published Llama 3 shapes
-# (without Llama 3.1's long-context RoPE scaling) and ``llama-tiny`` for tests and CPU demos: GPT-2's padded
+# (Llama 3.2's with its long-context RoPE scaling) and ``llama-tiny`` for tests and CPU demos: GPT-2's padded
 # vocabulary (so it trains on `data prepare`'s GPT-2 tokens), 8 heads sharing 2 kv heads (tp 2 splits the kv heads,
 # tp 4 and 8 replicate them).
 def _gpt2(**shape: int) -> dict[str, Any]:
@@ -35,7 +35,8 @@ def _gpt2(**shape: int) -> dict[str, Any]:
 
 
 def _llama(**shape: Any) -> dict[str, Any]:
-    return {**dict(family="llama", tie_embeddings=False, qkv_bias=False, rope_theta=500000.0, norm_eps=1e-5), **shape}
+    return {**dict(family="llama", tie_embeddings=False, qkv_bias=False, rope_theta=500000.0, rope_scaling=0.0,
+                   norm_eps=1e-5), **shape}
 
 
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
@@ -48,7 +49,7 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "llama-tiny": _llama(vocab_size=50304, d_model=128, n_layers=4, n_heads=8, n_kv_heads=2, ffn_hidden=384,
                          max_seq_len=256, rope_theta=10000.0),
     "llama3.2-1b": _llama(vocab_size=128256, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_hidden=8192,
-                          max_seq_len=8192, tie_embeddings=True),
+                          max_seq_len=8192, tie_embeddings=True, rope_scaling=32.0),
     "llama3-8b": _llama(vocab_size=128256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_hidden=14336,
                         max_seq_len=8192),
     "llama3-70b": _llama(vocab_size=128256, d_model=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_hidden=28672,
@@ -170,6 +171,16 @@ class ModelConfig:
     max_seq_len: int = setting(256, "Longest sequence (gpt2: size of the position table; >= train.seq_len).", ge=1,
                                le=MAX_SEQ)
     rope_theta: float = setting(10000.0, "llama: RoPE base frequency.", gt=0)
+    rope_scaling: float = setting(0.0, "llama: Llama 3.1's long-context RoPE scaling factor (HF rope_type 'llama3'): "
+                                       "low frequencies divided by it, high ones kept, the band between "
+                                       "interpolated.", ge=0, le=1e6, zero="no scaling")
+    rope_low_freq_factor: float = setting(1.0, "llama, with rope_scaling: wavelengths longer than "
+                                               "rope_original_max_seq_len / this are scaled fully.", gt=0)
+    rope_high_freq_factor: float = setting(4.0, "llama, with rope_scaling: wavelengths shorter than "
+                                                "rope_original_max_seq_len / this are kept (> "
+                                                "rope_low_freq_factor).", gt=0)
+    rope_original_max_seq_len: int = setting(8192, "llama, with rope_scaling: the context length before scaling.",
+                                             ge=1, le=MAX_SEQ)
     norm_eps: float = setting(1e-5, "Epsilon of the LayerNorms (gpt2) / RMSNorms (llama).", gt=0)
     tie_embeddings: bool = setting(False, "llama: the head reuses the token embedding's weight (needs pp = 1).")
     qkv_bias: bool = setting(False, "llama: biases on the q/k/v projections (Qwen2-style).")

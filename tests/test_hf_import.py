@@ -198,11 +198,25 @@ def mistral_tied():
                                             sliding_window=None, tie_word_embeddings=True))
 
 
-@pytest.mark.parametrize("make", [qwen2, mistral_tied])
+# Llama 3.1's RoPE scaling, with a short "original" context so that the 8 frequency pairs of a 16-wide head fall in
+# all three bands (kept, interpolated, divided by the factor).
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+
+
+def llama31(rope: dict | None = LLAMA3_ROPE):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=96, num_hidden_layers=2,
+                                        num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=64,
+                                        rope_parameters=rope or {"rope_type": "default", "rope_theta": 10000.0}))
+
+
+@pytest.mark.parametrize("make", [qwen2, mistral_tied, llama31])
 def test_llama_style_variants_import_and_export_with_transformers_logits(tmp_path, make):
-    """Qwen2 (q/k/v biases) and a Mistral with tied embeddings, in one process: the import gives transformers'
-    logits, and the export loads back in transformers with them (the tp/pp round trip of the Llama family is in
-    tests/test_hf_roundtrip.py)."""
+    """Qwen2 (q/k/v biases), a Mistral with tied embeddings and a Llama with Llama 3.1's RoPE scaling, in one
+    process: the import gives transformers' logits, and the export loads back in transformers with them (the tp/pp
+    round trip of the Llama family is in tests/test_hf_roundtrip.py)."""
     from transformers import AutoModelForCausalLM
 
     from hpcmega.checkpoint.locate import find_checkpoint
@@ -220,11 +234,28 @@ def test_llama_style_variants_import_and_export_with_transformers_logits(tmp_pat
         expected = hf(ids).logits
     Import(tmp_path / "hf", str(tmp_path / "imported")).write()
     model, cfg = load_model(find_checkpoint(str(tmp_path / "imported"), trust=True))
-    assert (cfg.model.qkv_bias, cfg.model.tie_embeddings) == ((True, False) if make is qwen2 else (False, True))
+    assert (cfg.model.qkv_bias, cfg.model.tie_embeddings) == \
+        {qwen2: (True, False), mistral_tied: (False, True), llama31: (False, False)}[make]
+    if make is llama31:
+        assert cfg.model.rope_scaling == 8.0 and cfg.model.rope_original_max_seq_len == 16
+        unscaled = llama31(rope=None).eval()
+        unscaled.load_state_dict(hf.state_dict())
+        with torch.no_grad():  # the scaling changes the logits: the equality below is a check of it
+            assert (unscaled(ids).logits - expected).abs().max() > 1e-2
     with torch.no_grad():
         torch.testing.assert_close(model(ids), expected, atol=1e-4, rtol=0)
     export_hf(model, tmp_path / "exported")
     back = AutoModelForCausalLM.from_pretrained(tmp_path / "exported", dtype=torch.float32).eval()
     assert type(back).__name__ == ("Qwen2ForCausalLM" if make is qwen2 else "LlamaForCausalLM")
+    assert back.config.rope_parameters["rope_type"] == ("llama3" if make is llama31 else "default")
     with torch.no_grad():
         torch.testing.assert_close(back(ids).logits, expected, atol=1e-4, rtol=0)
+
+
+def test_rope_scaling_rules_other_than_llama3_are_refused(tmp_path):
+    llama31().save_pretrained(tmp_path / "yarn")
+    config = json.loads((tmp_path / "yarn" / "config.json").read_text())
+    config["rope_parameters"] = {**LLAMA3_ROPE, "rope_type": "yarn"}
+    (tmp_path / "yarn" / "config.json").write_text(json.dumps(config))
+    refused(tmp_path / "yarn", tmp_path / "out", "rope_type 'yarn'", "'llama3'")
+    assert not (tmp_path / "out").exists()

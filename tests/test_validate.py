@@ -116,6 +116,9 @@ NODE4 = dict(cluster__nodes=1, cluster__gpus_per_node=4)
               parallel__tp=2), ["ffn_hidden=383", "--ffn-hidden 384"]),
         (dict(model__n_kv_heads=2), ["model.n_kv_heads=2", "llama-family", "--family llama"]),
         (dict(model__qkv_bias=True), ["model.qkv_bias=True", "--family llama"]),
+        (dict(model__rope_scaling=8.0), ["model.rope_scaling=8.0", "--family llama"]),
+        (dict(model__preset="llama-tiny", model__rope_scaling=8.0, model__rope_high_freq_factor=1.0),
+         ["rope_high_freq_factor=1.0 must exceed", "rope_low_freq_factor=1.0", "e.g. 4 and 1"]),
         (dict(model__family="mamba"), ["unknown model.family", "gpt2, llama"]),
         # batch and microbatches
         (dict(**NODE4, train__global_batch=6), ["global_batch=6", "dp=4", "--global-batch 8"]),

@@ -66,7 +66,7 @@ def check_family(m: ModelConfig, pp: int) -> None:
     an even head size. A head tied to the embedding needs both on one pipeline stage."""
     if m.family == "gpt2":
         llama_only = {"n_kv_heads": m.kv_heads != m.n_heads, "ffn_hidden": m.ffn != 4 * m.d_model,
-                      "tie_embeddings": m.tie_embeddings, "qkv_bias": m.qkv_bias}
+                      "tie_embeddings": m.tie_embeddings, "qkv_bias": m.qkv_bias, "rope_scaling": m.rope_scaling}
         for key, odd in llama_only.items():
             if odd:
                 raise ConfigError(f"model.{key}={getattr(m, key)} is a llama-family setting (GPT-2's block has full "
@@ -80,6 +80,10 @@ def check_family(m: ModelConfig, pp: int) -> None:
     if m.head_dim % 2:
         raise ConfigError(f"head size d_model/n_heads={m.head_dim} is odd; RoPE rotates pairs of dimensions: use "
                           f"--d-model {round_up(m.d_model, 2 * m.n_heads)}")
+    if m.rope_scaling and m.rope_high_freq_factor <= m.rope_low_freq_factor:
+        raise ConfigError(f"model.rope_high_freq_factor={m.rope_high_freq_factor} must exceed "
+                          f"model.rope_low_freq_factor={m.rope_low_freq_factor} (the band RoPE scaling interpolates "
+                          "lies between them); e.g. 4 and 1, Llama 3.1's")
     if m.tie_embeddings and pp > 1:
         raise ConfigError(f"model.tie_embeddings needs the embedding and the head on one pipeline stage (pp={pp}); "
                           "use --pp 1 or --no-tie-embeddings")

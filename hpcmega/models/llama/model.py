@@ -24,14 +24,16 @@ halves of each head, the ``rotate_half`` convention of HF checkpoints, so q/k ne
     head.weight                         lm_head.weight (absent with tie_embeddings: the head is tok_emb.weight)
 
 Shapes are HF's: wq [n_heads*head_dim, d], wk/wv [n_kv_heads*head_dim, d], wo [d, n_heads*head_dim],
-gate/up [ffn_hidden, d], down [d, ffn_hidden]. Not supported: RoPE scaling (Llama 3.1's long-context rule),
-sliding-window attention.
+gate/up [ffn_hidden, d], down [d, ffn_hidden]. RoPE scaling: Llama 3.1's long-context rule (HF ``rope_type``
+"llama3"); not supported: other scaling rules (YaRN, dynamic NTK, ...), sliding-window attention.
 
 The RoPE tables are computed in each attention call from the sequence length (nothing cached): no buffer to
 initialise after ``to_empty``, and selective recompute recomputes them instead of keeping them.
 """
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -42,9 +44,37 @@ from hpcmega.config import ModelConfig
 from hpcmega.models.common import PreNormBlock, RMSNorm, init_weights, keep_stage
 
 
-def rope_tables(seq_len: int, head_dim: int, theta: float, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """cos and sin [seq_len, head_dim] in fp32: position p rotates pair (i, i + head_dim/2) by p / theta^(2i/hd)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+@dataclass(frozen=True)
+class Rope:
+    """RoPE's settings (ModelConfig's rope_* fields): base frequency and Llama 3.1's long-context scaling."""
+
+    theta: float
+    scaling: float = 0.0  # 0: none
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_seq_len: int = 8192
+
+    @classmethod
+    def of(cls, cfg: ModelConfig) -> "Rope":
+        return cls(cfg.rope_theta, cfg.rope_scaling, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor,
+                   cfg.rope_original_max_seq_len)
+
+    def inv_freq(self, head_dim: int, device: torch.device) -> torch.Tensor:
+        """theta^(-2i/hd) per pair i; with scaling (HF rope_type 'llama3'), frequencies whose wavelength exceeds
+        original_max_seq_len / low_freq_factor are divided by the factor, those shorter than original_max_seq_len
+        / high_freq_factor kept, and the band between interpolated smoothly in 1/wavelength."""
+        inv = 1.0 / self.theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+        if not self.scaling:
+            return inv
+        wavelen = 2 * math.pi / inv
+        smooth = ((self.original_max_seq_len / wavelen - self.low_freq_factor)
+                  / (self.high_freq_factor - self.low_freq_factor)).clamp(0, 1)
+        return (1 - smooth) * inv / self.scaling + smooth * inv
+
+
+def rope_tables(seq_len: int, head_dim: int, rope: Rope, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """cos and sin [seq_len, head_dim] in fp32: position p rotates pair (i, i + head_dim/2) by p * inv_freq[i]."""
+    inv_freq = rope.inv_freq(head_dim, device)
     angles = torch.arange(seq_len, device=device, dtype=torch.float32)[:, None] * inv_freq[None, :]
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos(), angles.sin()
@@ -57,13 +87,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos.to(x.dtype) + torch.cat((-x2, x1), dim=-1) * sin.to(x.dtype)
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dim: int, theta: float) -> torch.Tensor:
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dim: int, rope: Rope) -> torch.Tensor:
     """Causal attention of projected q [b, s, hq*hd] and k, v [b, s, hkv*hd] -> [b, s, hq*hd], RoPE on q and k.
     Each kv head serves hq/hkv consecutive query heads (HF's repeat_kv): under tensor parallelism the local q and kv
     heads are such groups too, so the same code runs on every rank's shard."""
     b, s, _ = q.shape
     q, k, v = (t.view(b, s, -1, head_dim).transpose(1, 2) for t in (q, k, v))
-    cos, sin = rope_tables(s, head_dim, theta, q.device)
+    cos, sin = rope_tables(s, head_dim, rope, q.device)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     groups = q.shape[1] // k.shape[1]
     if groups > 1:  # explicit repeat: SDPA's own enable_gqa falls back to the unfused math kernel on CPU
@@ -79,14 +109,14 @@ class Attention(nn.Module):
             raise ValueError(f"n_heads {cfg.n_heads} must divide d_model {cfg.d_model} and be a multiple of "
                              f"n_kv_heads {cfg.kv_heads}")
         hd = self.head_dim = cfg.head_dim
-        self.rope_theta = cfg.rope_theta
+        self.rope = Rope.of(cfg)
         self.wq = nn.Linear(cfg.d_model, cfg.n_heads * hd, bias=cfg.qkv_bias)
         self.wk = nn.Linear(cfg.d_model, cfg.kv_heads * hd, bias=cfg.qkv_bias)
         self.wv = nn.Linear(cfg.d_model, cfg.kv_heads * hd, bias=cfg.qkv_bias)
         self.wo = nn.Linear(cfg.n_heads * hd, cfg.d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.wo(attend(self.wq(x), self.wk(x), self.wv(x), self.head_dim, self.rope_theta))
+        return self.wo(attend(self.wq(x), self.wk(x), self.wv(x), self.head_dim, self.rope))
 
 
 class MLP(nn.Module):

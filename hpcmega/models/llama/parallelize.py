@@ -89,7 +89,7 @@ class BlockOnShards(ShardedOps):
         kv_heads = a.wk.weight.shape[0] // a.head_dim  # the full (global) shape: all kv heads
         q = F.linear(x, a.wq.weight.to_local(), local(a.wq.bias))
         k, v = (self._kv(x, lin, a.head_dim, kv_heads) for lin in (a.wk, a.wv))
-        return self.row_parallel(attend(q, k, v, a.head_dim, a.rope_theta), a.wo)
+        return self.row_parallel(attend(q, k, v, a.head_dim, a.rope), a.wo)
 
     def _mlp(self, block: Block, x: torch.Tensor) -> torch.Tensor:
         m = block.mlp

@@ -5,10 +5,11 @@ The mapping is a rename (table in hpcmega.models.llama.model): hpcmega's RoPE ro
 checkpoints rotate interleaved pairs; HF's conversion script permuted them once, torchtitan permutes on each
 import). The round-trip test pins this: HF's logits equal hpcmega's within 1e-4 in fp32.
 
-What the block cannot express is refused by name rather than approximated: RoPE scaling (Llama 3.1's long-context
-rule, YaRN, ...), sliding-window attention shorter than the context, biases outside q/k/v (Llama's
-``attention_bias`` also biases o_proj; Qwen2 biases q/k/v only, which is ``qkv_bias``), MLP biases, a head_dim other
-than hidden_size / num_attention_heads, an activation other than SiLU.
+RoPE scaling by Llama 3.1's long-context rule (``rope_type`` "llama3", as Llama 3.1-3.3 ship) maps onto the
+``rope_scaling`` fields. What the block cannot express is refused by name rather than approximated: other RoPE
+scaling rules (YaRN, dynamic NTK, linear, ...), sliding-window attention shorter than the context, biases outside
+q/k/v (Llama's ``attention_bias`` also biases o_proj; Qwen2 biases q/k/v only, which is ``qkv_bias``), MLP biases,
+a head_dim other than hidden_size / num_attention_heads, an activation other than SiLU.
 """
 from __future__ import annotations
 
@@ -51,21 +52,36 @@ def names(m: ModelConfig) -> dict[str, str]:
 
 
 # -- import ---------------------------------------------------------------------------------------------------------
-def _rope(hf: dict[str, Any]) -> tuple[float, str]:
-    """(theta, rope type) from either config.json style: transformers >= 5 ``rope_parameters``, older top-level
-    ``rope_theta`` + ``rope_scaling``."""
-    params = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or {}
-    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
-    kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    return float(theta), str(kind)
+# Llama 3.1's RoPE scaling: hpcmega's field <- HF's key in rope_parameters / rope_scaling
+_LLAMA3_ROPE = (("rope_scaling", "factor"), ("rope_low_freq_factor", "low_freq_factor"),
+                ("rope_high_freq_factor", "high_freq_factor"),
+                ("rope_original_max_seq_len", "original_max_position_embeddings"))
+
+
+def _rope_parameters(hf: dict[str, Any]) -> dict[str, Any]:
+    """RoPE's settings from either config.json style: transformers >= 5 ``rope_parameters``, older top-level
+    ``rope_theta`` + ``rope_scaling``; ``rope_type`` "default" when there is no scaling."""
+    params = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
+    params.setdefault("rope_theta", hf.get("rope_theta", 10000.0))
+    params["rope_type"] = str(params.get("rope_type") or params.get("type") or "default")
+    return params
+
+
+def _rope_fields(hf: dict[str, Any]) -> dict[str, Any]:
+    params = _rope_parameters(hf)
+    fields: dict[str, Any] = {"rope_theta": float(params["rope_theta"]), "rope_scaling": 0.0}
+    if params["rope_type"] == "llama3":
+        for (ours, theirs), kind in zip(_LLAMA3_ROPE, (float, float, float, int)):
+            fields[ours] = kind(params[theirs])
+    return fields
 
 
 def _refusals(hf: dict[str, Any], arch: str, d: int, heads: int, context: int) -> list[str]:
-    theta_kind = _rope(hf)[1]
+    kind = _rope_parameters(hf)["rope_type"]
     window = hf.get("sliding_window") if hf.get("use_sliding_window", arch != "Qwen2ForCausalLM") else None
     checks = {
-        "rope scaling": (theta_kind != "default", f"rope_type {theta_kind!r} (hpcmega's RoPE has no scaling)"),
+        "rope scaling": (kind not in ("default", "llama3"),
+                         f"rope_type {kind!r} (hpcmega's RoPE scales by Llama 3.1's rule, 'llama3', only)"),
         "sliding_window": (window is not None and int(window) < context,
                            f"{window} < max_position_embeddings {context} (hpcmega attends to the whole context)"),
         "attention_bias": (bool(hf.get("attention_bias")), "true (biases on o_proj too; hpcmega biases q/k/v only)"),
@@ -86,7 +102,7 @@ def model_section(hf: dict[str, Any]) -> dict[str, Any]:
                    "n_layers": int(hf["num_hidden_layers"]), "n_heads": heads,
                    "n_kv_heads": int(hf.get("num_key_value_heads") or heads),
                    "ffn_hidden": int(hf["intermediate_size"]),
-                   "max_seq_len": int(hf["max_position_embeddings"]), "rope_theta": _rope(hf)[0],
+                   "max_seq_len": int(hf["max_position_embeddings"]), **_rope_fields(hf),
                    "norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
                    "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
                    "qkv_bias": arch == "Qwen2ForCausalLM"}
@@ -126,6 +142,12 @@ def hf_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {theirs: sd[ours].contiguous().clone() for ours, theirs in pairs.items()}
 
 
+def _rope_scaling(m: ModelConfig) -> dict[str, Any]:
+    if not m.rope_scaling:
+        return {"rope_type": "default"}
+    return {"rope_type": "llama3", **{theirs: getattr(m, ours) for ours, theirs in _LLAMA3_ROPE}}
+
+
 def hf_architecture(m: ModelConfig) -> str:
     """Llama biases o_proj whenever it biases q/k/v; Qwen2 biases q/k/v only, as hpcmega's ``qkv_bias`` does."""
     return "Qwen2ForCausalLM" if m.qkv_bias else "LlamaForCausalLM"
@@ -147,12 +169,14 @@ def hf_config(model: torch.nn.Module) -> dict[str, Any]:
         "hidden_act": "silu",
         "max_position_embeddings": m.max_seq_len,
         "rms_norm_eps": m.norm_eps,
-        "rope_theta": m.rope_theta,  # read by transformers 4.x; 5.x reads rope_parameters
-        "rope_parameters": {"rope_theta": m.rope_theta, "rope_type": "default"},
+        "rope_theta": m.rope_theta,  # read by transformers 4.x (with rope_scaling); 5.x reads rope_parameters
+        "rope_parameters": {"rope_theta": m.rope_theta, **_rope_scaling(m)},
         "tie_word_embeddings": m.tie_embeddings,
         "attention_dropout": 0.0,
         "torch_dtype": "float32",
     }
+    if m.rope_scaling:
+        config["rope_scaling"] = _rope_scaling(m)
     if m.qkv_bias:
         config.update(use_sliding_window=False, sliding_window=None)
     else:
