@@ -22,7 +22,7 @@ def gpu_config(preset: str, micro_batch: int, steps: int):
     overrides = {"model.preset": preset, "train.seq_len": 1024, "train.micro_batch": micro_batch,
                  "train.global_batch": micro_batch, "train.precision": "bf16", "parallel.compile": True,
                  "train.steps": steps, "train.warmup_steps": 1, "logging.wandb": "disabled",
-                 "checkpoint.resume": "none"}
+                 "checkpoint.resume": "none", "train.data": "synthetic"}  # throughput: no reads, nothing to prepare
     return local_config(load_config(None, overrides), 1, cpu=False)
 
 

@@ -24,7 +24,7 @@ def case_config(case: BenchCase, steps: int, **extra: Any) -> Config:
     from hpcmega.cluster.launcher import local_config
 
     overrides = {**MODEL, **case.overrides, "train.steps": steps, "train.warmup_steps": 1,
-                 "logging.wandb": "disabled", "checkpoint.resume": "none", **extra}
+                 "logging.wandb": "disabled", "checkpoint.resume": "none", "train.data": "synthetic", **extra}
     return local_config(load_config(None, overrides), case.nproc, cpu=True)
 
 
