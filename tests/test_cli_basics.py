@@ -94,6 +94,30 @@ def test_bad_plan_input_exits_2_with_one_line_and_writes_nothing(tmp_path, monke
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["ls", "empty"], ["no run folders under empty"]),
+        (["status", "empty"], ["empty is not a run folder"]),
+        (["plot", "empty"], ["empty is not a run folder"]),
+        (["ckpt", "ls", "empty"], ["no checkpoints", "empty"]),
+        (["bench", "--comm", "--gpu"], ["--comm and --gpu measure different things"]),
+        (["submit", "--after", "soon", "--dry-run"], ["--after 'soon'"]),
+    ],
+)
+def test_bad_values_in_any_command_exit_2_with_one_line_and_no_usage(tmp_path, monkeypatch, args, words):
+    """Every command refuses a bad value the same way (ConfigError): one line on stderr, no usage text."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty").mkdir()
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output
+    assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith("Error: "), result.stderr
+    assert "Usage:" not in result.output
+    for word in words:
+        assert word in result.stderr
+    assert os.listdir(tmp_path) == ["empty"] and os.listdir(tmp_path / "empty") == []
+
+
 def test_bad_toml_value_exits_2(tmp_path, monkeypatch):
     conf = tmp_path / "bad.toml"
     conf.write_text('[parallel]\nschedule = "zigzag"\n')

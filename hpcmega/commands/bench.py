@@ -6,6 +6,7 @@ import json
 import click
 
 from hpcmega.config import MAX_COUNT
+from hpcmega.errors import ConfigError
 
 
 def _fmt(x, spec: str) -> str:
@@ -66,12 +67,12 @@ def bench(steps: int, warmup: int, repeats: int, only: tuple[str, ...], comm: bo
     """Time tp=2, dp=2 and pp=2 against single-process runs of the same global batch and against hand-written
     references (explicit TP, DDP), in one invocation."""
     if comm and gpu:
-        raise click.UsageError("--comm and --gpu measure different things; pass one of them")
+        raise ConfigError("--comm and --gpu measure different things; pass one of them")
     if gpu:
         import torch
 
         if not torch.cuda.is_available():
-            raise click.UsageError("--gpu needs a CUDA GPU and none is visible; run it on a GPU node")
+            raise ConfigError("--gpu needs a CUDA GPU and none is visible; run it on a GPU node")
         from hpcmega.bench.gpu import run_gpu_bench
 
         rows = run_gpu_bench(steps=max(steps, 10), warmup=max(warmup, 5))
@@ -83,7 +84,7 @@ def bench(steps: int, warmup: int, repeats: int, only: tuple[str, ...], comm: bo
     if only:
         chosen = select(cases, only)
         if not chosen:
-            raise click.UsageError(f"--only {' '.join(only)} matches no case; cases: {', '.join(c.name for c in cases)}")
+            raise ConfigError(f"--only {' '.join(only)} matches no case; cases: {', '.join(c.name for c in cases)}")
         cases = [c for c in chosen if c.comm] if comm else chosen
     from hpcmega.bench.runner import run_bench, run_comm
 

@@ -7,6 +7,8 @@ import time
 
 import click
 
+from hpcmega.errors import ConfigError
+
 
 @click.group("ckpt")
 def ckpt_group() -> None:
@@ -35,7 +37,7 @@ def ls(url: str, as_json: bool) -> None:
     except Exception as e:  # storage errors are many types across fsspec backends
         raise _storage_error(url, e) from None
     if not infos:
-        raise click.UsageError(f"no checkpoints (step-XXXXXXXX folders) under {url}; check the URL")
+        raise ConfigError(f"no checkpoints (step-XXXXXXXX folders) under {url}; check the URL")
     latest = latest_checkpoint(infos)
     if as_json:
         click.echo(json.dumps([{**{k: v for k, v in i.to_json().items() if k != "meta"}, "latest": i is latest}

@@ -8,6 +8,7 @@ import click
 
 from hpcmega.commands.ckpt import ckpt_group
 from hpcmega.commands.options import field_option
+from hpcmega.errors import ConfigError
 
 FORMATS = ("hf",)
 
@@ -32,7 +33,7 @@ def export(target: str, out: str, fmt: str, step: int | None, trust: bool | None
     from hpcmega.cluster.preflight import storage_filesystem
 
     if Path(out).is_dir() and any(Path(out).iterdir()) and not force:
-        raise click.UsageError(f"{out} is not empty; pick a new folder or pass --force to overwrite files in it")
+        raise ConfigError(f"{out} is not empty; pick a new folder or pass --force to overwrite files in it")
     storage_filesystem(target, "RUN_OR_CKPT")  # unknown protocol, missing package or s3 credentials: one line
     info = find_checkpoint(target, step, bool(trust))
     from hpcmega.data.index import data_tokenizer

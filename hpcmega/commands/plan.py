@@ -12,6 +12,7 @@ from typing import Any
 import click
 
 from hpcmega.commands.options import pass_config
+from hpcmega.errors import ConfigError
 from hpcmega.planning.families import kv_heads_replicated
 
 # Groups listed per dimension in the table; the full lists are in --json.
@@ -25,10 +26,10 @@ def _node_names(cfg, node_names: str | None) -> list[str]:
         return default_node_names(cfg.cluster.nodes)
     names = [n.strip() for n in node_names.split(",") if n.strip()]
     if len(names) != cfg.cluster.nodes:
-        raise click.UsageError(f"--node-names lists {len(names)} names but --nodes is {cfg.cluster.nodes}; "
+        raise ConfigError(f"--node-names lists {len(names)} names but --nodes is {cfg.cluster.nodes}; "
                                "give exactly one name per node")
     if len(set(names)) != len(names):
-        raise click.UsageError("--node-names repeats a name; give each node a distinct name")
+        raise ConfigError("--node-names repeats a name; give each node a distinct name")
     return names
 
 
@@ -144,7 +145,6 @@ def print_estimate(est, notes: list[str], measured: dict[str, Any] | None = None
 
 def _auto(cfg, as_json: bool) -> None:
     """`plan --auto`: all fitting layouts (JSON) or the five fastest (table); exit 2 when none fits."""
-    from hpcmega.errors import ConfigError
     from hpcmega.planning.search import nodes_that_fit, search
 
     found = search(cfg)

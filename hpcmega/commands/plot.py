@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from hpcmega.errors import ConfigError
+
 # (metrics.jsonl key, label, format of the numbers)
 SERIES = (("loss", "loss", ".4f"), ("val_loss", "val_loss", ".4f"), ("tokens_per_s", "tok/s", ".0f"))
 
@@ -21,17 +23,17 @@ def plot(run: str, out: str | None, width: int) -> None:
     from hpcmega.runs.progress import sparkline
 
     if out and importlib.util.find_spec("matplotlib") is None:
-        raise click.UsageError("--out needs matplotlib, which is optional: pip install 'hpcmega[plot]' (the "
+        raise ConfigError("--out needs matplotlib, which is optional: pip install 'hpcmega[plot]' (the "
                                "sparklines work without it)")
     if out and not Path(out).absolute().parent.is_dir():
-        raise click.UsageError(f"--out {out}: folder {Path(out).absolute().parent} does not exist; create it or "
+        raise ConfigError(f"--out {out}: folder {Path(out).absolute().parent} does not exist; create it or "
                                "write the PNG elsewhere")
     if out and Path(out).suffix.lower() not in (".png", ".pdf", ".svg"):
-        raise click.UsageError(f"--out {out}: name a .png (or .pdf, .svg) file")
+        raise ConfigError(f"--out {out}: name a .png (or .pdf, .svg) file")
     folder = run_folder_arg(run)
     records = folder.steps()
     if not records:
-        raise click.UsageError(f"{folder.name} has no steps in metrics.jsonl yet; try again once it has trained")
+        raise ConfigError(f"{folder.name} has no steps in metrics.jsonl yet; try again once it has trained")
     for key, label, fmt in SERIES:
         points = [(r["step"], r[key]) for r in records if key in r]
         if not points:

@@ -8,6 +8,7 @@ import click
 
 from hpcmega.commands.options import config_options, flag_layer, resolve
 from hpcmega.config import MAX_GPUS_PER_NODE
+from hpcmega.errors import ConfigError
 
 
 def _layout_text(cfg) -> str:
@@ -37,7 +38,7 @@ def resume(run: str, nproc: int | None, dry_run: bool, wait_: bool, no_memory_ch
     folder = run_folder_arg(run)
     s = run_status(folder)
     if s.job is not None and s.state in ACTIVE:
-        raise click.UsageError(f"job {s.job.job_id} of {folder.name} is still {s.state}; stop it first with "
+        raise ConfigError(f"job {s.job.job_id} of {folder.name} is still {s.state}; stop it first with "
                                f"`hpcmega cancel {folder.path}`")
     old = resolve(None, (), {}, base=(folder / "config.toml",)).config
     flags = {"checkpoint.resume": "auto", **flag_layer(kwargs)}

@@ -8,6 +8,7 @@ import click
 
 from hpcmega.commands.options import pass_config
 from hpcmega.config import MAX_GPUS_PER_NODE
+from hpcmega.errors import ConfigError
 
 
 def _cuda_devices() -> int:
@@ -34,7 +35,7 @@ def run(cfg, nproc: int, force_cpu: bool, run_dir: str | None) -> None:
 
     gpus = 0 if (force_cpu or cfg.cluster.cpu) else _cuda_devices()
     if gpus and nproc > gpus:
-        raise click.UsageError(f"--nproc {nproc} but this machine has {gpus} GPU(s); use --nproc {gpus} or --cpu")
+        raise ConfigError(f"--nproc {nproc} but this machine has {gpus} GPU(s); use --nproc {gpus} or --cpu")
     cfg = local_config(cfg, nproc, cpu=gpus == 0)
     _, warnings = build_plan(cfg)  # validation + layout: exit 2 before anything is written
     for w in warnings:

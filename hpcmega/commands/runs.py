@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from hpcmega.errors import ConfigError
+
 _RUN = click.argument("run", type=click.Path(exists=True, file_okay=False))
 
 
@@ -15,7 +17,7 @@ def run_folder_arg(path: str):
 
     run = RunFolder(path)
     if not run.is_run():
-        raise click.UsageError(f"{path} is not a run folder (no config.toml or jobs.jsonl); `hpcmega ls` lists runs")
+        raise ConfigError(f"{path} is not a run folder (no config.toml or jobs.jsonl); `hpcmega ls` lists runs")
     return run
 
 
@@ -44,9 +46,9 @@ def ls(runs_dir: str) -> None:
     try:
         runs = find_runs(runs_dir) if Path(runs_dir).is_dir() else []
     except OSError as e:  # a name too long, a folder that cannot be read
-        raise click.UsageError(f"cannot read {runs_dir[:80]}: {e.strerror or e}") from None
+        raise ConfigError(f"cannot read {runs_dir[:80]}: {e.strerror or e}") from None
     if not runs:
-        raise click.UsageError(f"no run folders under {runs_dir}; start one with `hpcmega run` or `hpcmega submit`")
+        raise ConfigError(f"no run folders under {runs_dir}; start one with `hpcmega run` or `hpcmega submit`")
     trouble = refresh_slurm_states([Job(r.jobs()[-1]) for r in runs if r.jobs()])
     if trouble:
         click.echo(f"warning: {trouble.note}", err=True)
@@ -137,16 +139,16 @@ def _attempt_job(folder, attempt: int | None):
 
     jobs = {str(j.get("job_id")): Job(j) for j in folder.jobs()}
     if not jobs:
-        raise click.UsageError(f"{folder.name} records no job ({folder.path / 'jobs.jsonl'} is missing)")
+        raise ConfigError(f"{folder.name} records no job ({folder.path / 'jobs.jsonl'} is missing)")
     attempts = folder.attempts()
     if attempt is not None:
         if not 1 <= attempt <= len(attempts):
-            raise click.UsageError(f"--attempt {attempt}: {folder.name} has {len(attempts)} attempt(s)"
+            raise ConfigError(f"--attempt {attempt}: {folder.name} has {len(attempts)} attempt(s)"
                                    + (f"; use 1..{len(attempts)}" if attempts else " so far"))
         a = attempts[attempt - 1]
         job = jobs.get(str(a.get("job_id")))
         if job is None:
-            raise click.UsageError(f"attempt {attempt} ran as job {a.get('job_id')}, which jobs.jsonl does not list")
+            raise ConfigError(f"attempt {attempt} ran as job {a.get('job_id')}, which jobs.jsonl does not list")
         return job, int(a.get("restart_count", 0))
     latest = list(jobs.values())[-1]
     mine = [a for a in attempts if str(a.get("job_id")) == latest.job_id]
@@ -169,7 +171,7 @@ def logs(run: str, follow: bool, rank: int, attempt: int | None, stderr: bool) -
     job_id = job.job_id
     world = int(job.record.get("tasks") or job.record.get("nproc") or 1)
     if rank >= world:
-        raise click.UsageError(f"--rank {rank}: job {job_id} has {world} rank(s); use 0..{world - 1}")
+        raise ConfigError(f"--rank {rank}: job {job_id} has {world} rank(s); use 0..{world - 1}")
     path = job.log_path(rank, "err" if stderr else "out", folder)
     text = path.read_text(errors="replace") if path.exists() else ""
     shown = log_section(text, job_id, restart) if text else ""
@@ -218,7 +220,7 @@ def cancel(run: str) -> None:
     folder = run_folder_arg(run)
     s = run_status(folder)
     if s.job is None or s.state not in ACTIVE:
-        raise click.UsageError(f"{folder.name}: nothing to cancel (job {s.job.job_id if s.job else '-'} is "
+        raise ConfigError(f"{folder.name}: nothing to cancel (job {s.job.job_id if s.job else '-'} is "
                                f"{s.state})")
     try:
         s.job.cancel()

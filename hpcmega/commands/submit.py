@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from hpcmega.commands.options import pass_config
+from hpcmega.errors import ConfigError
 
 _TAIL_LINES = 30
 
@@ -46,7 +47,7 @@ def submit(cfg, chosen, run_dir: str | None, dry_run: bool, wait_: bool, no_memo
     from hpcmega.cluster.launcher import default_run_dir
 
     if after is not None and not re.fullmatch(r"\d+(_\d+)?", after):
-        raise click.UsageError(f"--after {after!r}: give a SLURM job id such as 1234 (or 1234_0 for an array task)")
+        raise ConfigError(f"--after {after!r}: give a SLURM job id such as 1234 (or 1234_0 for an array task)")
     path = Path(run_dir).absolute() if run_dir else default_run_dir(cfg).absolute()
     if sweeps:
         queue_sweep(cfg, path, sweeps, dry_run, wait_, no_memory_check, after)
@@ -60,7 +61,6 @@ def queue(cfg, path: Path, dry_run: bool, wait_: bool, no_memory_check: bool = F
     ``chosen``: the values resolved by rule, shown in the dry run's plan."""
     from hpcmega.cluster import slurm
     from hpcmega.commands.plan import _print_table, build_plan, config_summary, memory_check, print_estimate
-    from hpcmega.errors import ConfigError
     from hpcmega.runs import lock as run_lock
     from hpcmega.training.job import run_rank
 
@@ -117,7 +117,6 @@ def check_before_queueing(cfg, path: Path, dry_run: bool) -> None:
 def _sweep_points(cfg, path: Path, sweeps: tuple[str, ...], no_memory_check: bool, dry_run: bool):
     """-> [(name, point, cfg, layout, warnings, notes)], every point validated (exit 2 naming the point)."""
     from hpcmega.commands.plan import build_plan, memory_check
-    from hpcmega.errors import ConfigError
     from hpcmega.runs.sweep import apply_point, parse_sweeps, point_name, points
 
     out = []
@@ -141,7 +140,6 @@ def queue_sweep(cfg, path: Path, sweeps: tuple[str, ...], dry_run: bool, wait_: 
                 after: str | None) -> None:
     """All points as one SLURM job array (submitit's batch): every point must give the same sbatch options."""
     from hpcmega.cluster import slurm
-    from hpcmega.errors import ConfigError
     from hpcmega.cluster.sbatch import check_run_folder
     from hpcmega.runs import lock as run_lock
     from hpcmega.training.job import run_rank

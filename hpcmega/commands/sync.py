@@ -10,6 +10,8 @@ from pathlib import Path
 
 import click
 
+from hpcmega.errors import ConfigError
+
 
 def has_api_key() -> bool:
     """WANDB_API_KEY in the environment, or a `wandb login` entry in ~/.netrc (the key itself is never read out)."""
@@ -30,9 +32,9 @@ def sync(run_dir: str) -> None:
     internet)."""
     attempts = sorted(Path(run_dir).glob("wandb/offline-run-*"))
     if not attempts:
-        raise click.UsageError(f"{run_dir} has no offline W&B runs (wandb/offline-run-*); was it run with --wandb offline?")
+        raise ConfigError(f"{run_dir} has no offline W&B runs (wandb/offline-run-*); was it run with --wandb offline?")
     if not has_api_key():
-        raise click.UsageError("no W&B API key: export WANDB_API_KEY=... (from https://wandb.ai/authorize) or run "
+        raise ConfigError("no W&B API key: export WANDB_API_KEY=... (from https://wandb.ai/authorize) or run "
                                "`wandb login` first; nothing was uploaded")
     for folder in attempts:
         click.echo(f"syncing {folder}")
