@@ -31,9 +31,10 @@ def case_config(case: BenchCase, steps: int, **extra: Any) -> Config:
 def run_job(cfg: Config, nproc: int, name: str, workdir: Path) -> list[dict[str, Any]]:
     """One local hpcmega job; its metrics.jsonl records."""
     from hpcmega.cluster.launcher import launch_local
+    from hpcmega.runs.files import RunFolder
 
     run_dir = Path(tempfile.mkdtemp(prefix="bench-", dir=workdir))
-    if launch_local(cfg, nproc, run_dir, out=io.StringIO()) != 0:
+    if launch_local(RunFolder(run_dir).bind(cfg), nproc, out=io.StringIO()) != 0:
         raise RuntimeError(f"bench case {name!r} failed; logs in {run_dir / 'logs'}")
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 

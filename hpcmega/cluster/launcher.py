@@ -49,17 +49,6 @@ def local_config(cfg: Config, nproc: int, cpu: bool) -> Config:
     return out
 
 
-def default_run_dir(cfg: Config, root: str | Path = "runs") -> Path:
-    """``runs/<YYYYmmdd-HHMMSS>-<name>`` (name = logging.run_name or the model preset), never an existing one."""
-    name = cfg.logging.run_name or cfg.model.preset
-    base = Path(root) / f"{time.strftime('%Y%m%d-%H%M%S')}-{name}"
-    path, n = base, 1
-    while path.exists():
-        n += 1
-        path = base.with_name(f"{base.name}-{n}")
-    return path
-
-
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that is free right now on ``host`` (the rendezvous binds it a moment later)."""
     with socket.socket() as s:
@@ -255,11 +244,10 @@ class LocalLauncher:
         return 0
 
 
-def launch_local(cfg: Config, nproc: int, run_dir: Path, out: IO[str] | None = None) -> int:
-    """Write the resolved config into ``run_dir`` and run ``nproc`` local ranks on it."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cfg = dataclasses.replace(cfg, run_dir=str(run_dir.absolute()))
-    folder = RunFolder(run_dir)
+def launch_local(cfg: Config, nproc: int, out: IO[str] | None = None) -> int:
+    """Write the resolved config into its run folder (``cfg`` is bound to it: RunFolder.bind) and run ``nproc``
+    local ranks on it."""
+    folder = RunFolder.of(cfg)
+    folder.path.mkdir(parents=True, exist_ok=True)
     folder.write_config(cfg.to_toml())
-    config_path = folder / CONFIG
-    return LocalLauncher(config_path, run_dir, nproc, out).run()
+    return LocalLauncher(folder / CONFIG, folder.path, nproc, out).run()

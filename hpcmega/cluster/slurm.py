@@ -9,7 +9,6 @@ the executor gets, so the preview is the script that would be queued (tests comp
 """
 from __future__ import annotations
 
-import dataclasses
 import pickle
 import shlex
 import shutil
@@ -25,7 +24,6 @@ from hpcmega.cluster.distenv import JOB_ENV
 from hpcmega.cluster.sbatch import check_cluster_values, check_run_folder, container_mounts, parse_sbatch_extra, \
     parse_slurm_time
 from hpcmega.config import Config
-from hpcmega.errors import ConfigError
 from hpcmega.runs.files import RunFolder
 
 # What every task of a submitted job runs: entry(cfg_dict, run_dir). Handed in by the commands (the rank entry
@@ -74,17 +72,18 @@ def partition_gpus(partition: str = "") -> tuple[int, str] | None:
     return min(counts[name]), f"partition {name}'s GRES gpu:{min(counts[name])} (sinfo)"
 
 
-def executor_parameters(cfg: Config) -> dict[str, Any]:
-    """Keyword arguments for ``submitit.SlurmExecutor.update_parameters`` (its native sbatch names)."""
+def executor_parameters(cfg: Config, root: Path) -> dict[str, Any]:
+    """Keyword arguments for ``submitit.SlurmExecutor.update_parameters`` (its native sbatch names) for a job whose
+    run folders live under ``root`` (the run folder, or a sweep's folder)."""
     c = cfg.cluster
     check_cluster_values(c)  # validate() already refused these; a script is never rendered from unchecked values
     params: dict[str, Any] = {
-        "job_name": c.job_name or (Path(cfg.run_dir).name if cfg.run_dir else "hpcmega"),
+        "job_name": c.job_name or root.name,
         "time": parse_slurm_time(c.time),
         "nodes": c.nodes,
         "ntasks_per_node": c.gpus_per_node,  # one task per GPU (with --cpu: per CPU rank)
         "signal_delay_s": c.signal_grace_s,  # -> --signal=USR2@<grace>: time to save before the limit
-        "srun_args": ["--kill-on-bad-exit=1", *container_srun_args(cfg)],
+        "srun_args": ["--kill-on-bad-exit=1", *container_srun_args(cfg, root)],
         "setup": job_setup(cfg),
         "wckey": None,  # submitit would tag every job "submitit"; leave the site's default
     }
@@ -102,14 +101,14 @@ def executor_parameters(cfg: Config) -> dict[str, Any]:
     return params
 
 
-def job_teardown(cfg: Config, folder: Path) -> list[str]:
+def job_teardown(cfg: Config, root: Path, folder: Path) -> list[str]:
     """The script's last lines: after a failed job step, hpcmega.cluster.restarts records the failure and says
     whether the job requeues itself (a crash after training and saving), ends as a success (every rank had
     finished) or fails with the step's status."""
     c = cfg.cluster
-    python = python_command(cfg)
+    python = python_command(cfg, root)
     if c.container_image and c.container_runtime == "pyxis":  # the helper runs where the ranks do
-        python = shlex.join(["srun", "--nodes=1", "--ntasks=1", *container_srun_args(cfg), "python3"])
+        python = shlex.join(["srun", "--nodes=1", "--ntasks=1", *container_srun_args(cfg, root), "python3"])
     decide = f"{python} -u -m hpcmega.cluster.restarts {shlex.quote(str(Path(folder).absolute()))}"
     return [
         "hpcmega_status=$?",
@@ -133,28 +132,30 @@ def job_setup(cfg: Config) -> list[str]:
     return [*exports, *cfg.cluster.setup, *SETUP_LINES]
 
 
-def container_srun_args(cfg: Config) -> list[str]:
-    """pyxis: srun runs every task in the image, with the run folder (and the given mounts) bind-mounted."""
+def container_srun_args(cfg: Config, root: Path) -> list[str]:
+    """pyxis: srun runs every task in the image, with ``root`` (and the given mounts) bind-mounted."""
     c = cfg.cluster
     if not c.container_image or c.container_runtime != "pyxis":
         return []
-    mounts = ",".join(container_mounts(c, cfg.run_dir))
+    mounts = ",".join(container_mounts(c, str(root)))
     return [f"--container-image={c.container_image}", f"--container-mounts={mounts}",
             f"--container-workdir={Path.cwd()}"]
 
 
-def python_command(cfg: Config) -> str:
-    """What runs submitit's entry point: this interpreter, or the container's ``python3`` (apptainer wraps it)."""
+def python_command(cfg: Config, root: Path) -> str:
+    """What runs submitit's entry point: this interpreter, or the container's ``python3`` (apptainer wraps it,
+    with ``root`` bound)."""
     c = cfg.cluster
     if not c.container_image:
         return shlex.quote(sys.executable)
     if c.container_runtime == "pyxis":
         return "python3"
-    binds = "".join(f" --bind {shlex.quote(m)}" for m in container_mounts(c, cfg.run_dir))
+    binds = "".join(f" --bind {shlex.quote(m)}" for m in container_mounts(c, str(root)))
     return f"apptainer exec{'' if c.cpu else ' --nv'}{binds} {shlex.quote(c.container_image)} python3"
 
 
 def submission_folder(run_dir: str | Path) -> Path:
+    """A fresh submitit folder inside ``run_dir`` (RUN/slurm/<stamp>: its run folder is two levels up)."""
     return RunFolder(run_dir).submission_folder()
 
 
@@ -164,22 +165,23 @@ def submitit_command(folder: Path, python: str | None = None) -> str:
 
 
 def sbatch_script(cfg: Config, folder: Path, count: int = 1, after: str | None = None) -> str:
-    """The sbatch script ``submit`` would queue (a job array of ``count`` tasks when count > 1), rendered by
-    submitit's script builder from the parameters the executor gets. Writes nothing."""
+    """The sbatch script ``submit`` would queue (a job array of ``count`` tasks when count > 1) from submitit folder
+    ``folder`` (submission_folder), rendered by submitit's script builder from the parameters the executor gets.
+    Writes nothing."""
     from submitit.slurm.slurm import _make_sbatch_string
 
     folder = Path(folder).absolute()
-    check_run_folder(str(folder))
-    root = Path(cfg.run_dir) if cfg.run_dir else folder.parents[1]
+    check_run_folder(str(folder))  # it appears in #SBATCH --output; the one check of a dry run's folder
+    root = folder.parents[1]
     params = array_parameters(cfg, root, after, folder)
     if count > 1:
         params["map_count"] = count
-    python = python_command(dataclasses.replace(cfg, run_dir=str(root)))
+    python = python_command(cfg, root)
     return _make_sbatch_string(command=submitit_command(folder, python), folder=folder, **params)
 
 
 class SubmitError(RuntimeError):
-    """sbatch refused the job (bad partition, account, ...): the message is SLURM's."""
+    """sbatch refused the job (bad partition, account, ...): the message is SLURM's; or there is no srun here."""
 
 
 @dataclass(frozen=True)
@@ -202,11 +204,11 @@ class SubmittedJob:
             return None
 
 
-def submit(entry: Entry, cfg: Config, run_dir: str | Path, after: str | None = None) -> SubmittedJob:
-    """Queue the job: every task calls ``entry(cfg_dict, run_dir)`` (the commands pass
-    ``hpcmega.training.job.run_rank``). The config travels as a plain dict (the resolved Config, which holds no
-    secrets: API keys stay in the environment)."""
-    return submit_array(entry, [(cfg, Path(run_dir))], Path(run_dir), after)[0]
+def submit(entry: Entry, cfg: Config, after: str | None = None) -> SubmittedJob:
+    """Queue the job for the run folder ``cfg`` is bound to (RunFolder.bind): every task calls
+    ``entry(cfg_dict, run_dir)`` (the commands pass ``hpcmega.training.job.run_rank``). The config travels as a
+    plain dict (the resolved Config, which holds no secrets: API keys stay in the environment)."""
+    return submit_array(entry, [cfg], RunFolder.of(cfg).path, after)[0]
 
 
 def array_parameters(cfg: Config, root: Path, after: str | None = None,
@@ -214,33 +216,32 @@ def array_parameters(cfg: Config, root: Path, after: str | None = None,
     """The executor parameters of a submission whose run folders live under ``root`` (a sweep folder for an
     array): the job name and container mounts follow ``root``; ``after`` adds ``--dependency=afterok:<id>``;
     ``folder`` (submitit's) adds the restart-after-a-crash teardown."""
-    params = executor_parameters(dataclasses.replace(cfg, run_dir=str(root)))
+    params = executor_parameters(cfg, root)
     if after:
         params["dependency"] = f"afterok:{after}"
     if folder is not None:
-        params["teardown"] = job_teardown(dataclasses.replace(cfg, run_dir=str(root)), folder)
+        params["teardown"] = job_teardown(cfg, root, folder)
     return params
 
 
-def submit_array(entry: Entry, points: list[tuple[Config, Path]], root: Path,
-                 after: str | None = None) -> list[SubmittedJob]:
-    """One sbatch: a single job, or -- for several points -- one job array with one array task per point
-    (submitit's ``executor.batch()``), all with the first point's executor parameters (the caller checks that
-    every point has the same ones). Each point's run folder gets its config and its job record."""
+def submit_array(entry: Entry, points: list[Config], root: Path, after: str | None = None) -> list[SubmittedJob]:
+    """One sbatch from ``root`` (the run folder, or a sweep's folder): a single job, or -- for several points,
+    each bound to its own run folder -- one job array with one array task per point (submitit's
+    ``executor.batch()``), all with the first point's executor parameters (the caller checks that every point has
+    the same ones). Each point's run folder gets its config and its job record."""
     import submitit
 
     root = Path(root).absolute()
     folder = submission_folder(root)
-    check_run_folder(str(folder))
-    first = points[0][0]
+    check_run_folder(str(folder))  # it appears in #SBATCH --output; the one check of a submission's folder
+    first = points[0]
+    calls = [(cfg.to_dict(), str(RunFolder.of(cfg).path)) for cfg in points]
     try:
         executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=first.cluster.max_requeues,
-                                          python=python_command(dataclasses.replace(first, run_dir=str(root))))
+                                          python=python_command(first, root))
     except RuntimeError as e:  # no srun on PATH
-        raise ConfigError(f"{e} -- run `hpcmega submit` on a SLURM login node, or `hpcmega run` locally") from None
+        raise SubmitError(f"{e} -- run `hpcmega submit` on a SLURM login node, or `hpcmega run` locally") from None
     executor.update_parameters(**array_parameters(first, root, after, folder))
-    calls = [(dataclasses.replace(cfg, run_dir=str(Path(d).absolute())).to_dict(), str(Path(d).absolute()))
-             for cfg, d in points]
     try:
         if len(calls) == 1:
             jobs = [executor.submit(entry, *calls[0])]
@@ -251,9 +252,9 @@ def submit_array(entry: Entry, points: list[tuple[Config, Path]], root: Path,
         message = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
         _remove_empty_submission(folder, root)
         raise SubmitError(f"sbatch refused the job: {message}") from None
-    for (cfg, run_dir), job in zip(points, jobs):
-        run = RunFolder(run_dir)
-        run.write_config(dataclasses.replace(cfg, run_dir=str(run.path)).to_toml())  # readable while queued
+    for cfg, job in zip(points, jobs):
+        run = RunFolder.of(cfg)
+        run.write_config(cfg.to_toml())  # readable while queued
         run.record_job({"job_id": str(job.job_id), "kind": "slurm", "folder": str(folder),
                         "tasks": cfg.world_size, **({"after": after} if after else {})})
     return [SubmittedJob(str(job.job_id), folder) for job in jobs]

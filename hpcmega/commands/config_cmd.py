@@ -28,11 +28,11 @@ def _toml_value(value: Any) -> str:
 
 def resolved_view(cfg, run_dir: str | None) -> Any:
     """A copy with what the job derives written out: dp, microbatches and the run folder."""
-    from hpcmega.cluster.launcher import default_run_dir
+    from hpcmega.runs.files import RunFolder
 
     out = copy.deepcopy(cfg)
     out.parallel.dp, out.parallel.microbatches = cfg.dp, cfg.microbatches
-    out.run_dir = run_dir or cfg.run_dir or f"{default_run_dir(cfg)} (not created)"
+    out.run_dir = run_dir or cfg.run_dir or f"{RunFolder.decide(None, cfg).given} (not created)"
     return out
 
 

@@ -98,6 +98,7 @@ def submit_prepare(args: dict, cfg, wait_: bool) -> None:
     from hpcmega.data.index import read_index
     from hpcmega.data.prepare import JOB_FOLDER, begin, finish_entry, tokenize_entry
     from hpcmega.errors import ConfigError
+    from hpcmega.runs.files import RunFolder
 
     out = args["out"]
     if "://" in out and not out.startswith("file://"):
@@ -110,8 +111,8 @@ def submit_prepare(args: dict, cfg, wait_: bool) -> None:
     final = dataclasses.replace(cfg, cluster=dataclasses.replace(
         cfg.cluster, nodes=1, sbatch_extra=[*cfg.cluster.sbatch_extra, "--kill-on-invalid-dep=yes"]))
     try:
-        tokenize = slurm.submit(tokenize_entry, cfg, job_dir)
-        last = slurm.submit(finish_entry, final, job_dir, after=tokenize.job_id)
+        tokenize = slurm.submit(tokenize_entry, RunFolder(job_dir).bind(cfg))
+        last = slurm.submit(finish_entry, RunFolder(job_dir).bind(final), after=tokenize.job_id)
     except slurm.SubmitError as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"submitted job {tokenize.job_id}: {cfg.cluster.nodes} node(s) tokenize {len(plan['pieces'])} "

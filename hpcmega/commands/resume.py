@@ -42,8 +42,7 @@ def resume(run: str, nproc: int | None, dry_run: bool, wait_: bool, no_memory_ch
                                f"`hpcmega cancel {folder.path}`")
     old = resolve(None, (), {}, base=(folder / "config.toml",)).config
     flags = {"checkpoint.resume": "auto", **flag_layer(kwargs)}
-    cfg = resolve(site, config_paths, flags, set_items, base=(folder / "config.toml",)).config
-    cfg.run_dir = str(folder.path)
+    cfg = folder.bind(resolve(site, config_paths, flags, set_items, base=(folder / "config.toml",)).config)
     local = s.job is not None and s.job.kind == "local"
     if local:
         from hpcmega.cluster.launcher import local_config
@@ -60,7 +59,7 @@ def resume(run: str, nproc: int | None, dry_run: bool, wait_: bool, no_memory_ch
         return
     from hpcmega.commands.submit import queue
 
-    queue(cfg, folder.path, dry_run, wait_, no_memory_check)
+    queue(cfg, dry_run, wait_, no_memory_check)
 
 
 def _resume_local(cfg, folder, dry_run: bool) -> None:
@@ -72,7 +71,7 @@ def _resume_local(cfg, folder, dry_run: bool) -> None:
     _, warnings = build_plan(cfg)
     for w in warnings:
         click.echo(f"warning: {w}", err=True)
-    start_local(cfg, cfg.cluster.gpus_per_node, folder.path, dry_run)
+    start_local(cfg, cfg.cluster.gpus_per_node, folder, dry_run)
 
 
 def register(main: click.Group) -> None:

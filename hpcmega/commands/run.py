@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import click
 
@@ -30,8 +29,9 @@ def run(cfg, nproc: int, force_cpu: bool, run_dir: str | None) -> None:
     hpcmega run --nproc 4 --tp 2 --pp 2 --steps 20
     hpcmega run --nproc 2 --config launch/shakespeare-tiny.toml
     """
-    from hpcmega.cluster.launcher import default_run_dir, local_config
+    from hpcmega.cluster.launcher import local_config
     from hpcmega.commands.plan import build_plan
+    from hpcmega.runs.files import RunFolder
 
     gpus = 0 if (force_cpu or cfg.cluster.cpu) else _cuda_devices()
     if gpus and nproc > gpus:
@@ -41,29 +41,32 @@ def run(cfg, nproc: int, force_cpu: bool, run_dir: str | None) -> None:
     for w in warnings:
         click.echo(f"warning: {w}", err=True)
 
-    start_local(cfg, nproc, Path(run_dir) if run_dir else default_run_dir(cfg))
+    folder = RunFolder.decide(run_dir, cfg)
+    start_local(folder.bind(cfg), nproc, folder)
 
 
-def start_local(cfg, nproc: int, path: Path, dry_run: bool = False) -> None:
-    """The local launch `run` and `resume` share: the pre-flight checks and the run-folder lock (exit 2 before
-    anything is written), then the ranks; exits with the launcher's status. ``dry_run`` checks and starts nothing."""
+def start_local(cfg, nproc: int, folder, dry_run: bool = False) -> None:
+    """The local launch `run` and `resume` share, for ``cfg`` bound to ``folder`` (RunFolder.bind): the pre-flight
+    checks and the run-folder lock (exit 2 before anything is written), then the ranks; exits with the launcher's
+    status. ``dry_run`` checks and starts nothing."""
     from hpcmega.cluster.launcher import launch_local
     from hpcmega.cluster.preflight import preflight
     from hpcmega.errors import EXIT_UNFINISHED
     from hpcmega.runs import lock as run_lock
 
-    preflight(cfg, path, probe=not dry_run)  # data, resume target, storage, credentials, a writable location
+    path = folder.given  # as the user wrote it, in messages
+    preflight(cfg, folder.path, probe=not dry_run)  # data, resume target, storage, credentials, a writable location
     if dry_run:
-        run_lock.check_free(path)
+        run_lock.check_free(folder.path)
         return
-    claim = run_lock.acquire(path)  # one job per run folder
+    claim = run_lock.acquire(folder.path)  # one job per run folder
     device = f"{nproc} CPU rank(s) (gloo)" if cfg.cluster.cpu else f"{nproc} GPU(s) (nccl)"
     click.echo(f"run folder: {path}\nstarting {device}; rank 0 output follows, other ranks in {path / 'logs'}")
     sys.stdout.flush()
     try:
-        status = launch_local(cfg, nproc, path)
+        status = launch_local(cfg, nproc)
     finally:
-        run_lock.release(path, claim)
+        run_lock.release(folder.path, claim)
     try:
         if status == 0:
             click.echo(f"done. run folder: {path}")

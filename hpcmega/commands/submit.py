@@ -1,7 +1,6 @@
 """`hpcmega submit`: validate, then queue the job on SLURM through submitit (or show the sbatch script)."""
 from __future__ import annotations
 
-import dataclasses
 import re
 import sys
 import time
@@ -44,37 +43,39 @@ def submit(cfg, chosen, run_dir: str | None, dry_run: bool, wait_: bool, no_memo
     hpcmega submit --site example --config launch/gpt2-124m-4node.toml --time 02:00:00 --wait
     hpcmega submit --config launch/gpt2-124m-4node.toml --sweep train.lr=3e-4,6e-4 --sweep parallel.tp=4,8
     """
-    from hpcmega.cluster.launcher import default_run_dir
+    from hpcmega.runs.files import RunFolder
 
     if after is not None and not re.fullmatch(r"\d+(_\d+)?", after):
         raise ConfigError(f"--after {after!r}: give a SLURM job id such as 1234 (or 1234_0 for an array task)")
-    path = Path(run_dir).absolute() if run_dir else default_run_dir(cfg).absolute()
+    folder = RunFolder.decide(run_dir, cfg)
     if sweeps:
-        queue_sweep(cfg, path, sweeps, dry_run, wait_, no_memory_check, after)
+        queue_sweep(cfg, folder, sweeps, dry_run, wait_, no_memory_check, after)
     else:
-        queue(cfg, path, dry_run, wait_, no_memory_check, after, chosen)
+        queue(folder.bind(cfg), dry_run, wait_, no_memory_check, after, chosen)
 
 
-def queue(cfg, path: Path, dry_run: bool, wait_: bool, no_memory_check: bool = False,
+def queue(cfg, dry_run: bool, wait_: bool, no_memory_check: bool = False,
           after: str | None = None, chosen: list | None = None) -> None:
-    """Validate, then show (--dry-run) or queue the job for run folder ``path`` (shared by `submit` and `resume`);
-    ``chosen``: the values resolved by rule, shown in the dry run's plan."""
+    """Validate, then show (--dry-run) or queue the job for the run folder ``cfg`` is bound to (RunFolder.bind;
+    shared by `submit` and `resume`); ``chosen``: the values resolved by rule, shown in the dry run's plan."""
     from hpcmega.cluster import slurm
     from hpcmega.commands.plan import _print_table, build_plan, config_summary, memory_check, print_estimate
     from hpcmega.runs import lock as run_lock
+    from hpcmega.runs.files import RunFolder
     from hpcmega.training.job import run_rank
 
-    cfg.run_dir = str(path)  # the job name defaults to the run folder's name; containers mount it
+    path = RunFolder.of(cfg).path
     layout, warnings = build_plan(cfg)  # validation (incl. every sbatch value) + layout: exit 2 before writing
     est, notes = memory_check(cfg, no_memory_check)  # and a layout that cannot fit its GPUs
-    check_before_queueing(cfg, path, dry_run)
+    check_before_queueing(cfg, dry_run)
 
     if dry_run:
+        script = slurm.sbatch_script(cfg, slurm.submission_folder(path), after=after)  # refuses a bad folder
         _print_table(layout, config_summary(cfg, "block", chosen), warnings)
         print_estimate(est, notes)
         click.echo(f"\nrun folder (not created): {path}")
         click.echo("sbatch script (dry run, nothing submitted):\n")
-        click.echo(slurm.sbatch_script(cfg, slurm.submission_folder(path), after=after))
+        click.echo(script)
         return
 
     for w in warnings:
@@ -82,8 +83,8 @@ def queue(cfg, path: Path, dry_run: bool, wait_: bool, no_memory_check: bool = F
     for note in notes:
         click.echo(note, err=True)
     try:
-        job = slurm.submit(run_rank, cfg, path, after)
-    except (ConfigError, slurm.SubmitError) as e:  # no sbatch/srun here, or sbatch refused the job (exit 1)
+        job = slurm.submit(run_rank, cfg, after)
+    except slurm.SubmitError as e:  # no sbatch/srun here, or sbatch refused the job (exit 1)
         raise click.ClickException(str(e)) from None
     run_lock.acquire(path, job_id=job.job_id)  # the job's attempts keep it (same id); leaving the queue frees it
     c = cfg.cluster
@@ -101,51 +102,53 @@ def queue(cfg, path: Path, dry_run: bool, wait_: bool, no_memory_check: bool = F
     sys.exit(_wait(job))
 
 
-def check_before_queueing(cfg, path: Path, dry_run: bool) -> None:
-    """What a SLURM submission checks for each run folder it queues (one job or one sweep point), before anything
-    is written: the folder may appear in #SBATCH lines, the pre-flight checks (data, resume target, storage,
-    credentials, a writable checkpoint location; no probe write in a dry run), and no other job holds the folder."""
+def check_before_queueing(cfg, dry_run: bool) -> None:
+    """What a SLURM submission checks for each run folder it queues (one job or one sweep point; ``cfg`` is bound
+    to it), before anything is written: the pre-flight checks (a folder the filesystem can hold, data, resume
+    target, storage, credentials, a writable checkpoint location; no probe write in a dry run), and no other job
+    holds the folder. That the folder may appear in #SBATCH lines is checked once, where the script is rendered
+    (hpcmega.cluster.slurm)."""
     from hpcmega.cluster.preflight import preflight
-    from hpcmega.cluster.sbatch import check_run_folder
     from hpcmega.runs import lock as run_lock
+    from hpcmega.runs.files import RunFolder
 
-    check_run_folder(str(path))
+    path = RunFolder.of(cfg).path
     preflight(cfg, path, probe=not dry_run)
     run_lock.check_free(path)
 
 
-def _sweep_points(cfg, path: Path, sweeps: tuple[str, ...], no_memory_check: bool, dry_run: bool):
-    """-> [(name, point, cfg, layout, warnings, notes)], every point validated (exit 2 naming the point)."""
+def _sweep_points(cfg, folder, sweeps: tuple[str, ...], no_memory_check: bool, dry_run: bool):
+    """-> [(name, point, cfg, layout, warnings, notes)], every point validated (exit 2 naming the point) and bound
+    to its own run folder inside ``folder``."""
     from hpcmega.commands.plan import build_plan, memory_check
     from hpcmega.runs.sweep import apply_point, parse_sweeps, point_name, points
 
     out = []
     for i, point in enumerate(points(parse_sweeps(sweeps))):
         name = point_name(i, point)
-        p_cfg = apply_point(cfg, point)
-        p_cfg.run_dir = str(path / name)
-        p_cfg.logging.group = cfg.logging.group or path.name
+        p_cfg = folder.point(name).bind(apply_point(cfg, point))
+        p_cfg.logging.group = cfg.logging.group or folder.name
         p_cfg.logging.run_name = p_cfg.logging.run_name and f"{p_cfg.logging.run_name}-{name}"
         try:
             layout, warnings = build_plan(p_cfg)
             est, notes = memory_check(p_cfg, no_memory_check)
-            check_before_queueing(p_cfg, path / name, dry_run)  # the checks and the lock of a single submit
+            check_before_queueing(p_cfg, dry_run)  # the checks and the lock of a single submit
         except ConfigError as e:
             raise ConfigError(f"sweep point {name}: {e}") from None
         out.append((name, point, p_cfg, layout, warnings, notes))
     return out
 
 
-def queue_sweep(cfg, path: Path, sweeps: tuple[str, ...], dry_run: bool, wait_: bool, no_memory_check: bool,
+def queue_sweep(cfg, folder, sweeps: tuple[str, ...], dry_run: bool, wait_: bool, no_memory_check: bool,
                 after: str | None) -> None:
-    """All points as one SLURM job array (submitit's batch): every point must give the same sbatch options."""
+    """All points as one SLURM job array (submitit's batch) in run folder ``folder`` (a RunFolder), one folder per
+    point inside it: every point must give the same sbatch options."""
     from hpcmega.cluster import slurm
-    from hpcmega.cluster.sbatch import check_run_folder
     from hpcmega.runs import lock as run_lock
     from hpcmega.training.job import run_rank
 
-    check_run_folder(str(path))
-    pts = _sweep_points(cfg, path, sweeps, no_memory_check, dry_run)
+    path = folder.path
+    pts = _sweep_points(cfg, folder, sweeps, no_memory_check, dry_run)
     first = slurm.array_parameters(pts[0][2], path, after)
     for name, _, p_cfg, *_ in pts[1:]:
         other = slurm.array_parameters(p_cfg, path, after)
@@ -153,20 +156,20 @@ def queue_sweep(cfg, path: Path, sweeps: tuple[str, ...], dry_run: bool, wait_: 
         if diff:
             raise ConfigError(f"sweep point {name} changes the job's shape ({', '.join(diff)}); one job array "
                               "has one shape: sweep cluster.* fields with separate submits")
+    script = dry_run and slurm.sbatch_script(pts[0][2], slurm.submission_folder(path), count=len(pts), after=after)
     click.echo(f"sweep: {len(pts)} point(s) in {path}, W&B group {pts[0][2].logging.group}")
     for name, point, p_cfg, layout, *_ in pts:
         click.echo(f"  {name:<28} tp={layout.tp} pp={layout.pp} dp={layout.dp}  "
                    + " ".join(f"{k}={v}" for k, v in point.items()))
     for note in dict.fromkeys(n for p in pts for n in p[4] + p[5]):  # each warning once
         click.echo(f"warning: {note}" if any(note in p[4] for p in pts) else note, err=True)
-    if dry_run:
+    if dry_run:  # the script was rendered (and the folder checked) before anything was printed
         click.echo("sbatch script (dry run, nothing submitted):\n")
-        click.echo(slurm.sbatch_script(dataclasses.replace(pts[0][2], run_dir=str(path)),
-                                       slurm.submission_folder(path), count=len(pts), after=after))
+        click.echo(script)
         return
     try:
-        jobs = slurm.submit_array(run_rank, [(p[2], path / p[0]) for p in pts], path, after)
-    except (ConfigError, slurm.SubmitError) as e:
+        jobs = slurm.submit_array(run_rank, [p[2] for p in pts], path, after)
+    except slurm.SubmitError as e:
         raise click.ClickException(str(e)) from None
     array_id = jobs[0].job_id.split("_")[0]
     click.echo(f"submitted job array {array_id}: {len(jobs)} task(s) of {cfg.cluster.nodes} node(s) x "

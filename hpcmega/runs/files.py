@@ -23,12 +23,16 @@ Every log section of an attempt starts with the line from ``attempt_marker`` (pr
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from hpcmega.config import Config
 
 CONFIG = "config.toml"
 LAYOUT = "layout.json"
@@ -112,8 +116,42 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 class RunFolder:
+    """One run's folder. The commands decide it once (``decide``) and ``bind`` the config to it; everything after
+    that -- the checks, the job script, the launcher, the ranks -- reads the folder from the bound config
+    (``of``) instead of being handed it again."""
+
     def __init__(self, path: str | os.PathLike) -> None:
-        self.path = Path(path).absolute()
+        self.given = Path(path)  # as the user wrote it (messages)
+        self.path = self.given.absolute()
+
+    @classmethod
+    def decide(cls, run_dir: str | os.PathLike | None, cfg: Config, root: str | os.PathLike = "runs") -> RunFolder:
+        """``--run-dir`` as given, else ``runs/<YYYYmmdd-HHMMSS>-<name>`` (name = logging.run_name or the model
+        preset), never an existing folder."""
+        if run_dir:
+            return cls(run_dir)
+        base = Path(root) / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.logging.run_name or cfg.model.preset}"
+        path, n = base, 1
+        while path.exists():
+            n += 1
+            path = base.with_name(f"{base.name}-{n}")
+        return cls(path)
+
+    @classmethod
+    def of(cls, cfg: Config) -> RunFolder:
+        """The folder a bound config names."""
+        if not cfg.run_dir:
+            raise ValueError("this config is bound to no run folder (RunFolder.bind)")
+        return cls(cfg.run_dir)
+
+    def bind(self, cfg: Config) -> Config:
+        """A copy of ``cfg`` whose run_dir is this folder (absolute): the job name, the container mounts, the
+        config.toml the run keeps and the ranks all follow it."""
+        return dataclasses.replace(cfg, run_dir=str(self.path))
+
+    def point(self, name: str) -> RunFolder:
+        """A sweep point's own run folder inside this one."""
+        return RunFolder(self.given / name)
 
     def __truediv__(self, name: str) -> Path:
         return self.path / name

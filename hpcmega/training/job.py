@@ -12,7 +12,6 @@ from the same gathered data, so all ranks fail together with the same message in
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import atexit
 import datetime
 import os
@@ -211,8 +210,8 @@ def _run_rank(cfg: Config | dict[str, Any], run_dir: str) -> dict[str, Any]:
 
     from hpcmega.training.preemption import StopFlag, stop_signals
 
-    run_path = Path(run_dir).absolute()
-    cfg = dataclasses.replace(_as_config(cfg), run_dir=str(run_path))
+    folder = RunFolder(run_dir)  # the entry protocol hands the folder beside the config (bound to it already)
+    cfg, run_path = folder.bind(_as_config(cfg)), folder.path
     env = from_environment(master_port=cfg.cluster.master_port)
     # First thing: a stop signal during start-up is remembered (and acted on at the first step), not fatal.
     stop_flag = StopFlag().install(stop_signals(under_slurm=bool(env.job_id)))
