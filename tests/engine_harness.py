@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import socket
 import tempfile
 from datetime import timedelta
 from typing import Any, Callable
@@ -17,13 +16,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from hpcmega.cluster.launcher import free_port  # re-exported: the tests' rendezvous ports
 from hpcmega.config import Config
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world_size: int, port: int, out_dir: str, fn: Callable, args: tuple) -> None:

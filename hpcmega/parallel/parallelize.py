@@ -41,7 +41,7 @@ from hpcmega.planning.dims import ParallelDims
 from hpcmega.planning.stages import layers_for_stage, stage_ids_for_rank
 from hpcmega.models import family_module
 from hpcmega.models.common import new_model
-from hpcmega.planning.validate import check_family
+from hpcmega.planning.validate import check_family, check_seq_len
 
 
 @dataclass
@@ -88,22 +88,13 @@ class ModelParts:
             yield from part.named_parameters()
 
 
-def mesh_sizes(mesh: DeviceMesh) -> tuple[int, int, int]:
-    dims = ParallelDims.from_mesh(mesh)
-    return dims.pp, dims.dp, dims.tp
-
-
 def check_shapes(cfg: Config, dims: ParallelDims, num_stages: int) -> None:
     """Shapes that tensor/sequence/pipeline parallelism cannot split (the degrees' own rules: ParallelDims), so a
     bad run fails in one line."""
     dims.check_model(cfg)
     dims.check_data_parallel(cfg.parallel.data_parallel)
+    check_seq_len(cfg)
     m = cfg.model
-    if cfg.train.seq_len > m.max_seq_len:
-        raise ConfigError(
-            f"train.seq_len={cfg.train.seq_len} exceeds model.max_seq_len={m.max_seq_len} (position embeddings); "
-            "lower --seq-len or raise model.max_seq_len"
-        )
     if m.n_layers < num_stages:
         raise ConfigError(
             f"model.n_layers={m.n_layers} is fewer than the {num_stages} pipeline stages; "
@@ -119,10 +110,11 @@ def build_model_parts(cfg: Config, mesh: DeviceMesh, device: torch.device,
     ``FakeTensorMode``: shapes without storage); the stage split, TP and FSDP2 wrapping happen on meta outside it.
     ``fill=False`` leaves the shards' values unset: fake tensors hold none, and the tiled initialisation works out
     each shard's offsets with real index tensors, which a fake mode cannot read."""
-    pp, dp, tp = mesh_sizes(mesh)
+    dims = ParallelDims.from_mesh(mesh)
+    pp, dp, tp = dims.pp, dims.dp, dims.tp
     stages_per_rank = cfg.stages_per_rank if pp > 1 else 1
     num_stages = pp * stages_per_rank
-    check_shapes(cfg, ParallelDims(pp=pp, dp=dp, tp=tp), num_stages)
+    check_shapes(cfg, dims, num_stages)
     stage_ids = stage_ids_for_rank(mesh["pp"].get_local_rank(), pp, stages_per_rank, cfg.parallel.schedule)
     replicate = cfg.parallel.data_parallel == "replicate"
     # FSDP2 also carries the bf16 mixed-precision policy (replicate uses autocast instead, see the module docstring)

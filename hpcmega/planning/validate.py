@@ -49,15 +49,21 @@ def _check_values(cfg: Config) -> None:
 
 
 def _check_model(cfg: Config) -> None:
-    m, t = cfg.model, cfg.train
+    m = cfg.model
     if m.d_model % m.n_heads:
         raise ConfigError(f"d_model={m.d_model} is not divisible by n_heads={m.n_heads} (heads share d_model "
                           f"equally); use --d-model {round_up(m.d_model, m.n_heads)} or a --heads dividing "
                           f"{m.d_model}")
+    check_seq_len(cfg)
+    check_family(m, cfg.parallel.pp)
+
+
+def check_seq_len(cfg: Config) -> None:
+    """A training sequence fits the model (validation, and the engine for a model built without it)."""
+    t, m = cfg.train, cfg.model
     if t.seq_len > m.max_seq_len:
         raise ConfigError(f"seq_len={t.seq_len} exceeds the model's max_seq_len={m.max_seq_len} (size of the "
                           f"position table); use --seq-len {m.max_seq_len} or less")
-    check_family(m, cfg.parallel.pp)
 
 
 def check_family(m: ModelConfig, pp: int) -> None:
@@ -144,12 +150,14 @@ def _check_pipeline(cfg: Config) -> None:
                           f"{stages} equal pipeline stages; use --layers {round_up(m.n_layers, stages)}{alt}")
 
 
-def _check_batch(cfg: Config) -> None:
+def check_batch_split(cfg: Config, dp: int) -> int:
+    """The global batch splits into whole microbatches of micro_batch sequences on each of ``dp`` ranks, and an
+    explicit parallel.microbatches agrees; -> microbatches per rank (Config.microbatches_for). Validation asks it
+    with the configured dp, the trainer with its mesh's."""
     p, t = cfg.parallel, cfg.train
-    dp = cfg.world_size // (p.tp * p.pp)
     per_mb = dp * t.micro_batch
     if t.global_batch % per_mb:
-        raise ConfigError(f"global_batch={t.global_batch} is not divisible by dp={dp} x micro_batch="
+        raise ConfigError(f"train.global_batch={t.global_batch} is not divisible by dp={dp} x micro_batch="
                           f"{t.micro_batch} = {per_mb}; use --global-batch {round_up(t.global_batch, per_mb)} "
                           f"(a multiple of {per_mb})")
     derived = t.global_batch // per_mb
@@ -157,9 +165,15 @@ def _check_batch(cfg: Config) -> None:
         raise ConfigError(f"parallel.microbatches={p.microbatches} but global_batch={t.global_batch} / (dp={dp} x "
                           f"micro_batch={t.micro_batch}) = {derived}; drop --microbatches (it is derived) or use "
                           f"--global-batch {p.microbatches * per_mb}")
+    return cfg.microbatches_for(dp)
+
+
+def _check_batch(cfg: Config) -> None:
+    p = cfg.parallel
+    mb = check_batch_split(cfg, cfg.dp)
     if p.pp == 1:
         return
-    mb = derived
+    per_mb = cfg.dp * cfg.train.micro_batch
     schedule = SCHEDULES[p.schedule]
     need = schedule.min_microbatches(p.pp)
     if mb < need:

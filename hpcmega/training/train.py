@@ -23,16 +23,17 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
 from hpcmega.config import Config, resolve_defaults
-from hpcmega.errors import ConfigError
 from hpcmega.parallel.evaluate import forward_loss
 from hpcmega.parallel.grad_sync import reduce_partial_grads
 from hpcmega.parallel.memory import peak_memory_gib
-from hpcmega.parallel.parallelize import build_model_parts, mesh_sizes
+from hpcmega.parallel.parallelize import build_model_parts
 from hpcmega.parallel.pipeline import GradAccumulation, PipelineRunner
 from hpcmega.parallel.step_guard import StepGuard
 from hpcmega.training.metrics import ConsoleLogger, MetricsWriter, peak_tflops, step_record
 from hpcmega.planning.families import BlockShape
+from hpcmega.planning.dims import ParallelDims
 from hpcmega.planning.flops import model_flops_per_step
+from hpcmega.planning.validate import check_batch_split
 from hpcmega.training.optim import CosineWithWarmup, build_optimizer, clip_grad_norm_
 from hpcmega.runs import files
 from hpcmega.runs.progress import Progress
@@ -43,23 +44,6 @@ def build_data_loader(cfg: Config, split: str = "train"):
     from hpcmega.data import build_loader
 
     return build_loader(cfg, split)
-
-
-def microbatches_per_rank(cfg: Config, dp: int) -> int:
-    """Microbatches per step on one DP rank (Config.microbatches_for), checked against this mesh's dp: validation
-    checked the configured layout; a Trainer built on another mesh (tests, benchmarks) is checked here."""
-    rows = cfg.train.global_batch // dp
-    if cfg.train.global_batch % dp:
-        raise ConfigError(
-            f"train.global_batch={cfg.train.global_batch} is not divisible by the data-parallel size {dp}; change it"
-        )
-    m = cfg.microbatches_for(dp)
-    if rows % m:
-        raise ConfigError(
-            f"each DP rank gets {rows} sequences, which do not split into {m} microbatches; "
-            "change parallel.microbatches, train.micro_batch or train.global_batch"
-        )
-    return m
 
 
 def _device(mesh: DeviceMesh) -> torch.device:
@@ -73,13 +57,14 @@ class Trainer:
         if tuple(mesh.mesh_dim_names or ()) != ("pp", "dp", "tp"):
             raise ValueError(f"the mesh must have dims ('pp', 'dp', 'tp'), got {mesh.mesh_dim_names}")
         self.cfg, self.mesh, self.run_dir = cfg, mesh, run_dir
-        self.pp, self.dp, self.tp = mesh_sizes(mesh)
+        dims = ParallelDims.from_mesh(mesh)
+        self.pp, self.dp, self.tp = dims.pp, dims.dp, dims.tp
         for name, want, got in (("tp", cfg.parallel.tp, self.tp), ("pp", cfg.parallel.pp, self.pp)):
             if want != got:
                 raise ValueError(f"parallel.{name}={want} but the mesh has {name}={got}")
         self.device = _device(mesh)
         resolve_defaults(cfg, on_gpu=self.device.type == "cuda")  # no-op for a config the CLI already resolved
-        self.n_microbatches = microbatches_per_rank(cfg, self.dp)
+        self.n_microbatches = check_batch_split(cfg, self.dp)  # this mesh's dp (a Trainer may be built on any)
         self.dp_rank = mesh["dp"].get_local_rank()
         self.pp_group = mesh["pp"].get_group() if self.pp > 1 else None
         self.dp_group = mesh["dp"].get_group() if self.dp > 1 else None
