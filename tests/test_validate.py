@@ -108,7 +108,10 @@ NODE4 = dict(cluster__nodes=1, cluster__gpus_per_node=4)
         # model families: llama's grouped-query attention, RoPE and tied head; GPT-2 refuses llama settings
         (dict(model__preset="llama-tiny", model__n_kv_heads=3), ["n_kv_heads=3", "n_heads=8", "--kv-heads 2"]),
         (dict(model__preset="llama-tiny", model__n_kv_heads=3, model__n_heads=12, model__d_model=96, **NODE4,
-              parallel__tp=2), ["tp=2 and n_kv_heads=3", "--tp 12 (or 6, 3, 1)"]),
+              parallel__tp=2), ["tp=2 and n_kv_heads=3", "--tp 1,", "--kv-heads 2 (or 4, 1, 6, 12)"]),
+        (dict(model__preset="llama-tiny", model__n_kv_heads=6, model__n_heads=12, model__d_model=96,
+              cluster__nodes=1, cluster__gpus_per_node=8, parallel__tp=4),  # tp 6 or 3 would not fit 8-GPU nodes
+         ["tp=4 and n_kv_heads=6", "--tp 2 (or 1)", "--kv-heads 4 (or 2, 1, 12)"]),
         (dict(model__preset="llama-tiny", model__d_model=40, model__n_heads=8), ["head size", "odd", "--d-model 48"]),
         (dict(model__preset="llama-tiny", model__tie_embeddings=True, cluster__nodes=1, cluster__gpus_per_node=2,
               parallel__pp=2), ["tie_embeddings", "pp=2", "--no-tie-embeddings"]),

@@ -38,16 +38,20 @@ def alternatives(values: list[int]) -> str:
     return str(values[0]) + (f" (or {', '.join(map(str, values[1:]))})" if len(values) > 1 else "")
 
 
-def check_tp_split(m: ModelConfig, tp: int) -> None:
+def check_tp_split(m: ModelConfig, tp: int, domain: int) -> None:
     """What tensor parallelism splits in a llama block besides the query heads: the kv heads (split, or tp a
-    multiple of them: hpcmega.planning.families.kv_heads_replicated) and the SwiGLU width."""
+    multiple of them: hpcmega.planning.families.kv_heads_replicated) and the SwiGLU width. The fixes offered are
+    tp values that fit the NVLink ``domain`` (GPUs) and kv head counts that work with this tp."""
     if m.family != "llama":
         return
     if m.kv_heads % tp and tp % m.kv_heads:
-        fits = [d for d in sorted(divisors(m.n_heads), reverse=True) if d % m.kv_heads == 0 or m.kv_heads % d == 0]
+        tps = [d for d in sorted(divisors(m.n_heads), reverse=True)
+               if (d % m.kv_heads == 0 or m.kv_heads % d == 0) and domain % d == 0]
+        kvs = sorted((k for k in divisors(m.n_heads) if k % tp == 0 or tp % k == 0),
+                     key=lambda k: (abs(k - m.kv_heads), k))
         raise ConfigError(f"tp={tp} and n_kv_heads={m.kv_heads}: the kv heads must split evenly over tp, or tp must "
                           f"be a multiple of them (each rank's query heads then share one replicated kv head); use "
-                          f"--tp {alternatives(fits)}")
+                          f"--tp {alternatives(tps)}, or --kv-heads {alternatives(kvs)}")
     if m.ffn % tp:
         raise ConfigError(f"ffn_hidden={m.ffn} is not divisible by tp={tp} (gate/up split by columns, down by rows); "
                           f"use --ffn-hidden {round_up(m.ffn, tp)}")
@@ -81,8 +85,8 @@ class ParallelDims:
         """What tensor parallelism splits must split evenly: attention heads, the vocabulary and position rows of
         the vocab-parallel embeddings, and (sequence parallel) the sequence."""
         m, tp = cfg.model, self.tp
+        domain = cfg.cluster.gpus_per_node * cfg.cluster.nvlink_domain_nodes
         if m.n_heads % tp:
-            domain = cfg.cluster.gpus_per_node * cfg.cluster.nvlink_domain_nodes
             fits = alternatives([d for d in sorted(divisors(m.n_heads), reverse=True) if domain % d == 0])
             models = [f"{name} ({shape['n_heads']} heads)" for name, shape in MODEL_PRESETS.items()
                       if shape["n_heads"] % tp == 0 and shape["vocab_size"] % tp == 0]
@@ -93,7 +97,7 @@ class ParallelDims:
         if m.vocab_size % tp:
             raise ConfigError(f"vocab_size={m.vocab_size} is not divisible by tp={tp} (the vocab-parallel embedding "
                               f"splits its rows evenly); use --vocab-size {round_up(m.vocab_size, tp)}")
-        check_tp_split(m, tp)
+        check_tp_split(m, tp, domain)
         if m.family == "gpt2" and m.max_seq_len % tp:
             raise ConfigError(f"model.max_seq_len={m.max_seq_len} is not divisible by tp={tp} (the position "
                               f"embedding splits its rows evenly); use --set model.max_seq_len="
