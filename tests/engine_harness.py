@@ -7,6 +7,7 @@ one process group, which amortises the start-up cost (importing torch, rendezvou
 from __future__ import annotations
 
 import dataclasses
+import faulthandler
 import os
 import tempfile
 from datetime import timedelta
@@ -21,6 +22,7 @@ from hpcmega.config import Config
 
 
 def _worker(rank: int, world_size: int, port: int, out_dir: str, fn: Callable, args: tuple) -> None:
+    faulthandler.enable(all_threads=True)  # a native crash shows where, in the test's captured output
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     dist.init_process_group(

@@ -62,8 +62,9 @@ def test_bad_config_exits_2_and_writes_nothing(tmp_path):
 
 @pytest.mark.slow
 def test_a_dead_rank_stops_the_run_quickly(tmp_path):
-    """A rank killed mid-training (OOM killer, segfault): the others are stopped, `run` exits non-zero, and no
-    rank process is left behind. Uses the default run folder (runs/<time>-<name> under the working directory)."""
+    """A rank that dies mid-training of a native crash (SIGSEGV): the others are stopped, `run` exits non-zero, no
+    rank process is left behind, and the dead rank's log shows where it crashed (every thread's Python stack). Uses
+    the default run folder (runs/<time>-<name> under the working directory)."""
     log = tmp_path / "run.out"
     proc = popen_cli(["run", "--nproc", "4", "--tp", "2", "--pp", "2", "--steps", "100000", "--global-batch", "4",
                       "--seq-len", "32", "--wandb", "disabled"], output=log, cwd=tmp_path)
@@ -81,7 +82,7 @@ def test_a_dead_rank_stops_the_run_quickly(tmp_path):
         assert sorted(ranks) == [0, 1, 2, 3]
 
         killed_at = time.monotonic()
-        os.kill(ranks[2], signal.SIGKILL)
+        os.kill(ranks[2], signal.SIGSEGV)
         proc.wait(timeout=60)
         elapsed = time.monotonic() - killed_at
     finally:
@@ -91,7 +92,9 @@ def test_a_dead_rank_stops_the_run_quickly(tmp_path):
     output = log.read_text()
     assert proc.returncode != 0
     assert elapsed < 20, f"run took {elapsed:.1f}s to notice the dead rank"
-    assert "rank 2 failed (killed by SIGKILL)" in output
+    assert "rank 2 failed (killed by SIGSEGV)" in output
     run_dir = metrics.parent
+    crash = (run_dir / "logs" / "rank2.log").read_text()
+    assert "Fatal Python error: Segmentation fault" in crash and "hpcmega/training/" in crash, crash[-3000:]
     assert f"run folder: runs/{run_dir.name}" in output
     assert not [pid for pid in ranks.values() if Path(f"/proc/{pid}").exists()], "rank processes left behind"

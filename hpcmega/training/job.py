@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import datetime
+import faulthandler
 import os
 import sys
 import time
@@ -210,6 +211,8 @@ def _run_rank(cfg: Config | dict[str, Any], run_dir: str) -> dict[str, Any]:
 
     from hpcmega.training.preemption import StopFlag, stop_signals
 
+    # A native crash (SIGSEGV, SIGABRT from a heap check) leaves every thread's Python stack in this rank's log.
+    faulthandler.enable(all_threads=True)
     folder = RunFolder(run_dir)  # the entry protocol hands the folder beside the config (bound to it already)
     cfg, run_path = folder.bind(_as_config(cfg)), folder.path
     env = from_environment(master_port=cfg.cluster.master_port)
