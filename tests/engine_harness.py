@@ -10,6 +10,7 @@ import dataclasses
 import faulthandler
 import os
 import tempfile
+import warnings
 from datetime import timedelta
 from typing import Any, Callable
 
@@ -39,8 +40,32 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str, fn: Callable, a
         dist.destroy_process_group()
 
 
+# Signals of a native crash. CPU gloo runs die of one now and then (SIGSEGV, or glibc's heap check: "malloc():
+# unaligned tcache chunk detected"): 2 in about 25 full suites, at different places, none in 19 repeats of the
+# two-rank invariance group alone; not root-caused (docs/reliability.md). The product survives it by a restart
+# (cluster.max_restarts), so the harness does the same, once, with a warning that names it: a second crash, an
+# exception or any difference in the results still fails.
+NATIVE_CRASHES = ("SIGSEGV", "SIGABRT", "SIGBUS")
+
+
+class NativeCrashWarning(UserWarning):
+    """A rank died of a native crash and its process group was run again."""
+
+
 def spawn(world_size: int, fn: Callable, *args: Any) -> list[Any]:
-    """Run ``fn(*args)`` on ``world_size`` fresh gloo ranks; a failing rank raises here with its traceback."""
+    """Run ``fn(*args)`` on ``world_size`` fresh gloo ranks; a failing rank raises here with its traceback (a rank
+    killed by a native crash: the group is run once more, see NATIVE_CRASHES)."""
+    try:
+        return _spawn_once(world_size, fn, *args)
+    except mp.ProcessExitedException as e:
+        if e.signal_name not in NATIVE_CRASHES:
+            raise
+        warnings.warn(f"rank {e.error_index} of a {world_size}-rank group died of {e.signal_name} (its Python stack "
+                      "is in the captured stderr); running the group once more", NativeCrashWarning)
+        return _spawn_once(world_size, fn, *args)
+
+
+def _spawn_once(world_size: int, fn: Callable, *args: Any) -> list[Any]:
     with tempfile.TemporaryDirectory() as out_dir:
         mp.start_processes(
             _worker,
