@@ -41,7 +41,7 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str, fn: Callable, a
 
 
 # Signals of a native crash. CPU gloo runs die of one now and then (SIGSEGV, or glibc's heap check: "malloc():
-# unaligned tcache chunk detected"): 2 in about 25 full suites, at different places, none in 19 repeats of the
+# unaligned tcache chunk detected"): 2 in about 25 full suites, at different places, none in 20 repeats of the
 # two-rank invariance group alone; not root-caused (docs/reliability.md). The product survives it by a restart
 # (cluster.max_restarts), so the harness does the same, once, with a warning that names it: a second crash, an
 # exception or any difference in the results still fails.
