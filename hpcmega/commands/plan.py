@@ -27,7 +27,7 @@ def _node_names(cfg, node_names: str | None) -> list[str]:
     names = [n.strip() for n in node_names.split(",") if n.strip()]
     if len(names) != cfg.cluster.nodes:
         raise ConfigError(f"--node-names lists {len(names)} names but --nodes is {cfg.cluster.nodes}; "
-                               "give exactly one name per node")
+                          "give exactly one name per node")
     if len(set(names)) != len(names):
         raise ConfigError("--node-names repeats a name; give each node a distinct name")
     return names

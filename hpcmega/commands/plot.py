@@ -24,10 +24,10 @@ def plot(run: str, out: str | None, width: int) -> None:
 
     if out and importlib.util.find_spec("matplotlib") is None:
         raise ConfigError("--out needs matplotlib, which is optional: pip install 'hpcmega[plot]' (the "
-                               "sparklines work without it)")
+                          "sparklines work without it)")
     if out and not Path(out).absolute().parent.is_dir():
         raise ConfigError(f"--out {out}: folder {Path(out).absolute().parent} does not exist; create it or "
-                               "write the PNG elsewhere")
+                          "write the PNG elsewhere")
     if out and Path(out).suffix.lower() not in (".png", ".pdf", ".svg"):
         raise ConfigError(f"--out {out}: name a .png (or .pdf, .svg) file")
     folder = run_folder_arg(run)

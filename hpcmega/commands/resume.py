@@ -39,7 +39,7 @@ def resume(run: str, nproc: int | None, dry_run: bool, wait_: bool, no_memory_ch
     s = run_status(folder)
     if s.job is not None and s.state in ACTIVE:
         raise ConfigError(f"job {s.job.job_id} of {folder.name} is still {s.state}; stop it first with "
-                               f"`hpcmega cancel {folder.path}`")
+                          f"`hpcmega cancel {folder.path}`")
     old = resolve(None, (), {}, base=(folder / "config.toml",)).config
     flags = {"checkpoint.resume": "auto", **flag_layer(kwargs)}
     cfg = folder.bind(resolve(site, config_paths, flags, set_items, base=(folder / "config.toml",)).config)

@@ -144,7 +144,7 @@ def _attempt_job(folder, attempt: int | None):
     if attempt is not None:
         if not 1 <= attempt <= len(attempts):
             raise ConfigError(f"--attempt {attempt}: {folder.name} has {len(attempts)} attempt(s)"
-                                   + (f"; use 1..{len(attempts)}" if attempts else " so far"))
+                              + (f"; use 1..{len(attempts)}" if attempts else " so far"))
         a = attempts[attempt - 1]
         job = jobs.get(str(a.get("job_id")))
         if job is None:
@@ -221,7 +221,7 @@ def cancel(run: str) -> None:
     s = run_status(folder)
     if s.job is None or s.state not in ACTIVE:
         raise ConfigError(f"{folder.name}: nothing to cancel (job {s.job.job_id if s.job else '-'} is "
-                               f"{s.state})")
+                          f"{s.state})")
     try:
         s.job.cancel()
     except Exception as e:  # scancel refused (not your job, ...) or the local launcher is elsewhere

@@ -156,7 +156,8 @@ def queue_sweep(cfg, folder, sweeps: tuple[str, ...], dry_run: bool, wait_: bool
         if diff:
             raise ConfigError(f"sweep point {name} changes the job's shape ({', '.join(diff)}); one job array "
                               "has one shape: sweep cluster.* fields with separate submits")
-    script = dry_run and slurm.sbatch_script(pts[0][2], slurm.submission_folder(path), count=len(pts), after=after)
+    script = slurm.sbatch_script(pts[0][2], slurm.submission_folder(path), count=len(pts), after=after) \
+        if dry_run else None
     click.echo(f"sweep: {len(pts)} point(s) in {path}, W&B group {pts[0][2].logging.group}")
     for name, point, p_cfg, layout, *_ in pts:
         click.echo(f"  {name:<28} tp={layout.tp} pp={layout.pp} dp={layout.dp}  "

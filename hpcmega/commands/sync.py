@@ -35,7 +35,7 @@ def sync(run_dir: str) -> None:
         raise ConfigError(f"{run_dir} has no offline W&B runs (wandb/offline-run-*); was it run with --wandb offline?")
     if not has_api_key():
         raise ConfigError("no W&B API key: export WANDB_API_KEY=... (from https://wandb.ai/authorize) or run "
-                               "`wandb login` first; nothing was uploaded")
+                          "`wandb login` first; nothing was uploaded")
     for folder in attempts:
         click.echo(f"syncing {folder}")
         status = subprocess.run([sys.executable, "-m", "wandb", "sync", str(folder)]).returncode

@@ -1,5 +1,5 @@
-"""Training data: a synthetic stream (benchmarks, tests, models too small for GPT-2's tokens) or prepared token shards (`hpcmega data prepare`, any
-tokenizer: docs/data.md).
+"""Training data: a synthetic stream (benchmarks, tests, models too small for GPT-2's tokens) or prepared token
+shards (`hpcmega data prepare`, any tokenizer: docs/data.md).
 
 Both loaders serve ``global_batch(step) -> LongTensor[global_batch, seq_len + 1]`` by global sample index, from
 the training split or the held-out validation split (``split="val"``, for ``train.eval_every``), and

@@ -28,5 +28,5 @@ def provide_demo_data(say=print) -> str:
     location = demo_data_location()
     if not os.path.isfile(os.path.join(location, INDEX)):
         say(f"preparing the Shakespeare demo corpus (GPT-2 tokens) in {location}, once")
-        prepare(SOURCE, location, force=False, workers=1)
+        prepare(SOURCE, location, workers=1)
     return location

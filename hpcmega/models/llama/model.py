@@ -49,10 +49,10 @@ class Rope:
     """RoPE's settings (ModelConfig's rope_* fields): base frequency and Llama 3.1's long-context scaling."""
 
     theta: float
-    scaling: float = 0.0  # 0: none
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-    original_max_seq_len: int = 8192
+    scaling: float  # 0: none
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_seq_len: int
 
     @classmethod
     def of(cls, cfg: ModelConfig) -> "Rope":
