@@ -202,7 +202,7 @@ def _print_measured(console, measured: dict[str, Any]) -> None:
                   "same peak); token ids and receive buffers are allocated for every microbatch")
 
 
-def _print_table(layout, summary: dict[str, Any], warnings: list[str]) -> None:
+def print_table(layout, summary: dict[str, Any], warnings: list[str]) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -286,7 +286,7 @@ def plan(cfg, chosen, as_json: bool, placement_kind: str, node_names: str | None
             data["measured"] = measured
         click.echo(json.dumps(data, indent=2))
     else:
-        _print_table(layout, summary, warnings)
+        print_table(layout, summary, warnings)
         print_estimate(est, notes, measured)
 
 

@@ -59,7 +59,7 @@ def queue(cfg, dry_run: bool, wait_: bool, no_memory_check: bool = False,
     """Validate, then show (--dry-run) or queue the job for the run folder ``cfg`` is bound to (RunFolder.bind;
     shared by `submit` and `resume`); ``chosen``: the values resolved by rule, shown in the dry run's plan."""
     from hpcmega.cluster import slurm
-    from hpcmega.commands.plan import _print_table, build_plan, config_summary, memory_check, print_estimate
+    from hpcmega.commands.plan import build_plan, config_summary, memory_check, print_estimate, print_table
     from hpcmega.runs import lock as run_lock
     from hpcmega.runs.files import RunFolder
     from hpcmega.training.job import run_rank
@@ -71,7 +71,7 @@ def queue(cfg, dry_run: bool, wait_: bool, no_memory_check: bool = False,
 
     if dry_run:
         script = slurm.sbatch_script(cfg, slurm.submission_folder(path), after=after)  # refuses a bad folder
-        _print_table(layout, config_summary(cfg, "block", chosen), warnings)
+        print_table(layout, config_summary(cfg, "block", chosen), warnings)
         print_estimate(est, notes)
         click.echo(f"\nrun folder (not created): {path}")
         click.echo("sbatch script (dry run, nothing submitted):\n")
